@@ -1,0 +1,646 @@
+#include "rkv-engine.h"
+
+#include "rkv-scoring.h"
+
+#include "llama-batch.h"
+#include "llama-context.h"
+#include "llama-impl.h"
+#include "llama-io.h"
+#include "llama-kv-cache.h"
+#include "llama-model.h"
+
+#include "ggml-backend.h"
+
+#include <algorithm>
+#include <chrono>
+#include <cstring>
+#include <limits>
+#include <map>
+#include <stdexcept>
+#include <thread>
+
+static constexpr uint32_t RKV_STATE_MAGIC = 0x31564b52; // "RKV1"
+
+rkv_engine::rkv_engine(llama_kv_cache & kv, const rkv_params & params) : kv(kv), params(params) {
+    const uint32_t n_rows = kv.n_stream*params.window + 1;
+
+    std::map<ggml_backend_buffer_type_t, ggml_context *> ctx_by_buft;
+    for (const auto & layer : kv.layers) {
+        ggml_backend_buffer_type_t buft = ggml_backend_buffer_get_type(layer.k->buffer);
+        if (!ctx_by_buft.count(buft)) {
+            ggml_init_params ip = { kv.layers.size()*ggml_tensor_overhead(), nullptr, true };
+            ggml_context * ctx = ggml_init(ip);
+            if (!ctx) {
+                throw std::runtime_error("failed to create the query-ring context");
+            }
+            ctxs_bufs.emplace_back(ggml_context_ptr(ctx), nullptr);
+            ctx_by_buft[buft] = ctx;
+        }
+        const int64_t n_embd_q = (int64_t) kv.hparams.n_head(layer.il)*kv.hparams.n_embd_head_k(layer.il);
+        ggml_tensor * ring = ggml_new_tensor_2d(ctx_by_buft[buft], GGML_TYPE_F32, n_embd_q, n_rows);
+        ggml_format_name(ring, "rkv_q_ring_l%d", layer.il);
+        rings.push_back(ring);
+    }
+    for (auto & [buft, ctx] : ctx_by_buft) {
+        ggml_backend_buffer_t buf = ggml_backend_alloc_ctx_tensors_from_buft(ctx, buft);
+        if (!buf) {
+            throw std::runtime_error("failed to allocate the query rings");
+        }
+        ggml_backend_buffer_clear(buf, 0);
+        for (auto & cb : ctxs_bufs) {
+            if (cb.first.get() == ctx) {
+                cb.second.reset(buf);
+            }
+        }
+    }
+
+    kq_scale.assign(rings.size(), 0.0f);
+    streams.resize(kv.n_stream);
+}
+
+std::string rkv_engine::check(const llama_kv_cache & kv, const llama_context & lctx, const rkv_params & p) {
+    const auto & hp = kv.hparams;
+    const auto & cp = lctx.get_cparams();
+
+    if (p.method < RKV_METHOD_RKV || p.method > RKV_METHOD_STREAMINGLLM) {
+        return "unknown method " + std::to_string(p.method) + " (0 rkv, 1 snapkv, 2 h2o, 3 streamingllm)";
+    }
+    if (p.window < 1) {
+        return "window must be at least 1, got " + std::to_string(p.window);
+    }
+    if (p.budget <= p.window) {
+        return "budget (" + std::to_string(p.budget) + ") must exceed the window (" + std::to_string(p.window) + ")";
+    }
+    if (p.buffer < 1) {
+        return "buffer must be at least 1, got " + std::to_string(p.buffer);
+    }
+    if (p.kernel < 1 || p.kernel % 2 == 0) {
+        return "pooling kernel must be odd and positive, got " + std::to_string(p.kernel);
+    }
+    if (!(p.lambda >= 0.0f && p.lambda <= 1.0f)) {
+        return "lambda must lie in [0, 1], got " + std::to_string(p.lambda);
+    }
+    if (!(p.threshold >= 0.0f && p.threshold <= 1.0f)) {
+        return "similarity threshold must lie in [0, 1], got " + std::to_string(p.threshold);
+    }
+    if (p.method == RKV_METHOD_STREAMINGLLM && (p.sink < 0 || p.sink > p.budget - p.window)) {
+        return "sink (" + std::to_string(p.sink) + ") must lie in [0, budget - window]";
+    }
+
+    if (kv.other || kv.v_cells_impl.use_count() > 1) {
+        return "caches that share cells with another cache are not supported";
+    }
+    if (hp.swa_type != LLAMA_SWA_TYPE_NONE || kv.n_swa > 0) {
+        return "sliding-window attention is not supported";
+    }
+    if (hp.use_alibi) {
+        return "ALiBi positional biases are not supported";
+    }
+    if (hp.n_pos_per_embd() > 1) {
+        return "multi-axis positions (M-RoPE) are not supported";
+    }
+    if (kv.n_embd_head_k_all < 0 || kv.n_embd_head_v_all < 0) {
+        return "models whose layers have different head sizes are not supported";
+    }
+    if (kv.layers.empty()) {
+        return "the cache holds no attention layers";
+    }
+    if (kv.n_stream == 1 && kv.n_seq_max > 1) {
+        return "a unified cache (kv_unified) shared by several sequences is not supported; use one stream per sequence";
+    }
+    const uint32_t need = (uint32_t) (p.budget + p.buffer);
+    if (kv.get_size() < need) {
+        return "the cache holds " + std::to_string(kv.get_size()) + " cells per sequence but budget + buffer = " +
+               std::to_string(need) + ": create the context with n_ctx >= " + std::to_string(need);
+    }
+    if (cp.n_batch > (uint32_t) p.buffer) {
+        return "n_batch (" + std::to_string(cp.n_batch) + ") exceeds the buffer (" + std::to_string(p.buffer) +
+               "): one decode call may carry at most `buffer` tokens; create the context with n_batch = n_ubatch <= buffer";
+    }
+    for (const auto & layer : kv.layers) {
+        if (hp.n_head(layer.il) % hp.n_head_kv(layer.il) != 0) {
+            return "query heads are not a multiple of KV heads";
+        }
+        if (ggml_row_size(layer.k->type, hp.n_embd_head_k(layer.il)) * hp.n_head_kv(layer.il) != (size_t) layer.k->nb[1] &&
+            ggml_row_size(layer.k->type, hp.n_embd_k_gqa(layer.il)) != (size_t) layer.k->nb[1]) {
+            return "unexpected K row layout";
+        }
+        if (ggml_blck_size(layer.k->type) > 1 && hp.n_embd_head_k(layer.il) % ggml_blck_size(layer.k->type) != 0) {
+            return "quantized K rows are not aligned to heads";
+        }
+        if (!kv.v_trans && ggml_blck_size(layer.v->type) > 1 && hp.n_embd_head_v(layer.il) % ggml_blck_size(layer.v->type) != 0) {
+            return "quantized V rows are not aligned to heads";
+        }
+    }
+    return "";
+}
+
+int32_t rkv_engine::kv_layer(int32_t il) const {
+    const auto it = kv.map_layer_ids.find(il);
+    return it == kv.map_layer_ids.end() ? -1 : it->second;
+}
+
+uint32_t rkv_engine::stream_of(llama_seq_id seq_id) const {
+    return kv.seq_to_stream[seq_id < 0 ? 0 : seq_id];
+}
+
+uint32_t rkv_engine::n_head_kv(uint32_t layer) const {
+    return kv.hparams.n_head_kv(kv.layers[layer].il);
+}
+
+uint32_t rkv_engine::trash_row() const {
+    return kv.n_stream*params.window;
+}
+
+std::vector<uint32_t> rkv_engine::cells_in_order(uint32_t strm) const {
+    const auto & cells = kv.v_cells[strm];
+    std::vector<uint32_t> order;
+    for (uint32_t i = 0; i < cells.size(); ++i) {
+        if (!cells.is_empty(i)) {
+            order.push_back(i);
+        }
+    }
+    std::stable_sort(order.begin(), order.end(), [&](uint32_t a, uint32_t b) {
+        return cells.pos_get(a) < cells.pos_get(b);
+    });
+    return order;
+}
+
+llama_pos rkv_engine::true_pos(uint32_t strm, uint32_t layer, uint32_t head, uint32_t cell) const {
+    const auto & st = streams[strm];
+    if (cell < st.n_compact) {
+        const uint32_t n_head_kv = kv.hparams.n_head_kv(kv.layers[layer].il);
+        return st.slot_pos[((size_t) layer*n_head_kv + head)*st.n_compact + cell];
+    }
+    return kv.v_cells[strm].pos_get(cell);
+}
+
+void rkv_engine::read_queries(uint32_t strm, uint32_t layer, const std::vector<uint32_t> & order, std::vector<float> & out) const {
+    const ggml_tensor * ring = rings[layer];
+    const int64_t n_embd_q = ring->ne[0];
+    const uint32_t w = params.window;
+
+    std::vector<float> raw((size_t) n_embd_q*w);
+    ggml_backend_tensor_get(ring, raw.data(), (size_t) strm*w*ring->nb[1], raw.size()*sizeof(float));
+
+    // ring row of position p is p % window: put the newest query last
+    const llama_pos pos_last = kv.v_cells[strm].pos_get(order.back());
+    out.resize(raw.size());
+    for (uint32_t t = 0; t < w; ++t) {
+        const llama_pos p = pos_last - (llama_pos) (w - 1 - t);
+        const uint32_t row = (uint32_t) (((p % (llama_pos) w) + w) % w);
+        std::memcpy(out.data() + (size_t) t*n_embd_q, raw.data() + (size_t) row*n_embd_q, n_embd_q*sizeof(float));
+    }
+}
+
+void rkv_engine::read_keys(uint32_t strm, uint32_t layer, const std::vector<uint32_t> & order, std::vector<float> & out) const {
+    const ggml_tensor * k = kv.layers[layer].k;
+    const int64_t n_embd = kv.hparams.n_embd_k_gqa(kv.layers[layer].il);
+    const size_t row_bytes = k->nb[1];
+
+    std::vector<uint8_t> raw((size_t) kv.get_size()*row_bytes);
+    ggml_backend_tensor_get(k, raw.data(), strm*k->nb[2], raw.size());
+
+    const auto * traits = ggml_get_type_traits(k->type);
+    out.resize(order.size()*n_embd);
+    for (size_t i = 0; i < order.size(); ++i) {
+        const uint8_t * src = raw.data() + (size_t) order[i]*row_bytes;
+        float * dst = out.data() + i*n_embd;
+        if (k->type == GGML_TYPE_F32) {
+            std::memcpy(dst, src, n_embd*sizeof(float));
+        } else {
+            traits->to_float(src, dst, n_embd);
+        }
+    }
+}
+
+// Rewrites one layer: each head's kept tokens move, in time order, to cells [0, budget).
+// Whole rows are read and written back so that quantized blocks are copied byte for byte.
+static void rkv_compact_layer(const llama_kv_cache & kv_unused, ggml_tensor * t, uint32_t strm, uint32_t kv_size,
+                              bool transposed, int64_t head_dim, uint32_t n_head_kv,
+                              const std::vector<uint32_t> & order, const std::vector<std::vector<int32_t>> & kept) {
+    GGML_UNUSED(kv_unused);
+    const size_t stream_off = strm*t->nb[2];
+    const uint32_t budget = (uint32_t) kept[0].size();
+
+    if (!transposed) {
+        const size_t row_bytes  = t->nb[1];
+        const size_t head_bytes = ggml_row_size(t->type, head_dim);
+        std::vector<uint8_t> src((size_t) kv_size*row_bytes);
+        ggml_backend_tensor_get(t, src.data(), stream_off, src.size());
+        std::vector<uint8_t> dst((size_t) budget*row_bytes, 0);
+        for (uint32_t h = 0; h < n_head_kv; ++h) {
+            for (uint32_t j = 0; j < budget; ++j) {
+                const uint32_t cell = order[kept[h][j]];
+                std::memcpy(dst.data() + (size_t) j*row_bytes + h*head_bytes,
+                            src.data() + (size_t) cell*row_bytes + h*head_bytes, head_bytes);
+            }
+        }
+        ggml_backend_tensor_set(t, dst.data(), stream_off, dst.size());
+        return;
+    }
+
+    // transposed V: channel c of the cell at index i sits at c*kv_size + i
+    const size_t es = ggml_element_size(t);
+    const int64_t n_channels = t->ne[0];
+    std::vector<uint8_t> buf((size_t) n_channels*kv_size*es);
+    ggml_backend_tensor_get(t, buf.data(), stream_off, buf.size());
+    std::vector<uint8_t> moved((size_t) budget*es);
+    for (uint32_t h = 0; h < n_head_kv; ++h) {
+        for (int64_t c = h*head_dim; c < (h + 1)*head_dim; ++c) {
+            uint8_t * chan = buf.data() + (size_t) c*kv_size*es;
+            for (uint32_t j = 0; j < budget; ++j) {
+                std::memcpy(moved.data() + j*es, chan + (size_t) order[kept[h][j]]*es, es);
+            }
+            std::memcpy(chan, moved.data(), moved.size());
+        }
+    }
+    ggml_backend_tensor_set(t, buf.data(), stream_off, buf.size());
+}
+
+bool rkv_engine::compress(uint32_t strm, llama_context * lctx) {
+    auto & st = streams[strm];
+    st.pending = false;
+
+    const std::vector<uint32_t> order = cells_in_order(strm);
+    const uint32_t n = (uint32_t) order.size();
+    const uint32_t budget = (uint32_t) params.budget;
+    const uint32_t window = (uint32_t) params.window;
+    if (n <= budget) {
+        return false;
+    }
+
+    const auto t_start = std::chrono::steady_clock::now();
+
+    // the previous graph may still be writing K/V and the rings
+    lctx->synchronize();
+
+    auto & cells = kv.v_cells[strm];
+    const llama_seq_id seq_id = cells.seq_get(order.back());
+    const uint32_t n_compact = budget - window;
+    const uint32_t kv_size = kv.get_size();
+
+    std::vector<llama_pos> new_slot_pos;
+    {
+        size_t total = 0;
+        for (const auto & layer : kv.layers) {
+            total += (size_t) kv.hparams.n_head_kv(layer.il)*n_compact;
+        }
+        new_slot_pos.resize(total);
+    }
+
+    std::vector<size_t> slot_pos_off(n_layer());
+    for (uint32_t l = 0, off = 0; l < n_layer(); ++l) {
+        slot_pos_off[l] = off;
+        off += kv.hparams.n_head_kv(kv.layers[l].il)*n_compact;
+    }
+
+    auto work = [&](uint32_t l) {
+        const uint32_t il        = kv.layers[l].il;
+        const uint32_t n_head    = kv.hparams.n_head(il);
+        const uint32_t n_head_kv = kv.hparams.n_head_kv(il);
+        const int64_t  d         = kv.hparams.n_embd_head_k(il);
+        const uint32_t group     = n_head/n_head_kv;
+
+        std::vector<float> queries, keys;
+        read_queries(strm, l, order, queries);
+        read_keys(strm, l, order, keys);
+
+        rkv_scratch scratch;
+        std::vector<float> q_head((size_t) window*group*d), k_head((size_t) n*d);
+        std::vector<std::vector<int32_t>> kept(n_head_kv);
+        for (uint32_t h = 0; h < n_head_kv; ++h) {
+            for (uint32_t a = 0; a < window; ++a) {
+                std::memcpy(q_head.data() + (size_t) a*group*d, queries.data() + ((size_t) a*n_head + h*group)*d,
+                            group*d*sizeof(float));
+            }
+            for (uint32_t i = 0; i < n; ++i) {
+                std::memcpy(k_head.data() + (size_t) i*d, keys.data() + ((size_t) i*n_head_kv + h)*d, d*sizeof(float));
+            }
+            const rkv_head_inputs in = { q_head.data(), (int32_t) window, (int32_t) group, k_head.data(), (int32_t) n,
+                                         (int32_t) d, kq_scale[l] };
+            rkv_select_head(params, in, scratch, kept[h]);
+            for (uint32_t j = 0; j < n_compact; ++j) {
+                new_slot_pos[slot_pos_off[l] + (size_t) h*n_compact + j] = true_pos(strm, l, h, order[kept[h][j]]);
+            }
+        }
+
+        rkv_compact_layer(kv, kv.layers[l].k, strm, kv_size, false, d, n_head_kv, order, kept);
+        if (kv.layers[l].v) {
+            rkv_compact_layer(kv, kv.layers[l].v, strm, kv_size, kv.v_trans, kv.hparams.n_embd_head_v(il), n_head_kv, order, kept);
+        }
+    };
+
+    const uint32_t n_threads = std::max(1, std::min<int32_t>(lctx->get_cparams().n_threads, (int32_t) n_layer()));
+    std::vector<std::thread> workers;
+    for (uint32_t t = 1; t < n_threads; ++t) {
+        workers.emplace_back([&, t]() {
+            for (uint32_t l = t; l < n_layer(); l += n_threads) {
+                work(l);
+            }
+        });
+    }
+    for (uint32_t l = 0; l < n_layer(); l += n_threads) {
+        work(l);
+    }
+    for (auto & w : workers) {
+        w.join();
+    }
+
+    // window cells keep their true positions; compacted cells all sit just before the window
+    std::vector<llama_pos> window_pos(window);
+    for (uint32_t t = 0; t < window; ++t) {
+        window_pos[t] = cells.pos_get(order[n - window + t]);
+    }
+    const llama_pos pos_compact = window_pos[0] - 1;
+
+    for (uint32_t cell : order) {
+        cells.rm(cell);
+    }
+    for (uint32_t j = 0; j < budget; ++j) {
+        cells.pos_set(j, j < n_compact ? pos_compact : window_pos[j - n_compact]);
+        cells.seq_add(j, seq_id);
+    }
+    kv.v_heads[strm] = budget;
+
+    st.pos_compact = pos_compact;
+    st.n_compact   = n_compact;
+    st.slot_pos    = std::move(new_slot_pos);
+    st.n_compressions += 1;
+    st.n_evicted      += n - budget;
+    st.compress_seconds += std::chrono::duration<double>(std::chrono::steady_clock::now() - t_start).count();
+
+    LLAMA_LOG_DEBUG("%s: stream %u: %u -> %u cells, P_c = %d\n", __func__, strm, n, budget, pos_compact);
+    return true;
+}
+
+void rkv_engine::fill_stats(llama_seq_id seq_id, rkv_seq_stats & out) const {
+    const uint32_t strm = stream_of(seq_id);
+    const auto & st = streams[strm];
+    const auto & cells = kv.v_cells[strm];
+
+    size_t bytes_per_cell = 0;
+    for (const auto & layer : kv.layers) {
+        bytes_per_cell += ggml_row_size(layer.k->type, kv.hparams.n_embd_k_gqa(layer.il));
+        if (layer.v) {
+            bytes_per_cell += ggml_row_size(layer.v->type, kv.hparams.n_embd_v_gqa(layer.il));
+        }
+    }
+
+    const llama_pos pos_max = cells.seq_pos_max(seq_id);
+    out.n_compressions   = st.n_compressions;
+    out.n_evicted        = st.n_evicted;
+    out.cells_used       = cells.get_used();
+    out.cells_peak       = std::max<int64_t>(st.cells_peak, out.cells_used);
+    out.kv_bytes_used    = (int64_t) (out.cells_used*bytes_per_cell);
+    out.n_tokens         = pos_max + 1;
+    out.kv_bytes_full    = (int64_t) (out.n_tokens*bytes_per_cell);
+    out.pos_compacted    = st.pos_compact;
+    out.compress_seconds = st.compress_seconds;
+}
+
+//
+// hooks
+//
+
+bool rkv_engine::batch_fits(const llama_batch_allocr & balloc) {
+    rkv_engine & eng = *this;
+    const llama_batch & batch = balloc.get_batch();
+    std::vector<uint32_t> n_new(eng.kv.n_stream, 0);
+    for (int32_t i = 0; i < batch.n_tokens; ++i) {
+        std::vector<bool> seen(eng.kv.n_stream, false);
+        for (int32_t k = 0; k < batch.n_seq_id[i]; ++k) {
+            const uint32_t strm = eng.stream_of(batch.seq_id[i][k]);
+            if (!seen[strm]) {
+                seen[strm] = true;
+                n_new[strm]++;
+            }
+        }
+    }
+
+    const uint32_t limit = (uint32_t) (eng.params.budget + eng.params.buffer);
+    bool fits = true;
+    for (uint32_t s = 0; s < eng.kv.n_stream; ++s) {
+        if (n_new[s] == 0) {
+            continue;
+        }
+        if (n_new[s] > (uint32_t) eng.params.buffer) {
+            LLAMA_LOG_ERROR("%s: a decode call carries %u tokens of one sequence, but with KV compression at most "
+                            "buffer = %d fit between two compressions; split the batch\n", __func__, n_new[s], eng.params.buffer);
+            return false;
+        }
+        const uint32_t used = eng.kv.v_cells[s].get_used();
+        if (used + n_new[s] > limit) {
+            eng.streams[s].pending = true;
+            fits = false;
+        } else {
+            eng.streams[s].cells_peak = std::max<int64_t>(eng.streams[s].cells_peak, used + n_new[s]);
+        }
+    }
+    return fits;
+}
+
+bool rkv_engine_has_pending(const rkv_engine & eng) {
+    for (const auto & st : eng.streams) {
+        if (st.pending) {
+            return true;
+        }
+    }
+    return false;
+}
+
+bool rkv_engine_update(rkv_engine & eng, llama_context * lctx) {
+    bool any = false;
+    for (uint32_t s = 0; s < eng.streams.size(); ++s) {
+        if (eng.streams[s].pending) {
+            any = eng.compress(s, lctx) || any;
+        }
+    }
+    return any;
+}
+
+bool rkv_engine::stream_seq_rm(uint32_t strm, llama_seq_id seq_id, llama_pos p0, llama_pos p1) {
+    rkv_engine & eng = *this;
+    auto & st = eng.streams[strm];
+    if (st.pos_compact < 0 || p0 > st.pos_compact) {
+        return true;
+    }
+    const auto & cells = eng.kv.v_cells[strm];
+    const llama_pos pos_max = seq_id >= 0 ? cells.seq_pos_max(seq_id) : std::numeric_limits<llama_pos>::max() - 1;
+    if (p0 <= 0 && p1 > pos_max) {
+        // the whole sequence goes: the stream starts afresh
+        st = rkv_stream_state();
+        return true;
+    }
+    return false;
+}
+
+bool rkv_engine::seq_rm(llama_seq_id seq_id, llama_pos p0, llama_pos p1) {
+    rkv_engine & eng = *this;
+    if (seq_id >= 0) {
+        return eng.stream_seq_rm(eng.stream_of(seq_id), seq_id, p0, p1);
+    }
+    // any sequence: all streams must agree before anything changes
+    for (uint32_t s = 0; s < eng.streams.size(); ++s) {
+        const auto & st = eng.streams[s];
+        if (st.pos_compact >= 0 && p0 <= st.pos_compact && !(p0 <= 0 && p1 == std::numeric_limits<llama_pos>::max())) {
+            return false;
+        }
+    }
+    for (uint32_t s = 0; s < eng.streams.size(); ++s) {
+        eng.stream_seq_rm(s, -1, p0, p1);
+    }
+    return true;
+}
+
+bool rkv_engine::seq_shift(llama_seq_id seq_id, llama_pos p0, llama_pos p1) {
+    rkv_engine & eng = *this;
+    GGML_UNUSED(p0);
+    GGML_UNUSED(p1);
+    if (eng.streams[eng.stream_of(seq_id)].pos_compact >= 0) {
+        LLAMA_LOG_WARN("%s: positions of a compressed sequence cannot be shifted or divided; ignored\n", __func__);
+        return false;
+    }
+    return true;
+}
+
+void rkv_engine_clear(rkv_engine & eng) {
+    for (auto & st : eng.streams) {
+        st = rkv_stream_state();
+    }
+}
+
+void rkv_engine::state_write(llama_io_write_i & io, llama_seq_id seq_id) const {
+    const rkv_engine & eng = *this;
+    io.write(&RKV_STATE_MAGIC, sizeof(RKV_STATE_MAGIC));
+    const uint32_t s0 = seq_id < 0 ? 0 : eng.stream_of(seq_id);
+    const uint32_t s1 = seq_id < 0 ? eng.kv.n_stream : s0 + 1;
+    for (uint32_t s = s0; s < s1; ++s) {
+        const auto & st = eng.streams[s];
+        const uint32_t n_slot_pos = (uint32_t) st.slot_pos.size();
+        io.write(&st.pos_compact, sizeof(st.pos_compact));
+        io.write(&st.n_compact, sizeof(st.n_compact));
+        io.write(&st.n_compressions, sizeof(st.n_compressions));
+        io.write(&st.n_evicted, sizeof(st.n_evicted));
+        io.write(&st.cells_peak, sizeof(st.cells_peak));
+        io.write(&n_slot_pos, sizeof(n_slot_pos));
+        io.write(st.slot_pos.data(), n_slot_pos*sizeof(llama_pos));
+        for (const ggml_tensor * ring : eng.rings) {
+            std::vector<float> rows((size_t) ring->ne[0]*eng.params.window);
+            ggml_backend_tensor_get(ring, rows.data(), (size_t) s*eng.params.window*ring->nb[1], rows.size()*sizeof(float));
+            io.write(rows.data(), rows.size()*sizeof(float));
+        }
+    }
+}
+
+void rkv_engine::state_read(llama_io_read_i & io, llama_seq_id seq_id) {
+    rkv_engine & eng = *this;
+    uint32_t magic = 0;
+    io.read(&magic, sizeof(magic));
+    if (magic != RKV_STATE_MAGIC) {
+        throw std::runtime_error("the saved state carries no KV-compression data: restore it into a context with the same compression settings");
+    }
+    const uint32_t s0 = seq_id < 0 ? 0 : eng.stream_of(seq_id);
+    const uint32_t s1 = seq_id < 0 ? eng.kv.n_stream : s0 + 1;
+    for (uint32_t s = s0; s < s1; ++s) {
+        auto & st = eng.streams[s];
+        uint32_t n_slot_pos = 0;
+        io.read(&st.pos_compact, sizeof(st.pos_compact));
+        io.read(&st.n_compact, sizeof(st.n_compact));
+        io.read(&st.n_compressions, sizeof(st.n_compressions));
+        io.read(&st.n_evicted, sizeof(st.n_evicted));
+        io.read(&st.cells_peak, sizeof(st.cells_peak));
+        io.read(&n_slot_pos, sizeof(n_slot_pos));
+        st.slot_pos.resize(n_slot_pos);
+        io.read(st.slot_pos.data(), n_slot_pos*sizeof(llama_pos));
+        st.pending = false;
+        for (ggml_tensor * ring : eng.rings) {
+            std::vector<float> rows((size_t) ring->ne[0]*eng.params.window);
+            io.read(rows.data(), rows.size()*sizeof(float));
+            ggml_backend_tensor_set(ring, rows.data(), (size_t) s*eng.params.window*ring->nb[1], rows.size()*sizeof(float));
+        }
+    }
+}
+
+static rkv_engine * rkv_engine_of_mctx(const llama_kv_cache_context * mctx) {
+    if (!mctx || !mctx->get_kv()) {
+        return nullptr;
+    }
+    return mctx->get_kv()->rkv.get();
+}
+
+ggml_tensor * rkv_build_input_q_idxs(ggml_context * ctx, const llama_kv_cache_context * mctx, const llama_ubatch & ubatch) {
+    if (!rkv_engine_of_mctx(mctx)) {
+        return nullptr;
+    }
+    ggml_tensor * idxs = ggml_new_tensor_1d(ctx, GGML_TYPE_I64, ubatch.n_tokens);
+    ggml_set_input(idxs);
+    return idxs;
+}
+
+void rkv_set_input_q_idxs(const llama_kv_cache_context * mctx, ggml_tensor * dst, const llama_ubatch * ubatch) {
+    const rkv_engine * eng = rkv_engine_of_mctx(mctx);
+    GGML_ASSERT(eng && ggml_backend_buffer_is_host(dst->buffer));
+    int64_t * data = (int64_t *) dst->data;
+    const llama_pos w = eng->params.window;
+
+    // only the last `window` tokens of each sequence in the ubatch reach the ring
+    std::map<llama_seq_id, llama_pos> pos_max;
+    for (uint32_t i = 0; i < ubatch->n_tokens; ++i) {
+        const llama_seq_id s = ubatch->seq_id[i][0];
+        const auto it = pos_max.find(s);
+        pos_max[s] = it == pos_max.end() ? ubatch->pos[i] : std::max(it->second, ubatch->pos[i]);
+    }
+    for (uint32_t i = 0; i < ubatch->n_tokens; ++i) {
+        const llama_seq_id s = ubatch->seq_id[i][0];
+        const llama_pos p = ubatch->pos[i];
+        data[i] = p > pos_max[s] - w ? (int64_t) eng->stream_of(s)*w + p % w : eng->trash_row();
+    }
+}
+
+bool rkv_can_reuse_q_idxs(const llama_kv_cache_context * mctx, const ggml_tensor * q_idxs, const llama_ubatch & ubatch) {
+    if (!rkv_engine_of_mctx(mctx)) {
+        return q_idxs == nullptr;
+    }
+    return q_idxs && q_idxs->ne[0] == ubatch.n_tokens;
+}
+
+ggml_tensor * rkv_capture_query(ggml_context * ctx, const llama_kv_cache_context * mctx, ggml_tensor * q_cur,
+                                ggml_tensor * q_idxs, float kq_scale, int il) {
+    rkv_engine * eng = rkv_engine_of_mctx(mctx);
+    GGML_ASSERT(eng);
+    const int32_t l = eng->kv_layer(il);
+    GGML_ASSERT(l >= 0);
+    eng->kq_scale[l] = kq_scale;
+
+    ggml_tensor * q = ggml_is_contiguous(q_cur) ? q_cur : ggml_cont(ctx, q_cur);
+    if (q->type != GGML_TYPE_F32) {
+        q = ggml_cast(ctx, q, GGML_TYPE_F32);
+    }
+    q = ggml_reshape_2d(ctx, q, q->ne[0]*q->ne[1], q->ne[2]);
+    return ggml_set_rows(ctx, eng->rings[l], q, q_idxs);
+}
+
+//
+// hooks called from the patched llama.cpp sources
+//
+
+bool rkv_engine_batch_fits(rkv_engine & eng, const llama_batch_allocr & balloc) {
+    return eng.batch_fits(balloc);
+}
+
+bool rkv_engine_seq_rm(rkv_engine & eng, llama_seq_id seq_id, llama_pos p0, llama_pos p1) {
+    return eng.seq_rm(seq_id, p0, p1);
+}
+
+bool rkv_engine_seq_shift(rkv_engine & eng, llama_seq_id seq_id, llama_pos p0, llama_pos p1) {
+    return eng.seq_shift(seq_id, p0, p1);
+}
+
+void rkv_engine_state_write(const rkv_engine & eng, llama_io_write_i & io, llama_seq_id seq_id) {
+    eng.state_write(io, seq_id);
+}
+
+void rkv_engine_state_read(rkv_engine & eng, llama_io_read_i & io, llama_seq_id seq_id) {
+    eng.state_read(io, seq_id);
+}

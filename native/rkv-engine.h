@@ -1,0 +1,72 @@
+// The rkv-local engine attached to one llama_kv_cache: query rings, per-stream state,
+// compaction. A friend of llama_kv_cache (see patches/), so it reads the cells and tensors directly.
+#pragma once
+
+#include "rkv.h"
+#include "rkv-hooks.h"
+
+#include "ggml-cpp.h"
+
+#include <string>
+#include <vector>
+
+class llama_kv_cache;
+
+struct rkv_stream_state {
+    bool      pending     = false; // compress at the next memory update
+    llama_pos pos_compact = -1;    // P_c, the position of every compacted cell; -1 while uncompressed
+    uint32_t  n_compact   = 0;     // cells [0, n_compact) hold a different token per head
+
+    // true positions of the compacted cells: [n_layer][n_head_kv][n_compact]
+    std::vector<llama_pos> slot_pos;
+
+    int64_t n_compressions   = 0;
+    int64_t n_evicted        = 0;
+    int64_t cells_peak       = 0;
+    double  compress_seconds = 0.0;
+};
+
+struct rkv_engine {
+    rkv_engine(llama_kv_cache & kv, const rkv_params & params);
+
+    // empty when the cache can be compressed with these parameters, else the reason
+    static std::string check(const llama_kv_cache & kv, const llama_context & lctx, const rkv_params & params);
+
+    llama_kv_cache & kv;
+    const rkv_params params;
+
+    // last `window` queries per stream and layer: F32 [n_embd_q, n_stream*window + 1], the extra row
+    // takes the writes of older tokens of a ubatch
+    std::vector<ggml_tensor *> rings; // by KV-cache layer index
+    std::vector<float> kq_scale;      // recorded when the attention graph is built
+    std::vector<std::pair<ggml_context_ptr, ggml_backend_buffer_ptr>> ctxs_bufs;
+
+    std::vector<rkv_stream_state> streams;
+
+    uint32_t n_layer() const { return (uint32_t) rings.size(); }
+    int32_t  kv_layer(int32_t il) const; // model layer -> KV-cache layer, -1 if none
+    uint32_t stream_of(llama_seq_id seq_id) const;
+    uint32_t trash_row() const;
+
+    // cells of a stream in time order: by position, ties (compacted cells) by index
+    std::vector<uint32_t> cells_in_order(uint32_t strm) const;
+    llama_pos true_pos(uint32_t strm, uint32_t layer, uint32_t head, uint32_t cell) const;
+
+    // the window queries of a layer in time order: [window][n_embd_q]
+    void read_queries(uint32_t strm, uint32_t layer, const std::vector<uint32_t> & order, std::vector<float> & out) const;
+    // dequantized keys of the given cells: [order.size()][n_embd_k_gqa]
+    void read_keys(uint32_t strm, uint32_t layer, const std::vector<uint32_t> & order, std::vector<float> & out) const;
+
+    bool compress(uint32_t strm, llama_context * lctx);
+
+    bool batch_fits(const llama_batch_allocr & balloc);
+    bool seq_rm(llama_seq_id seq_id, llama_pos p0, llama_pos p1);
+    bool stream_seq_rm(uint32_t strm, llama_seq_id seq_id, llama_pos p0, llama_pos p1);
+    bool seq_shift(llama_seq_id seq_id, llama_pos p0, llama_pos p1);
+    void state_write(llama_io_write_i & io, llama_seq_id seq_id) const;
+    void state_read(llama_io_read_i & io, llama_seq_id seq_id);
+
+    uint32_t n_head_kv(uint32_t layer) const;
+
+    void fill_stats(llama_seq_id seq_id, rkv_seq_stats & out) const;
+};

@@ -1,0 +1,186 @@
+// The C API of native/rkv.h.
+#include "rkv.h"
+
+#include "rkv-engine.h"
+
+#include "llama-context.h"
+#include "llama-kv-cache.h"
+
+#include <algorithm>
+#include <cstring>
+#include <exception>
+#include <string>
+
+static thread_local std::string rkv_error;
+
+static int32_t rkv_fail(const std::string & msg) {
+    rkv_error = msg;
+    return -1;
+}
+
+static llama_kv_cache * rkv_cache_of(const llama_context * ctx) {
+    if (!ctx) {
+        return nullptr;
+    }
+    return dynamic_cast<llama_kv_cache *>(llama_get_memory(ctx));
+}
+
+static rkv_engine * rkv_engine_of_ctx(const llama_context * ctx) {
+    llama_kv_cache * kv = rkv_cache_of(ctx);
+    return kv ? kv->rkv.get() : nullptr;
+}
+
+static bool rkv_seq_ok(const rkv_engine * eng, llama_seq_id seq_id) {
+    return seq_id >= 0 && (uint32_t) seq_id < eng->kv.get_n_seq_max();
+}
+
+rkv_params rkv_params_default(void) {
+    rkv_params p;
+    p.method    = RKV_METHOD_RKV;
+    p.budget    = 1024;
+    p.buffer    = 128;
+    p.window    = 8;
+    p.kernel    = 7;
+    p.sink      = 4;
+    p.lambda    = 0.1f;
+    p.threshold = 0.5f;
+    return p;
+}
+
+const char * rkv_last_error(void) {
+    return rkv_error.c_str();
+}
+
+int32_t rkv_enable(llama_context * ctx, const rkv_params * params) {
+    rkv_error.clear();
+    if (!ctx || !params) {
+        return rkv_fail("null context or parameters");
+    }
+    llama_kv_cache * kv = rkv_cache_of(ctx);
+    if (!kv) {
+        return rkv_fail("this model's memory is not a plain attention KV cache (sliding-window, recurrent or hybrid "
+                        "models are not supported)");
+    }
+    const std::string why = rkv_engine::check(*kv, *ctx, *params);
+    if (!why.empty()) {
+        return rkv_fail(why);
+    }
+    for (uint32_t s = 0; s < kv->get_n_seq_max(); ++s) {
+        if (kv->seq_pos_max((llama_seq_id) s) >= 0) {
+            return rkv_fail("the cache already holds tokens: enable compression before decoding (or clear the cache)");
+        }
+    }
+    try {
+        kv->rkv = std::make_shared<rkv_engine>(*kv, *params);
+    } catch (const std::exception & e) {
+        return rkv_fail(e.what());
+    }
+    return 0;
+}
+
+void rkv_disable(llama_context * ctx) {
+    llama_kv_cache * kv = rkv_cache_of(ctx);
+    if (kv) {
+        kv->rkv.reset();
+    }
+}
+
+bool rkv_is_enabled(const llama_context * ctx) {
+    return rkv_engine_of_ctx(ctx) != nullptr;
+}
+
+int32_t rkv_compress(llama_context * ctx, llama_seq_id seq_id) {
+    rkv_error.clear();
+    rkv_engine * eng = rkv_engine_of_ctx(ctx);
+    if (!eng) {
+        return rkv_fail("compression is not enabled on this context");
+    }
+    if (!rkv_seq_ok(eng, seq_id)) {
+        return rkv_fail("invalid sequence id " + std::to_string(seq_id));
+    }
+    const int64_t before = eng->streams[eng->stream_of(seq_id)].n_compressions;
+    eng->streams[eng->stream_of(seq_id)].pending = true;
+    ctx->memory_update(false);
+    return eng->streams[eng->stream_of(seq_id)].n_compressions > before ? 1 : 0;
+}
+
+int64_t rkv_kv_bytes_per_cell(const llama_context * ctx) {
+    const llama_kv_cache * kv = rkv_cache_of(ctx);
+    if (!kv) {
+        return rkv_fail("this model's memory is not a plain attention KV cache");
+    }
+    size_t total = 0;
+    for (const auto & [buft, size] : kv->memory_breakdown()) {
+        total += size;
+    }
+    return (int64_t) (total/((size_t) kv->get_size()*kv->get_n_stream()));
+}
+
+int32_t rkv_get_stats(const llama_context * ctx, llama_seq_id seq_id, rkv_seq_stats * out) {
+    rkv_error.clear();
+    const rkv_engine * eng = rkv_engine_of_ctx(ctx);
+    if (!eng || !out) {
+        return rkv_fail("compression is not enabled on this context");
+    }
+    if (!rkv_seq_ok(eng, seq_id)) {
+        return rkv_fail("invalid sequence id " + std::to_string(seq_id));
+    }
+    eng->fill_stats(seq_id, *out);
+    return 0;
+}
+
+int32_t rkv_get_kept_positions(const llama_context * ctx, llama_seq_id seq_id, int32_t il, int32_t head,
+                               llama_pos * out, int32_t n_max) {
+    rkv_error.clear();
+    const rkv_engine * eng = rkv_engine_of_ctx(ctx);
+    if (!eng) {
+        return rkv_fail("compression is not enabled on this context");
+    }
+    if (!rkv_seq_ok(eng, seq_id)) {
+        return rkv_fail("invalid sequence id " + std::to_string(seq_id));
+    }
+    const int32_t l = eng->kv_layer(il);
+    if (l < 0) {
+        return rkv_fail("layer " + std::to_string(il) + " has no KV cache");
+    }
+    if (head < 0 || (uint32_t) head >= eng->n_head_kv(l)) {
+        return rkv_fail("invalid KV head " + std::to_string(head));
+    }
+    const uint32_t strm = eng->stream_of(seq_id);
+    const std::vector<uint32_t> order = eng->cells_in_order(strm);
+    for (size_t i = 0; i < order.size() && (int32_t) i < n_max; ++i) {
+        out[i] = eng->true_pos(strm, l, head, order[i]);
+    }
+    return (int32_t) order.size();
+}
+
+int32_t rkv_get_layer_inputs(const llama_context * ctx, llama_seq_id seq_id, int32_t il,
+                             float * queries, int32_t n_queries_max, float * keys, int32_t n_keys_max, float * kq_scale) {
+    rkv_error.clear();
+    rkv_engine * eng = rkv_engine_of_ctx(ctx);
+    if (!eng) {
+        return rkv_fail("compression is not enabled on this context");
+    }
+    if (!rkv_seq_ok(eng, seq_id)) {
+        return rkv_fail("invalid sequence id " + std::to_string(seq_id));
+    }
+    const int32_t l = eng->kv_layer(il);
+    if (l < 0) {
+        return rkv_fail("layer " + std::to_string(il) + " has no KV cache");
+    }
+    const_cast<llama_context *>(ctx)->synchronize();
+    const uint32_t strm = eng->stream_of(seq_id);
+    const std::vector<uint32_t> order = eng->cells_in_order(strm);
+    if (order.empty()) {
+        return 0;
+    }
+    std::vector<float> buf;
+    eng->read_queries(strm, l, order, buf);
+    std::memcpy(queries, buf.data(), std::min<size_t>(buf.size(), (size_t) std::max(n_queries_max, 0))*sizeof(float));
+    eng->read_keys(strm, l, order, buf);
+    std::memcpy(keys, buf.data(), std::min<size_t>(buf.size(), (size_t) std::max(n_keys_max, 0))*sizeof(float));
+    if (kq_scale) {
+        *kq_scale = eng->kq_scale[l];
+    }
+    return (int32_t) order.size();
+}

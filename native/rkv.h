@@ -1,0 +1,79 @@
+// rkv-local: R-KV decode-time KV-cache compression for llama.cpp, public C API.
+//
+// Each sequence keeps at most `budget + buffer` KV cells. When a token needs a cell beyond
+// that, every layer and KV head keeps its `budget` best tokens (scored by the chosen method)
+// and the others are evicted. Bound from Python with ctypes (rkv_local/_native.py).
+#pragma once
+
+#include "llama.h"
+
+#ifdef __cplusplus
+extern "C" {
+#endif
+
+enum rkv_method {
+    RKV_METHOD_RKV          = 0, // importance (last `window` queries) minus key redundancy
+    RKV_METHOD_SNAPKV       = 1, // importance only
+    RKV_METHOD_H2O          = 2, // importance from the last query only, no pooling
+    RKV_METHOD_STREAMINGLLM = 3, // the first `sink` tokens and the most recent ones
+};
+
+struct rkv_params {
+    int32_t method;    // enum rkv_method
+    int32_t budget;    // B: cells kept per layer and KV head after a compression
+    int32_t buffer;    // b: cells decoded between two compressions
+    int32_t window;    // alpha: most recent tokens, always kept; their queries score the others
+    int32_t kernel;    // max-pooling kernel over neighbouring candidates (odd)
+    int32_t sink;      // streamingllm: first tokens always kept
+    float   lambda;    // rkv: weight of importance against redundancy
+    float   threshold; // rkv: cosine similarity above which two keys are near-copies
+};
+
+struct rkv_seq_stats {
+    int64_t n_compressions;   // compressions of this sequence so far
+    int64_t n_evicted;        // tokens evicted per layer and head, summed over compressions
+    int64_t cells_used;       // cells the sequence holds now
+    int64_t cells_peak;       // most cells the sequence held at once
+    int64_t kv_bytes_used;    // K+V bytes of the cells in use, all layers
+    int64_t kv_bytes_full;    // K+V bytes a full cache would hold for the same tokens
+    int64_t n_tokens;         // logical length: last position + 1
+    int64_t pos_compacted;    // position given to compacted cells (-1: never compressed)
+    double  compress_seconds; // wall time spent compressing
+};
+
+LLAMA_API struct rkv_params rkv_params_default(void);
+
+// Validates the parameters against the context and enables compression on its KV cache.
+// Returns 0 on success; otherwise -1 and rkv_last_error() says why. Enable before decoding.
+LLAMA_API int32_t rkv_enable(struct llama_context * ctx, const struct rkv_params * params);
+LLAMA_API void    rkv_disable(struct llama_context * ctx);
+LLAMA_API bool    rkv_is_enabled(const struct llama_context * ctx);
+
+// The last error of rkv_* calls on this thread (empty string if none).
+LLAMA_API const char * rkv_last_error(void);
+
+// Compress a sequence now, whatever its size. Returns 1 if it was compressed, 0 if it holds
+// no more than `budget` cells, -1 on error.
+LLAMA_API int32_t rkv_compress(struct llama_context * ctx, llama_seq_id seq_id);
+
+// K+V bytes one cell takes over all layers, for any plain KV cache (compressed or not); -1 if none.
+LLAMA_API int64_t rkv_kv_bytes_per_cell(const struct llama_context * ctx);
+
+LLAMA_API int32_t rkv_get_stats(const struct llama_context * ctx, llama_seq_id seq_id, struct rkv_seq_stats * out);
+
+// Positions of the tokens held by one layer and KV head, in time order (the order the next
+// compression scores them in). Returns their count (at most n_max are written) or -1.
+LLAMA_API int32_t rkv_get_kept_positions(
+        const struct llama_context * ctx, llama_seq_id seq_id, int32_t il, int32_t head,
+        llama_pos * out, int32_t n_max);
+
+// What the next compression of a layer would score, for checks against the reference:
+// the captured window queries [window][n_head*head_dim] (ring order) and the dequantized keys
+// [n][n_head_kv*head_dim] in the same order as rkv_get_kept_positions. Returns n or -1.
+LLAMA_API int32_t rkv_get_layer_inputs(
+        const struct llama_context * ctx, llama_seq_id seq_id, int32_t il,
+        float * queries, int32_t n_queries_max, float * keys, int32_t n_keys_max, float * kq_scale);
+
+#ifdef __cplusplus
+}
+#endif

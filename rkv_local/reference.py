@@ -1,0 +1,256 @@
+"""Reference (spec) implementation of R-KV decode-time KV-cache eviction scoring.
+
+R-KV: "Redundancy-aware KV Cache Compression for Reasoning Models" (arXiv 2505.24133).
+The C++ engine must reproduce the selections made here. Everything is computed in
+float64, per layer and per KV head, on N cached tokens in time order: the last
+``window`` (alpha) tokens are always kept, the other Nc = N - alpha are candidates.
+
+Spec choices (all deliberate, the engine must follow them):
+
+* Importance: scaled logits Q.K^T * kq_scale of the candidate keys; for GQA the
+  logits of the query heads of a group (query head qh -> kv head
+  qh // (n_head // n_head_kv)) are reduced with MAX before the softmax; softmax over
+  the Nc candidates per query, mean over the queries, then 1-D max pooling with an odd
+  ``kernel`` (stride 1, padding kernel // 2, edges use the shrunken window).
+* Redundancy: keys L2-normalised as k / max(||k||, NORM_EPS); cosine matrix S [N,N]
+  with zeroed diagonal; in every row i the LAST (largest) j with S[i,j] > threshold is
+  zeroed (the newest near-copy is not penalised); rows without such j are unchanged
+  ("last_similar"). ``authors_argmax=True`` mimics the authors' argmax, which zeroes
+  column 0 for rows with no similar token. Then column mean -> softmax over all N
+  columns -> first Nc values. ``threshold`` must lie in [0, 1], so the zeroed
+  diagonal never counts as "similar".
+* score = lam * importance - (1 - lam) * redundancy (snapkv: lam=1; h2o: lam=1, last
+  query only, no pooling).
+* Selection: top (budget - window) candidates ordered by (score descending, index
+  ascending) - on exactly equal scores the OLDER token wins - plus every window token;
+  kept indices are returned ascending. If N <= budget nothing is evicted.
+* streamingllm: keeps the first ``sink`` tokens and the most recent budget - sink.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+METHODS = ("rkv", "snapkv", "h2o", "streamingllm")
+NORM_EPS = 1e-12  # key L2-norm floor used by redundancy()
+
+
+@dataclass(frozen=True)
+class ScoringParams:
+    """Eviction parameters shared by all methods (budget/window in tokens)."""
+
+    budget: int
+    window: int = 8
+    kernel: int = 7
+    lam: float = 0.1
+    threshold: float = 0.5
+    sink: int = 4  # streamingllm's kept first tokens
+    authors_argmax: bool = False
+
+
+def _softmax(x: np.ndarray, axis: int = -1) -> np.ndarray:
+    shifted = np.exp(x - np.max(x, axis=axis, keepdims=True))
+    return shifted / np.sum(shifted, axis=axis, keepdims=True)
+
+
+def max_pool_1d(values: np.ndarray, kernel: int) -> np.ndarray:
+    """Max pooling along the last axis: out[i] = max(x[max(0, i-r) : i+r+1]), r = kernel // 2."""
+    if kernel < 1 or kernel % 2 == 0:
+        raise ValueError(f"pooling kernel must be a positive odd integer, got {kernel}")
+    values = np.asarray(values, dtype=np.float64)
+    radius = kernel // 2
+    if radius == 0 or values.shape[-1] == 0:
+        return values.copy()
+    pad = [(0, 0)] * (values.ndim - 1) + [(radius, radius)]
+    padded = np.pad(values, pad, constant_values=-np.inf)
+    return np.lib.stride_tricks.sliding_window_view(padded, kernel, axis=-1).max(axis=-1)
+
+
+def _check_shapes(queries: np.ndarray, keys: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    queries = np.asarray(queries, dtype=np.float64)
+    keys = np.asarray(keys, dtype=np.float64)
+    if queries.ndim != 3:
+        raise ValueError(f"queries must be [n_queries, n_head, d], got shape {queries.shape}")
+    if keys.ndim != 3:
+        raise ValueError(f"keys must be [n_tokens, n_head_kv, d], got shape {keys.shape}")
+    if queries.shape[0] < 1:
+        raise ValueError("at least one query is required")
+    if queries.shape[2] != keys.shape[2]:
+        raise ValueError(f"head dim mismatch: queries d={queries.shape[2]}, keys d={keys.shape[2]}")
+    n_head, n_head_kv = queries.shape[1], keys.shape[1]
+    if n_head_kv < 1 or n_head % n_head_kv != 0:
+        raise ValueError(f"n_head ({n_head}) must be a multiple of n_head_kv ({n_head_kv})")
+    return queries, keys
+
+
+def _check_params(method: str, params: ScoringParams) -> None:
+    if method not in METHODS:
+        raise ValueError(f"unknown method {method!r}; expected one of {METHODS}")
+    if params.window < 0:
+        raise ValueError(f"window must be >= 0, got {params.window}")
+    if params.budget <= params.window:
+        raise ValueError(f"budget ({params.budget}) must exceed window ({params.window})")
+    if params.kernel < 1 or params.kernel % 2 == 0:
+        raise ValueError(f"pooling kernel must be a positive odd integer, got {params.kernel}")
+    if not 0.0 <= params.threshold <= 1.0:
+        raise ValueError(f"similarity threshold must be in [0, 1], got {params.threshold}")
+    if params.sink < 0:
+        raise ValueError(f"sink must be >= 0, got {params.sink}")
+    if method == "streamingllm" and params.budget < params.sink + params.window:
+        raise ValueError(
+            f"streamingllm needs budget ({params.budget}) >= sink ({params.sink}) + window ({params.window})"
+        )
+
+
+def importance(queries: np.ndarray, keys_candidates: np.ndarray, kq_scale: float, kernel: int) -> np.ndarray:
+    """Pooled attention importance of the candidate keys, [n_head_kv, Nc].
+
+    queries [n_q, n_head, d], keys_candidates [Nc, n_head_kv, d]. GQA groups are reduced
+    with max over the raw scaled logits, then softmax over Nc, mean over queries, pooling.
+    """
+    queries, keys_candidates = _check_shapes(queries, keys_candidates)
+    n_q, n_head, d = queries.shape
+    n_head_kv = keys_candidates.shape[1]
+    grouped = queries.reshape(n_q, n_head_kv, n_head // n_head_kv, d)
+    logits = np.einsum("qkgd,nkd->qkgn", grouped, keys_candidates) * float(kq_scale)
+    group_max = logits.max(axis=2)  # [n_q, n_head_kv, Nc]
+    if group_max.shape[-1] == 0:
+        return np.zeros((n_head_kv, 0))
+    attention = _softmax(group_max, axis=-1).mean(axis=0)
+    return max_pool_1d(attention, kernel)
+
+
+def redundancy(keys: np.ndarray, n_candidates: int, threshold: float, authors_argmax: bool = False) -> np.ndarray:
+    """Redundancy of the first n_candidates tokens, [n_head_kv, Nc] (see module doc)."""
+    keys = np.asarray(keys, dtype=np.float64)
+    if keys.ndim != 3:
+        raise ValueError(f"keys must be [n_tokens, n_head_kv, d], got shape {keys.shape}")
+    n_tokens = keys.shape[0]
+    if not 0 <= n_candidates <= n_tokens:
+        raise ValueError(f"n_candidates ({n_candidates}) must be in [0, {n_tokens}]")
+    if not 0.0 <= threshold <= 1.0:
+        raise ValueError(f"similarity threshold must be in [0, 1], got {threshold}")
+    per_head = np.moveaxis(keys, 1, 0)  # [n_head_kv, N, d]
+    norms = np.linalg.norm(per_head, axis=-1, keepdims=True)
+    unit = per_head / np.maximum(norms, NORM_EPS)
+    similarity = unit @ np.swapaxes(unit, 1, 2)  # [n_head_kv, N, N]
+    rows = np.arange(n_tokens)
+    similarity[:, rows, rows] = 0.0
+    similar = similarity > threshold
+    last_similar = n_tokens - 1 - np.argmax(similar[:, :, ::-1], axis=-1)  # [n_head_kv, N]
+    has_similar = similar.any(axis=-1)
+    for head in range(similarity.shape[0]):
+        zero_rows = rows if authors_argmax else rows[has_similar[head]]
+        zero_cols = np.where(has_similar[head], last_similar[head], 0)[zero_rows]
+        similarity[head, zero_rows, zero_cols] = 0.0
+    column_mean = similarity.mean(axis=1)  # [n_head_kv, N]
+    return _softmax(column_mean, axis=-1)[:, :n_candidates]
+
+
+def head_scores(method: str, queries: np.ndarray, keys: np.ndarray, kq_scale: float, params: ScoringParams) -> np.ndarray:
+    """Candidate scores [n_head_kv, Nc]; higher is kept first.
+
+    streamingllm: score = candidate index (newer first), sink tokens get Nc + index
+    so they outrank every other candidate; this reproduces its positional selection.
+    """
+    _check_params(method, params)
+    queries, keys = _check_shapes(queries, keys)
+    n_tokens, n_head_kv = keys.shape[0], keys.shape[1]
+    n_candidates = max(n_tokens - params.window, 0)
+    if method == "streamingllm":
+        index = np.arange(n_candidates, dtype=np.float64)
+        score = np.where(index < params.sink, index + n_candidates, index)
+        return np.tile(score, (n_head_kv, 1))
+    candidates = keys[:n_candidates]
+    if method == "h2o":
+        return importance(queries[-1:], candidates, kq_scale, kernel=1)
+    attention = importance(queries, candidates, kq_scale, params.kernel)
+    if method == "snapkv":
+        return attention
+    redundant = redundancy(keys, n_candidates, params.threshold, params.authors_argmax)
+    return params.lam * attention - (1.0 - params.lam) * redundant
+
+
+def _top_candidates(scores_row: np.ndarray, count: int) -> np.ndarray:
+    """Indices of the `count` best candidates: score descending, then index ascending."""
+    order = np.lexsort((np.arange(scores_row.shape[0]), -scores_row))
+    return order[:count]
+
+
+def select(method: str, queries: np.ndarray, keys: np.ndarray, kq_scale: float, params: ScoringParams) -> list[np.ndarray]:
+    """Kept token indices per kv head (ascending, length min(N, budget))."""
+    _check_params(method, params)
+    queries, keys = _check_shapes(queries, keys)
+    n_tokens, n_head_kv = keys.shape[0], keys.shape[1]
+    if n_tokens <= params.budget:
+        return [np.arange(n_tokens) for _ in range(n_head_kv)]
+    scores = head_scores(method, queries, keys, kq_scale, params)
+    n_candidates = n_tokens - params.window
+    window_indices = np.arange(n_candidates, n_tokens)
+    kept = []
+    for head in range(n_head_kv):
+        best = _top_candidates(scores[head], params.budget - params.window)
+        kept.append(np.sort(np.concatenate([best, window_indices])))
+    return kept
+
+
+def cutoff_ties(scores_row: np.ndarray, kept_row: np.ndarray, budget_candidates: int, rtol: float = 1e-4) -> set:
+    """Candidate indices interchangeable at the cut-off.
+
+    The cut-off score is the lowest score among the candidates in kept_row (indices
+    >= len(scores_row) are window tokens and ignored); there must be exactly
+    budget_candidates of them. Returned: every candidate i with
+    |score_i - cutoff| <= rtol * max(|cutoff|, mean |scores_row|).
+    """
+    scores_row = np.asarray(scores_row, dtype=np.float64)
+    kept_row = np.asarray(kept_row)
+    kept_candidates = kept_row[kept_row < scores_row.shape[0]]
+    if kept_candidates.shape[0] != budget_candidates:
+        raise ValueError(f"kept_row holds {kept_candidates.shape[0]} candidates, expected {budget_candidates}")
+    if budget_candidates == 0:
+        return set()
+    cutoff = scores_row[kept_candidates].min()
+    tolerance = rtol * max(abs(cutoff), float(np.mean(np.abs(scores_row))))
+    return {int(i) for i in np.flatnonzero(np.abs(scores_row - cutoff) <= tolerance)}
+
+
+def kept_sets_equivalent(
+    method: str,
+    queries: np.ndarray,
+    keys: np.ndarray,
+    kq_scale: float,
+    params: ScoringParams,
+    other_kept: list,
+    rtol: float = 1e-4,
+) -> bool:
+    """True when other_kept (per kv head) matches select() up to cut-off ties.
+
+    Each head must keep min(N, budget) distinct valid indices including every window
+    token; tokens kept by only one side must all be within tolerance of the cut-off
+    score (max pooling creates plateaus of equal scores). streamingllm is positional,
+    so it must match exactly.
+    """
+    ours = select(method, queries, keys, kq_scale, params)
+    if len(other_kept) != len(ours):
+        return False
+    n_tokens = np.asarray(keys).shape[0]
+    evicting = n_tokens > params.budget
+    scores = head_scores(method, queries, keys, kq_scale, params) if evicting else None
+    n_candidates = n_tokens - params.window
+    for head, our_row in enumerate(ours):
+        other_row = np.asarray(other_kept[head]).astype(np.int64).ravel()
+        other_set = set(other_row.tolist())
+        if len(other_row) != len(our_row) or len(other_set) != len(other_row):
+            return False
+        if not other_set <= set(range(n_tokens)) or not set(range(max(n_candidates, 0), n_tokens)) <= other_set:
+            return False
+        differing = other_set ^ set(our_row.tolist())
+        if not differing:
+            continue
+        if not evicting or method == "streamingllm":
+            return False
+        ties = cutoff_ties(scores[head], our_row, params.budget - params.window, rtol)
+        if not differing <= ties:
+            return False
+    return True
