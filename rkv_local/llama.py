@@ -85,6 +85,11 @@ class Llama(llama_cpp.Llama):
         self._n_ctx = self._n_ctx_logical
         self.input_ids = np.zeros((self._n_ctx_logical,), dtype=np.intc)
 
+    def close(self) -> None:
+        # settings refused before the parent's __init__ leave nothing to close
+        if hasattr(self, "_stack"):
+            super().close()
+
     @property
     def kv_config(self) -> Optional[CompressionConfig]:
         return self._kv_config

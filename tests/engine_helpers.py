@@ -1,0 +1,133 @@
+"""Helpers shared by the engine tests: driving a Llama token by token, and a numpy forward
+pass of the tiny llama models (the reference for logits after a compaction)."""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+import rkv_local  # noqa: F401  (binds llama_cpp to our library first)
+import llama_cpp
+
+GGML_TYPES = {"f32": 0, "f16": 1, "q4_0": 2, "q8_0": 8, "bf16": 30}
+
+
+def last_logits(llm: llama_cpp.Llama) -> np.ndarray:
+    ptr = llama_cpp.llama_get_logits_ith(llm._ctx.ctx, -1)
+    return np.ctypeslib.as_array(ptr, shape=(llm.n_vocab(),)).copy()
+
+
+def greedy(llm: llama_cpp.Llama, n: int) -> list[int]:
+    """Decode n tokens one at a time, always the most likely one."""
+    out = []
+    for _ in range(n):
+        tok = int(np.argmax(last_logits(llm)))
+        out.append(tok)
+        llm.eval([tok])
+    return out
+
+
+def random_tokens(n: int, seed: int, low: int = 100, high: int = 20000) -> list[int]:
+    return [int(t) for t in np.random.default_rng(seed).integers(low, high, size=n)]
+
+
+def memory(llm: llama_cpp.Llama):
+    return llama_cpp.llama_get_memory(llm._ctx.ctx)
+
+
+@dataclass
+class TinyLlamaWeights:
+    """The tensors of a tiny ``llama`` GGUF written by ``make_tiny_model``, in float64."""
+
+    n_head: int
+    n_head_kv: int
+    head_dim: int
+    eps: float
+    rope_base: float
+    tensors: dict[str, np.ndarray]
+
+    @classmethod
+    def load(cls, path: Path) -> "TinyLlamaWeights":
+        from gguf import GGUFReader
+
+        reader = GGUFReader(str(path))
+
+        def field(key: str):
+            f = reader.fields[key]
+            return f.parts[f.data[0]][0]
+
+        tensors = {t.name: np.asarray(t.data, dtype=np.float64) for t in reader.tensors}
+        n_head = int(field("llama.attention.head_count"))
+        return cls(
+            n_head=n_head,
+            n_head_kv=int(field("llama.attention.head_count_kv")),
+            head_dim=int(field("llama.embedding_length")) // n_head,
+            eps=float(field("llama.attention.layer_norm_rms_epsilon")),
+            rope_base=float(field("llama.rope.freq_base")),
+            tensors=tensors,
+        )
+
+    @property
+    def n_layer(self) -> int:
+        return sum(1 for name in self.tensors if name.endswith("attn_q.weight"))
+
+    def _rms(self, x: np.ndarray, w: np.ndarray) -> np.ndarray:
+        return x / np.sqrt(np.mean(x * x, axis=-1, keepdims=True) + self.eps) * w
+
+    def _rope(self, x: np.ndarray, pos: np.ndarray) -> np.ndarray:
+        # llama's "normal" RoPE rotates neighbouring pairs (2i, 2i+1)
+        d = x.shape[-1]
+        inv = self.rope_base ** (-np.arange(0, d, 2) / d)
+        ang = pos[:, None, None] * inv[None, None, :]
+        cos, sin = np.cos(ang), np.sin(ang)
+        x0, x1 = x[..., 0::2], x[..., 1::2]
+        out = np.empty_like(x)
+        out[..., 0::2] = x0 * cos - x1 * sin
+        out[..., 1::2] = x0 * sin + x1 * cos
+        return out
+
+    def forward(self, tokens: list[int], visible) -> tuple[np.ndarray, list[np.ndarray], list[np.ndarray]]:
+        """Logits of every token, and each layer's K and V ([n, n_head_kv, d]).
+
+        ``visible(layer, kv_head, i)`` gives the positions token ``i`` attends to.
+        """
+        t = self.tensors
+        n, d, g = len(tokens), self.head_dim, self.n_head // self.n_head_kv
+        x = t["token_embd.weight"][tokens]
+        pos = np.arange(n, dtype=np.float64)
+        ks, vs = [], []
+        for layer in range(self.n_layer):
+            blk = f"blk.{layer}"
+            h = self._rms(x, t[f"{blk}.attn_norm.weight"])
+            q = self._rope((h @ t[f"{blk}.attn_q.weight"].T).reshape(n, self.n_head, d), pos)
+            k = self._rope((h @ t[f"{blk}.attn_k.weight"].T).reshape(n, self.n_head_kv, d), pos)
+            v = (h @ t[f"{blk}.attn_v.weight"].T).reshape(n, self.n_head_kv, d)
+            ks.append(k)
+            vs.append(v)
+            att = np.zeros((n, self.n_head, d))
+            for i in range(n):
+                for qh in range(self.n_head):
+                    kh = qh // g
+                    js = np.asarray(visible(layer, kh, i))
+                    logit = k[js, kh] @ q[i, qh] / np.sqrt(d)
+                    p = np.exp(logit - logit.max())
+                    att[i, qh] = (p / p.sum()) @ v[js, kh]
+            x = x + att.reshape(n, -1) @ t[f"{blk}.attn_output.weight"].T
+            h = self._rms(x, t[f"{blk}.ffn_norm.weight"])
+            gate = h @ t[f"{blk}.ffn_gate.weight"].T
+            up = h @ t[f"{blk}.ffn_up.weight"].T
+            x = x + (gate / (1.0 + np.exp(-gate)) * up) @ t[f"{blk}.ffn_down.weight"].T
+        x = self._rms(x, t["output_norm.weight"])
+        return x @ t["token_embd.weight"].T, ks, vs
+
+
+def kv_bytes_per_cell(llm) -> int:
+    from rkv_local import _native
+
+    return _native.bytes_per_cell(llm._ctx.ctx)
+
+
+__all__ = [
+    "GGML_TYPES", "TinyLlamaWeights", "greedy", "kv_bytes_per_cell", "last_logits", "memory", "random_tokens",
+]
