@@ -1,6 +1,5 @@
 #include "rkv-engine.h"
 
-#include "rkv-scoring.h"
 
 #include "llama-batch.h"
 #include "llama-context.h"
@@ -17,7 +16,6 @@
 #include <limits>
 #include <map>
 #include <stdexcept>
-#include <thread>
 
 static constexpr uint32_t RKV_STATE_MAGIC = 0x31564b52; // "RKV1"
 
@@ -118,6 +116,9 @@ std::string rkv_engine::check(const llama_kv_cache & kv, const llama_context & l
                "): one decode call may carry at most `buffer` tokens; create the context with n_batch = n_ubatch <= buffer";
     }
     for (const auto & layer : kv.layers) {
+        if (hp.n_head_kv(layer.il) != hp.n_head_kv(kv.layers[0].il)) {
+            return "models whose layers have different numbers of KV heads are not supported";
+        }
         if (hp.n_head(layer.il) % hp.n_head_kv(layer.il) != 0) {
             return "query heads are not a multiple of KV heads";
         }
@@ -214,50 +215,6 @@ void rkv_engine::read_keys(uint32_t strm, uint32_t layer, const std::vector<uint
     }
 }
 
-// Rewrites one layer: each head's kept tokens move, in time order, to cells [0, budget).
-// Whole rows are read and written back so that quantized blocks are copied byte for byte.
-static void rkv_compact_layer(const llama_kv_cache & kv_unused, ggml_tensor * t, uint32_t strm, uint32_t kv_size,
-                              bool transposed, int64_t head_dim, uint32_t n_head_kv,
-                              const std::vector<uint32_t> & order, const std::vector<std::vector<int32_t>> & kept) {
-    GGML_UNUSED(kv_unused);
-    const size_t stream_off = strm*t->nb[2];
-    const uint32_t budget = (uint32_t) kept[0].size();
-
-    if (!transposed) {
-        const size_t row_bytes  = t->nb[1];
-        const size_t head_bytes = ggml_row_size(t->type, head_dim);
-        std::vector<uint8_t> src((size_t) kv_size*row_bytes);
-        ggml_backend_tensor_get(t, src.data(), stream_off, src.size());
-        std::vector<uint8_t> dst((size_t) budget*row_bytes, 0);
-        for (uint32_t h = 0; h < n_head_kv; ++h) {
-            for (uint32_t j = 0; j < budget; ++j) {
-                const uint32_t cell = order[kept[h][j]];
-                std::memcpy(dst.data() + (size_t) j*row_bytes + h*head_bytes,
-                            src.data() + (size_t) cell*row_bytes + h*head_bytes, head_bytes);
-            }
-        }
-        ggml_backend_tensor_set(t, dst.data(), stream_off, dst.size());
-        return;
-    }
-
-    // transposed V: channel c of the cell at index i sits at c*kv_size + i
-    const size_t es = ggml_element_size(t);
-    const int64_t n_channels = t->ne[0];
-    std::vector<uint8_t> buf((size_t) n_channels*kv_size*es);
-    ggml_backend_tensor_get(t, buf.data(), stream_off, buf.size());
-    std::vector<uint8_t> moved((size_t) budget*es);
-    for (uint32_t h = 0; h < n_head_kv; ++h) {
-        for (int64_t c = h*head_dim; c < (h + 1)*head_dim; ++c) {
-            uint8_t * chan = buf.data() + (size_t) c*kv_size*es;
-            for (uint32_t j = 0; j < budget; ++j) {
-                std::memcpy(moved.data() + j*es, chan + (size_t) order[kept[h][j]]*es, es);
-            }
-            std::memcpy(chan, moved.data(), moved.size());
-        }
-    }
-    ggml_backend_tensor_set(t, buf.data(), stream_off, buf.size());
-}
-
 bool rkv_engine::compress(uint32_t strm, llama_context * lctx) {
     auto & st = streams[strm];
     st.pending = false;
@@ -278,7 +235,6 @@ bool rkv_engine::compress(uint32_t strm, llama_context * lctx) {
     auto & cells = kv.v_cells[strm];
     const llama_seq_id seq_id = cells.seq_get(order.back());
     const uint32_t n_compact = budget - window;
-    const uint32_t kv_size = kv.get_size();
 
     std::vector<llama_pos> new_slot_pos;
     {
@@ -289,62 +245,19 @@ bool rkv_engine::compress(uint32_t strm, llama_context * lctx) {
         new_slot_pos.resize(total);
     }
 
-    std::vector<size_t> slot_pos_off(n_layer());
+    std::vector<std::vector<int32_t>> kept;
+    if (!run_compaction_graphs(strm, lctx, order, kept)) {
+        return false;
+    }
     for (uint32_t l = 0, off = 0; l < n_layer(); ++l) {
-        slot_pos_off[l] = off;
-        off += kv.hparams.n_head_kv(kv.layers[l].il)*n_compact;
-    }
-
-    auto work = [&](uint32_t l) {
-        const uint32_t il        = kv.layers[l].il;
-        const uint32_t n_head    = kv.hparams.n_head(il);
-        const uint32_t n_head_kv = kv.hparams.n_head_kv(il);
-        const int64_t  d         = kv.hparams.n_embd_head_k(il);
-        const uint32_t group     = n_head/n_head_kv;
-
-        std::vector<float> queries, keys;
-        read_queries(strm, l, order, queries);
-        read_keys(strm, l, order, keys);
-
-        rkv_scratch scratch;
-        std::vector<float> q_head((size_t) window*group*d), k_head((size_t) n*d);
-        std::vector<std::vector<int32_t>> kept(n_head_kv);
+        const uint32_t n_head_kv = kv.hparams.n_head_kv(kv.layers[l].il);
         for (uint32_t h = 0; h < n_head_kv; ++h) {
-            for (uint32_t a = 0; a < window; ++a) {
-                std::memcpy(q_head.data() + (size_t) a*group*d, queries.data() + ((size_t) a*n_head + h*group)*d,
-                            group*d*sizeof(float));
-            }
-            for (uint32_t i = 0; i < n; ++i) {
-                std::memcpy(k_head.data() + (size_t) i*d, keys.data() + ((size_t) i*n_head_kv + h)*d, d*sizeof(float));
-            }
-            const rkv_head_inputs in = { q_head.data(), (int32_t) window, (int32_t) group, k_head.data(), (int32_t) n,
-                                         (int32_t) d, kq_scale[l] };
-            rkv_select_head(params, in, scratch, kept[h]);
+            const auto & k = kept[(size_t) l*n_head_kv + h];
             for (uint32_t j = 0; j < n_compact; ++j) {
-                new_slot_pos[slot_pos_off[l] + (size_t) h*n_compact + j] = true_pos(strm, l, h, order[kept[h][j]]);
+                new_slot_pos[off + (size_t) h*n_compact + j] = true_pos(strm, l, h, order[k[j]]);
             }
         }
-
-        rkv_compact_layer(kv, kv.layers[l].k, strm, kv_size, false, d, n_head_kv, order, kept);
-        if (kv.layers[l].v) {
-            rkv_compact_layer(kv, kv.layers[l].v, strm, kv_size, kv.v_trans, kv.hparams.n_embd_head_v(il), n_head_kv, order, kept);
-        }
-    };
-
-    const uint32_t n_threads = std::max(1, std::min<int32_t>(lctx->get_cparams().n_threads, (int32_t) n_layer()));
-    std::vector<std::thread> workers;
-    for (uint32_t t = 1; t < n_threads; ++t) {
-        workers.emplace_back([&, t]() {
-            for (uint32_t l = t; l < n_layer(); l += n_threads) {
-                work(l);
-            }
-        });
-    }
-    for (uint32_t l = 0; l < n_layer(); l += n_threads) {
-        work(l);
-    }
-    for (auto & w : workers) {
-        w.join();
+        off += n_head_kv*n_compact;
     }
 
     // window cells keep their true positions; compacted cells all sit just before the window
@@ -397,6 +310,7 @@ void rkv_engine::fill_stats(llama_seq_id seq_id, rkv_seq_stats & out) const {
     out.kv_bytes_full    = (int64_t) (out.n_tokens*bytes_per_cell);
     out.pos_compacted    = st.pos_compact;
     out.compress_seconds = st.compress_seconds;
+    out.compute_buffer_bytes = (int64_t) compute_buffer_bytes;
 }
 
 //

@@ -59,6 +59,14 @@ struct rkv_engine {
 
     bool compress(uint32_t strm, llama_context * lctx);
 
+    // scores and compacts every layer of a stream on the backends (rkv-graph.cpp); fills the order
+    // indices each layer and head kept, [layer*n_head_kv + head][budget]
+    bool run_compaction_graphs(uint32_t strm, llama_context * lctx, const std::vector<uint32_t> & order,
+                               std::vector<std::vector<int32_t>> & kept);
+
+    // the largest compute buffer the scheduler held after a compression
+    size_t compute_buffer_bytes = 0;
+
     bool batch_fits(const llama_batch_allocr & balloc);
     bool seq_rm(llama_seq_id seq_id, llama_pos p0, llama_pos p1);
     bool stream_seq_rm(uint32_t strm, llama_seq_id seq_id, llama_pos p0, llama_pos p1);

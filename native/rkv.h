@@ -39,6 +39,7 @@ struct rkv_seq_stats {
     int64_t n_tokens;         // logical length: last position + 1
     int64_t pos_compacted;    // position given to compacted cells (-1: never compressed)
     double  compress_seconds; // wall time spent compressing
+    int64_t compute_buffer_bytes; // largest scheduler compute buffer seen after a compression (all backends)
 };
 
 LLAMA_API struct rkv_params rkv_params_default(void);

@@ -35,6 +35,7 @@ class RkvSeqStats(ctypes.Structure):
         ("n_tokens", ctypes.c_int64),
         ("pos_compacted", ctypes.c_int64),
         ("compress_seconds", ctypes.c_double),
+        ("compute_buffer_bytes", ctypes.c_int64),
     ]
 
 
