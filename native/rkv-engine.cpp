@@ -551,6 +551,20 @@ bool rkv_engine_seq_shift(rkv_engine & eng, llama_seq_id seq_id, llama_pos p0, l
     return eng.seq_shift(seq_id, p0, p1);
 }
 
+void rkv_engine::stream_cp(uint32_t strm_src, uint32_t strm_dst) {
+    streams[strm_dst] = streams[strm_src];
+    streams[strm_dst].pending = false;
+    for (ggml_tensor * ring : rings) {
+        std::vector<uint8_t> rows((size_t) params.window*ring->nb[1]);
+        ggml_backend_tensor_get(ring, rows.data(), (size_t) strm_src*params.window*ring->nb[1], rows.size());
+        ggml_backend_tensor_set(ring, rows.data(), (size_t) strm_dst*params.window*ring->nb[1], rows.size());
+    }
+}
+
+void rkv_engine_stream_cp(rkv_engine & eng, uint32_t strm_src, uint32_t strm_dst) {
+    eng.stream_cp(strm_src, strm_dst);
+}
+
 void rkv_engine_state_write(const rkv_engine & eng, llama_io_write_i & io, llama_seq_id seq_id) {
     eng.state_write(io, seq_id);
 }

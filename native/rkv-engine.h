@@ -66,11 +66,13 @@ struct rkv_engine {
 
     // the largest compute buffer the scheduler held after a compression
     size_t compute_buffer_bytes = 0;
+    void note_compute_buffer(ggml_backend_sched_t sched);
 
     bool batch_fits(const llama_batch_allocr & balloc);
     bool seq_rm(llama_seq_id seq_id, llama_pos p0, llama_pos p1);
     bool stream_seq_rm(uint32_t strm, llama_seq_id seq_id, llama_pos p0, llama_pos p1);
     bool seq_shift(llama_seq_id seq_id, llama_pos p0, llama_pos p1);
+    void stream_cp(uint32_t strm_src, uint32_t strm_dst);
     void state_write(llama_io_write_i & io, llama_seq_id seq_id) const;
     void state_read(llama_io_read_i & io, llama_seq_id seq_id);
 

@@ -1,6 +1,9 @@
-// Scoring and compaction of one stream as ggml graphs, run by the context's backend scheduler
-// like the K-shift: every op is a stock ggml op, so CPU, CUDA, Metal and Vulkan all work.
-// The spec of the scores is rkv_local/reference.py.
+// Scoring and compaction of one stream, run by the context's backend scheduler like the K-shift.
+//
+// The heavy work (Q.K over the candidates, the n x n key similarities, the K/V moves) is stock
+// ggml ops, so CPU, CUDA, Metal and Vulkan all run it where the cache lives. Each layer and head
+// then hands O(n) numbers to the host, which finishes the scores and picks the kept tokens with
+// the tie rule of rkv_local/reference.py.
 #include "rkv-engine.h"
 
 #include "llama-context.h"
@@ -11,50 +14,53 @@
 #include "ggml-backend.h"
 
 #include <algorithm>
+#include <cmath>
 #include <numeric>
 
 // keys shorter than this are treated as zero vectors when normalised (reference.NORM_EPS)
 static constexpr float RKV_NORM_EPS = 1e-12f;
 
+// the n x n similarity matrices of this many bytes are built at once (several heads when small)
+static constexpr int64_t RKV_SIM_BYTES = 32ll << 20;
+
 // Host-filled inputs shared by every layer of a stream (same cells, same order).
-struct rkv_graph_inputs {
-    ggml_tensor * cells_all  = nullptr; // I32 [n, n_head_kv]: cells in time order, once per head
-    ggml_tensor * cells_cand = nullptr; // I32 [n - window, n_head_kv]: the candidates
+struct rkv_score_inputs {
+    ggml_tensor * cells_cand = nullptr; // I32 [n_cand, n_head_kv]: candidate cells, oldest first
+    ggml_tensor * cells_all  = nullptr; // I32 [n, n_head_kv]: all cells, oldest first
+    ggml_tensor * ramp       = nullptr; // F32 [n]: 1 .. n, makes the newest hit of a row its unique maximum
     ggml_tensor * q_rows     = nullptr; // I32 [n_q]: ring rows of the scoring queries, oldest first
-    ggml_tensor * window     = nullptr; // I32 [window, n_head_kv]: order indices of the window
-    ggml_tensor * offdiag    = nullptr; // F32 [n, n]: 0 on the diagonal, 1 elsewhere
-    ggml_tensor * slots      = nullptr; // I32 [budget, n_head_kv]: 0 .. budget-1
-    ggml_tensor * keep_fixed = nullptr; // I32 [budget, n_head_kv]: streamingllm's kept order indices
+    ggml_tensor * sim_bias   = nullptr; // F32 [n, n]: -threshold, and far below it on the diagonal
 };
 
-struct rkv_layer_view {
-    ggml_tensor * keys;   // [d, kv_size, n_head_kv] view of the stream's K (any type)
-    ggml_tensor * ring;   // F32 [n_embd_q, rows]
-    int64_t       n_head;
-    float         kq_scale;
+// What one layer's graph leaves for the host.
+struct rkv_score_outputs {
+    ggml_tensor * importance = nullptr; // F32 [n_cand, n_head_kv]
+    ggml_tensor * sim_sum    = nullptr; // F32 [n, n_head_kv]: sum of a key's similarities to all others
+    ggml_tensor * last       = nullptr; // I32 [n, n_head_kv]: per key, the index of its newest near-copy
+    ggml_tensor * last_sim   = nullptr; // F32 [n, n_head_kv]: the similarity to that key
 };
 
 // Attention the candidates receive: max over each query group of the scaled logits, softmax over
-// the candidates, mean over the queries, max pooling. F32 [n - window, n_head_kv].
-static ggml_tensor * rkv_build_importance(ggml_context * ctx, const rkv_layer_view & lv, const rkv_graph_inputs & in,
-                                          int32_t kernel) {
-    const int64_t d         = lv.keys->ne[0];
-    const int64_t n_head_kv = lv.keys->ne[2];
+// the candidates, mean over the queries, max pooling. F32 [n_cand, n_head_kv].
+static ggml_tensor * rkv_build_importance(ggml_context * ctx, ggml_tensor * keys, ggml_tensor * ring, int64_t n_head,
+                                          float kq_scale, const rkv_score_inputs & in, int32_t kernel) {
+    const int64_t d         = keys->ne[0];
+    const int64_t n_head_kv = keys->ne[2];
     const int64_t n_cand    = in.cells_cand->ne[0];
     const int64_t n_q       = in.q_rows->ne[0];
-    const int64_t group     = lv.n_head/n_head_kv;
+    const int64_t group     = n_head/n_head_kv;
 
-    ggml_tensor * q = ggml_get_rows(ctx, lv.ring, in.q_rows);                      // [n_embd_q, n_q]
-    q = ggml_cont(ctx, ggml_permute(ctx, ggml_reshape_3d(ctx, q, d, lv.n_head, n_q), 0, 2, 1, 3)); // [d, n_q, n_head]
+    ggml_tensor * q = ggml_get_rows(ctx, ring, in.q_rows);                                  // [n_embd_q, n_q]
+    q = ggml_cont(ctx, ggml_permute(ctx, ggml_reshape_3d(ctx, q, d, n_head, n_q), 0, 2, 1, 3)); // [d, n_q, n_head]
 
-    ggml_tensor * k = ggml_get_rows(ctx, lv.keys, in.cells_cand);                 // [d, n_cand, n_head_kv]
-    ggml_tensor * kq = ggml_scale(ctx, ggml_mul_mat(ctx, k, q), lv.kq_scale);     // [n_cand, n_q, n_head]
+    ggml_tensor * k  = ggml_get_rows(ctx, keys, in.cells_cand);                            // [d, n_cand, n_head_kv]
+    ggml_tensor * kq = ggml_scale(ctx, ggml_mul_mat(ctx, k, q), kq_scale);                // [n_cand, n_q, n_head]
     if (group > 1) {
         kq = ggml_reshape_3d(ctx, kq, n_cand*n_q, group, n_head_kv);
         kq = ggml_pool_2d(ctx, kq, GGML_OP_POOL_MAX, 1, (int) group, 1, (int) group, 0, 0);
     }
     kq = ggml_soft_max(ctx, ggml_reshape_3d(ctx, kq, n_cand, n_q, n_head_kv));
-    ggml_tensor * imp = ggml_mean(ctx, ggml_cont(ctx, ggml_permute(ctx, kq, 1, 0, 2, 3))); // [1, n_cand, n_head_kv]
+    ggml_tensor * imp = ggml_mean(ctx, ggml_cont(ctx, ggml_permute(ctx, kq, 1, 0, 2, 3)));  // [1, n_cand, n_head_kv]
     imp = ggml_reshape_2d(ctx, imp, n_cand, n_head_kv);
     if (kernel > 1) {
         imp = ggml_pool_1d(ctx, imp, GGML_OP_POOL_MAX, kernel, 1, kernel/2);
@@ -62,66 +68,84 @@ static ggml_tensor * rkv_build_importance(ggml_context * ctx, const rkv_layer_vi
     return imp;
 }
 
-// How much each candidate repeats other keys, one head at a time so the n x n work stays
-// bounded by one head. F32 [n - window, n_head_kv].
-static ggml_tensor * rkv_build_redundancy(ggml_context * ctx, const rkv_layer_view & lv, const rkv_graph_inputs & in,
-                                          float threshold) {
-    const int64_t d         = lv.keys->ne[0];
-    const int64_t n_head_kv = lv.keys->ne[2];
+// The parts of the redundancy that need all pairs of keys. Column sums of the similarity matrix
+// are rank-one work (symmetry: a key's column sum is its dot with the sum of all keys); only the
+// newest near-copy of each key needs the n x n matrix, one head at a time to bound the buffer.
+static void rkv_build_similarity(ggml_context * ctx, ggml_tensor * keys, const rkv_score_inputs & in,
+                                 rkv_score_outputs & out) {
+    const int64_t d         = keys->ne[0];
+    const int64_t n_head_kv = keys->ne[2];
     const int64_t n         = in.cells_all->ne[0];
-    const int64_t n_cand    = in.cells_cand->ne[0];
 
-    ggml_tensor * kn = ggml_l2_norm(ctx, ggml_get_rows(ctx, lv.keys, in.cells_all), RKV_NORM_EPS); // [d, n, n_head_kv]
+    ggml_tensor * kn = ggml_l2_norm(ctx, ggml_get_rows(ctx, keys, in.cells_all), RKV_NORM_EPS); // [d, n, n_head_kv]
 
-    ggml_tensor * red = nullptr;
-    for (int64_t h = 0; h < n_head_kv; ++h) {
-        ggml_tensor * kh = ggml_view_2d(ctx, kn, d, n, kn->nb[1], h*kn->nb[2]);
-        ggml_tensor * sim = ggml_mul(ctx, ggml_mul_mat(ctx, kh, kh), in.offdiag); // [n, n], row i along ne1
-        // in each row, the most recent near-copy (> threshold) is not penalised
-        ggml_tensor * hit    = ggml_step(ctx, ggml_scale_bias(ctx, sim, 1.0f, -threshold));
-        ggml_tensor * n_seen = ggml_cumsum(ctx, hit);
-        ggml_tensor * n_hits = ggml_sum_rows(ctx, hit);
-        ggml_tensor * last   = ggml_mul(ctx, hit, ggml_step(ctx, ggml_scale_bias(ctx, ggml_sub(ctx, n_seen, n_hits), 1.0f, 0.5f)));
-        sim = ggml_sub(ctx, sim, ggml_mul(ctx, sim, last));
-        ggml_tensor * col = ggml_mean(ctx, ggml_cont(ctx, ggml_transpose(ctx, sim)));  // [1, n]
-        col = ggml_soft_max(ctx, ggml_reshape_2d(ctx, col, n, 1));
-        red = red ? ggml_concat(ctx, red, col, 1) : col;
+    ggml_tensor * total = ggml_sum_rows(ctx, ggml_cont(ctx, ggml_permute(ctx, kn, 1, 0, 2, 3)));   // [1, d, n_head_kv]
+    total = ggml_reshape_3d(ctx, total, d, 1, n_head_kv);
+    ggml_tensor * dots = ggml_mul_mat(ctx, total, kn);                                       // [1, n, n_head_kv]
+    ggml_tensor * self = ggml_sum_rows(ctx, ggml_sqr(ctx, kn));                              // [1, n, n_head_kv]
+    out.sim_sum = ggml_reshape_2d(ctx, ggml_sub(ctx, dots, self), n, n_head_kv);
+
+    // heads in groups whose n x n matrices fit RKV_SIM_BYTES: few graph nodes, a bounded buffer
+    const int64_t heads = std::max<int64_t>(1, std::min<int64_t>(n_head_kv, RKV_SIM_BYTES/(n*n*(int64_t) sizeof(float))));
+    for (int64_t h0 = 0; h0 < n_head_kv; h0 += heads) {
+        const int64_t hn = std::min(heads, n_head_kv - h0);
+        ggml_tensor * kh  = ggml_view_3d(ctx, kn, d, n, hn, kn->nb[1], kn->nb[2], h0*kn->nb[2]);
+        ggml_tensor * hit = ggml_step(ctx, ggml_add(ctx, ggml_mul_mat(ctx, kh, kh), in.sim_bias)); // [n, n, hn]
+        // hits weighted by their index: argmax picks the newest near-copy whatever a backend does on ties
+        ggml_tensor * last = ggml_argmax(ctx, ggml_reshape_2d(ctx, ggml_mul(ctx, hit, in.ramp), n, n*hn)); // I32 [n*hn]
+        last = ggml_reshape_2d(ctx, last, n, hn);
+        // the similarity to that copy: per head, gather its row and dot
+        ggml_tensor * copy = ggml_get_rows(ctx, kh, last);                                    // [d, n, hn]
+        ggml_tensor * sim  = ggml_reshape_2d(ctx, ggml_sum_rows(ctx, ggml_mul(ctx, copy, kh)), n, hn);
+        out.last     = out.last     ? ggml_concat(ctx, out.last,     last, 1) : last;
+        out.last_sim = out.last_sim ? ggml_concat(ctx, out.last_sim, sim,  1) : sim;
     }
-    return ggml_cont(ctx, ggml_view_2d(ctx, red, n_cand, n_head_kv, red->nb[1], 0));
 }
 
-// One scoring function per method: candidate scores, higher is kept. F32 [n - window, n_head_kv].
-static ggml_tensor * rkv_build_scores(ggml_context * ctx, const rkv_params & p, const rkv_layer_view & lv,
-                                      const rkv_graph_inputs & in) {
-    switch (p.method) {
-        case RKV_METHOD_RKV:
-            return ggml_sub(ctx,
-                    ggml_scale(ctx, rkv_build_importance(ctx, lv, in, p.kernel), p.lambda),
-                    ggml_scale(ctx, rkv_build_redundancy(ctx, lv, in, p.threshold), 1.0f - p.lambda));
-        case RKV_METHOD_SNAPKV:
-            return rkv_build_importance(ctx, lv, in, p.kernel);
-        case RKV_METHOD_H2O:
-            return rkv_build_importance(ctx, lv, in, 1);
+// Host side of the redundancy: column means with each key's newest near-copy not penalised,
+// softmax over all n keys; the first n_cand values.
+static void rkv_redundancy(const float * sim_sum, const int32_t * last, const float * last_sim, int64_t n,
+                           int64_t n_cand, float threshold, std::vector<double> & red) {
+    std::vector<double> col(sim_sum, sim_sum + n);
+    for (int64_t i = 0; i < n; ++i) {
+        const int64_t j = last[i];
+        // a row without near-copies is all zeros and argmax points anywhere: not a hit
+        if (j != i && last_sim[i] > threshold) {
+            col[j] -= last_sim[i];
+        }
     }
-    GGML_ABORT("method without scores");
+    double mx = -INFINITY;
+    for (double & c : col) {
+        c /= (double) n;
+        mx = std::max(mx, c);
+    }
+    double sum = 0.0;
+    for (double & c : col) {
+        c = std::exp(c - mx);
+        sum += c;
+    }
+    red.resize(n_cand);
+    for (int64_t j = 0; j < n_cand; ++j) {
+        red[j] = col[j]/sum;
+    }
 }
 
-// Order indices each head keeps, in time order: the best candidates, then the window. I32 [budget, n_head_kv].
-static ggml_tensor * rkv_build_keep(ggml_context * ctx, const rkv_params & p, const rkv_layer_view & lv,
-                                    const rkv_graph_inputs & in) {
-    if (in.keep_fixed) {
-        return in.keep_fixed;
+// The best `m` candidates by score, ties to the older token, in time order; then the window.
+static void rkv_select(const std::vector<double> & score, int64_t m, int64_t n, std::vector<int32_t> & keep) {
+    const int64_t n_cand = (int64_t) score.size();
+    std::vector<int32_t> idx(n_cand);
+    std::iota(idx.begin(), idx.end(), 0);
+    std::partial_sort(idx.begin(), idx.begin() + m, idx.end(), [&](int32_t a, int32_t b) {
+        return score[a] != score[b] ? score[a] > score[b] : a < b;
+    });
+    keep.assign(idx.begin(), idx.begin() + m);
+    std::sort(keep.begin(), keep.end());
+    for (int64_t j = n_cand; j < n; ++j) {
+        keep.push_back((int32_t) j);
     }
-    const int64_t n_head_kv = lv.keys->ne[2];
-    const int64_t m = p.budget - p.window;
-
-    ggml_tensor * top = ggml_top_k(ctx, rkv_build_scores(ctx, p, lv, in), (int) m);       // I32 [m, n_head_kv], unordered
-    ggml_tensor * by_time = ggml_argsort(ctx, ggml_cast(ctx, top, GGML_TYPE_F32), GGML_SORT_ORDER_ASC);
-    top = ggml_reshape_2d(ctx, ggml_get_rows(ctx, ggml_reshape_3d(ctx, top, 1, m, n_head_kv), by_time), m, n_head_kv);
-    return ggml_concat(ctx, top, in.window, 0);
 }
 
-// The compaction shared by all methods: head h's kept rows move, in order, to cells [0, budget).
+// The compaction shared by all methods: head h's kept cells move, in order, to cells [0, budget).
 static void rkv_build_compaction(ggml_context * ctx, ggml_cgraph * gf, ggml_tensor * t, bool transposed,
                                  uint32_t strm, int64_t head_dim, int64_t n_head_kv, uint32_t kv_size,
                                  ggml_tensor * cells, ggml_tensor * slots) {
@@ -135,161 +159,215 @@ static void rkv_build_compaction(ggml_context * ctx, ggml_cgraph * gf, ggml_tens
     // transposed V: channel c of cell i sits at c*kv_size + i
     const size_t es = ggml_element_size(t);
     const int64_t n_embd = head_dim*n_head_kv;
-    ggml_tensor * vt = ggml_view_2d(ctx, t, kv_size, n_embd, kv_size*es, strm*t->nb[2]);
-    ggml_tensor * rows = ggml_cont(ctx, ggml_transpose(ctx, vt));                          // [n_embd, kv_size]
+    ggml_tensor * vt   = ggml_view_2d(ctx, t, kv_size, n_embd, kv_size*es, strm*t->nb[2]);
+    ggml_tensor * rows = ggml_cont(ctx, ggml_transpose(ctx, vt));                                  // [n_embd, kv_size]
     rows = ggml_view_3d(ctx, rows, head_dim, kv_size, n_head_kv, rows->nb[1], head_dim*es, 0);
     ggml_tensor * moved = ggml_cont(ctx, ggml_permute(ctx, ggml_get_rows(ctx, rows, cells), 1, 0, 2, 3)); // [budget, d, n_head_kv]
     ggml_tensor * dst = ggml_view_3d(ctx, t, budget, head_dim, n_head_kv, kv_size*es, head_dim*kv_size*es, strm*t->nb[2]);
     ggml_build_forward_expand(gf, ggml_cpy(ctx, moved, dst));
 }
 
+// Resets the scheduler's reserve graph for a new build.
+static void rkv_graph_begin(llama_context * lctx, ggml_context ** ctx, ggml_cgraph ** gf) {
+    ggml_backend_sched_reset(lctx->get_sched());
+    llm_graph_result * res = lctx->get_gf_res_reserve();
+    res->reset();
+    *ctx = res->get_ctx();
+    *gf  = res->get_gf();
+}
+
+static ggml_tensor * rkv_new_input(ggml_context * ctx, ggml_type type, int64_t ne0, int64_t ne1 = 1, int64_t ne2 = 1) {
+    ggml_tensor * t = ggml_new_tensor_3d(ctx, type, ne0, ne1, ne2);
+    ggml_set_input(t);
+    return t;
+}
+
+// inputs a method does not use stay out of the graph and unallocated
+static void rkv_set_input(ggml_tensor * t, const void * data) {
+    if (t && t->buffer) {
+        ggml_backend_tensor_set(t, data, 0, ggml_nbytes(t));
+    }
+}
+
 bool rkv_engine::run_compaction_graphs(uint32_t strm, llama_context * lctx, const std::vector<uint32_t> & order,
                                        std::vector<std::vector<int32_t>> & kept) {
-    const uint32_t n       = (uint32_t) order.size();
-    const uint32_t budget  = (uint32_t) params.budget;
-    const uint32_t window  = (uint32_t) params.window;
-    const uint32_t n_cand  = n - window;
-    const uint32_t kv_size = kv.get_size();
+    const int64_t  n         = (int64_t) order.size();
+    const int64_t  budget    = params.budget;
+    const int64_t  window    = params.window;
+    const int64_t  n_cand    = n - window;
+    const int64_t  m         = budget - window;
+    const uint32_t kv_size   = kv.get_size();
     const int64_t  n_head_kv = kv.hparams.n_head_kv(kv.layers[0].il);
-    const bool     fixed   = params.method == RKV_METHOD_STREAMINGLLM;
-    const uint32_t n_q     = params.method == RKV_METHOD_H2O ? 1 : window;
+    const bool     redundant = params.method == RKV_METHOD_RKV;
+    const bool     scored    = params.method != RKV_METHOD_STREAMINGLLM;
+    const int64_t  n_q       = params.method == RKV_METHOD_H2O ? 1 : window;
+    const int32_t  kernel    = params.method == RKV_METHOD_H2O ? 1 : params.kernel;
+
+    ggml_backend_sched_t sched = lctx->get_sched();
 
     // host data of the inputs
-    std::vector<int32_t> cells_all((size_t) n*n_head_kv), cells_cand((size_t) n_cand*n_head_kv);
-    std::vector<int32_t> win((size_t) window*n_head_kv), slots((size_t) budget*n_head_kv), q_rows(n_q);
+    std::vector<int32_t> cells_all(n*n_head_kv), cells_cand(n_cand*n_head_kv);
+    std::vector<int32_t> slots(budget*n_head_kv), q_rows(n_q);
     for (int64_t h = 0; h < n_head_kv; ++h) {
-        for (uint32_t i = 0; i < n; ++i) {
+        for (int64_t i = 0; i < n; ++i) {
             cells_all[h*n + i] = (int32_t) order[i];
         }
         std::copy(cells_all.begin() + h*n, cells_all.begin() + h*n + n_cand, cells_cand.begin() + h*n_cand);
-        for (uint32_t t = 0; t < window; ++t) {
-            win[h*window + t] = (int32_t) (n_cand + t);
-        }
         std::iota(slots.begin() + h*budget, slots.begin() + (h + 1)*budget, 0);
     }
     const llama_pos pos_last = kv.v_cells[strm].pos_get(order.back());
-    for (uint32_t t = 0; t < n_q; ++t) {
+    for (int64_t t = 0; t < n_q; ++t) {
         const llama_pos p = pos_last - (llama_pos) (n_q - 1 - t);
         q_rows[t] = (int32_t) (strm*window + ((p % (llama_pos) window) + window) % window);
     }
-    std::vector<float> offdiag;
-    if (params.method == RKV_METHOD_RKV) {
-        offdiag.assign((size_t) n*n, 1.0f);
-        for (uint32_t i = 0; i < n; ++i) {
-            offdiag[(size_t) i*n + i] = 0.0f;
+    std::vector<float> sim_bias, ramp;
+    if (redundant) {
+        sim_bias.assign(n*n, -params.threshold);
+        for (int64_t i = 0; i < n; ++i) {
+            sim_bias[i*n + i] = -params.threshold - 4.0f; // a key is not its own near-copy
         }
-    }
-    std::vector<int32_t> keep_fixed;
-    if (fixed) {
-        // streamingllm: the first `sink` tokens, then the most recent ones
-        const uint32_t m = budget - window;
-        for (int64_t h = 0; h < n_head_kv; ++h) {
-            for (uint32_t j = 0; j < budget; ++j) {
-                const uint32_t sink = (uint32_t) params.sink;
-                keep_fixed.push_back(j < sink ? j : j < m ? n_cand - (m - j) : n_cand + (j - m));
-            }
-        }
+        ramp.resize(n);
+        std::iota(ramp.begin(), ramp.end(), 1.0f);
     }
 
-    ggml_backend_sched_t sched = lctx->get_sched();
-    llm_graph_result * res = lctx->get_gf_res_reserve();
+    // order indices kept by each layer and head
+    kept.assign(n_layer()*n_head_kv, {});
+    if (!scored) {
+        // streamingllm: the first `sink` tokens and the most recent ones
+        std::vector<int32_t> keep;
+        for (int64_t j = 0; j < budget; ++j) {
+            keep.push_back((int32_t) (j < params.sink ? j : j < m ? n_cand - (m - j) : n_cand + (j - m)));
+        }
+        std::fill(kept.begin(), kept.end(), keep);
+    }
 
     // layers per graph: stay well inside the graph's node capacity
-    const size_t nodes_per_layer = 60 + 24*(size_t) n_head_kv;
+    const size_t nodes_per_layer = 48 + 16*(size_t) n_head_kv;
 
-    kept.assign(n_layer()*(size_t) n_head_kv, {});
-    for (uint32_t l0 = 0; l0 < n_layer(); ) {
-        ggml_backend_sched_reset(sched);
-        res->reset();
-        ggml_context * ctx = res->get_ctx();
-        ggml_cgraph  * gf  = res->get_gf();
-        const size_t per_graph = std::max<size_t>(1, (size_t) ggml_graph_size(gf)/nodes_per_layer);
-        const uint32_t l1 = std::min<uint32_t>(n_layer(), l0 + (uint32_t) per_graph);
+    for (uint32_t l0 = 0; l0 < n_layer() && scored; ) {
+        ggml_context * ctx;
+        ggml_cgraph  * gf;
+        rkv_graph_begin(lctx, &ctx, &gf);
+        const uint32_t l1 = std::min<uint32_t>(n_layer(), l0 + (uint32_t) std::max<size_t>(1, ggml_graph_size(gf)/nodes_per_layer));
 
-        rkv_graph_inputs in;
-        auto input = [&](ggml_type type, int64_t ne0, int64_t ne1) {
-            ggml_tensor * t = ggml_new_tensor_2d(ctx, type, ne0, ne1);
-            ggml_set_input(t);
-            return t;
-        };
-        in.cells_all  = input(GGML_TYPE_I32, n, n_head_kv);
-        in.cells_cand = input(GGML_TYPE_I32, n_cand, n_head_kv);
-        in.q_rows     = ggml_new_tensor_1d(ctx, GGML_TYPE_I32, n_q);
-        ggml_set_input(in.q_rows);
-        in.window     = input(GGML_TYPE_I32, window, n_head_kv);
-        in.slots      = input(GGML_TYPE_I32, budget, n_head_kv);
-        in.offdiag    = offdiag.empty() ? nullptr : input(GGML_TYPE_F32, n, n);
-        in.keep_fixed = fixed ? input(GGML_TYPE_I32, budget, n_head_kv) : nullptr;
+        rkv_score_inputs in;
+        in.cells_cand = rkv_new_input(ctx, GGML_TYPE_I32, n_cand, n_head_kv);
+        in.q_rows     = rkv_new_input(ctx, GGML_TYPE_I32, n_q);
+        if (redundant) {
+            in.cells_all = rkv_new_input(ctx, GGML_TYPE_I32, n, n_head_kv);
+            in.ramp      = rkv_new_input(ctx, GGML_TYPE_F32, n);
+            in.sim_bias  = rkv_new_input(ctx, GGML_TYPE_F32, n, n);
+        }
 
-        std::vector<ggml_tensor *> keeps;
+        std::vector<rkv_score_outputs> outs(l1 - l0);
         for (uint32_t l = l0; l < l1; ++l) {
             const auto & layer = kv.layers[l];
             const int64_t d = kv.hparams.n_embd_head_k(layer.il);
-            rkv_layer_view lv;
-            lv.keys     = ggml_view_3d(ctx, layer.k, d, kv_size, n_head_kv, layer.k->nb[1],
-                                       ggml_row_size(layer.k->type, d), strm*layer.k->nb[2]);
-            lv.ring     = rings[l];
-            lv.n_head   = kv.hparams.n_head(layer.il);
-            lv.kq_scale = kq_scale[l];
-
-            ggml_tensor * keep = rkv_build_keep(ctx, params, lv, in);
-            if (!fixed) {
-                ggml_set_output(keep);
+            ggml_tensor * keys = ggml_view_3d(ctx, layer.k, d, kv_size, n_head_kv, layer.k->nb[1],
+                                              ggml_row_size(layer.k->type, d), strm*layer.k->nb[2]);
+            rkv_score_outputs & out = outs[l - l0];
+            out.importance = rkv_build_importance(ctx, keys, rings[l], kv.hparams.n_head(layer.il), kq_scale[l], in, kernel);
+            if (redundant) {
+                rkv_build_similarity(ctx, keys, in, out);
             }
-            keeps.push_back(keep);
-
-            ggml_tensor * cells = ggml_reshape_2d(ctx,
-                    ggml_get_rows(ctx, ggml_reshape_3d(ctx, in.cells_all, 1, n, n_head_kv), keep), budget, n_head_kv);
-            rkv_build_compaction(ctx, gf, layer.k, false, strm, d, n_head_kv, kv_size, cells, in.slots);
-            if (layer.v) {
-                rkv_build_compaction(ctx, gf, layer.v, kv.v_trans, strm, kv.hparams.n_embd_head_v(layer.il),
-                                     n_head_kv, kv_size, cells, in.slots);
+            for (ggml_tensor * t : { out.importance, out.sim_sum, out.last, out.last_sim }) {
+                if (t) {
+                    ggml_set_output(t);
+                    ggml_build_forward_expand(gf, t);
+                }
             }
         }
 
         if (!ggml_backend_sched_alloc_graph(sched, gf)) {
-            LLAMA_LOG_ERROR("%s: failed to allocate the compression graph\n", __func__);
+            LLAMA_LOG_ERROR("%s: failed to allocate the scoring graph\n", __func__);
             return false;
         }
-        // inputs a method does not use stay out of the graph and unallocated
-        auto set = [](ggml_tensor * t, const void * data) {
-            if (t && t->buffer) {
-                ggml_backend_tensor_set(t, data, 0, ggml_nbytes(t));
-            }
-        };
-        set(in.cells_all, cells_all.data());
-        set(in.cells_cand, cells_cand.data());
-        set(in.q_rows, q_rows.data());
-        set(in.window, win.data());
-        set(in.slots, slots.data());
-        set(in.offdiag, offdiag.data());
-        set(in.keep_fixed, keep_fixed.data());
-
+        rkv_set_input(in.cells_cand, cells_cand.data());
+        rkv_set_input(in.q_rows, q_rows.data());
+        rkv_set_input(in.cells_all, cells_all.data());
+        rkv_set_input(in.ramp, ramp.data());
+        rkv_set_input(in.sim_bias, sim_bias.data());
         if (lctx->graph_compute(gf, false) != GGML_STATUS_SUCCESS) {
-            LLAMA_LOG_ERROR("%s: failed to compute the compression graph\n", __func__);
+            LLAMA_LOG_ERROR("%s: failed to compute the scoring graph\n", __func__);
             return false;
         }
         ggml_backend_sched_synchronize(sched);
+        note_compute_buffer(sched);
 
+        std::vector<float> imp(n_cand*n_head_kv), sim_sum(n*n_head_kv), last_sim(n*n_head_kv);
+        std::vector<int32_t> last(n*n_head_kv);
+        std::vector<double> score(n_cand), red;
         for (uint32_t l = l0; l < l1; ++l) {
-            std::vector<int32_t> keep((size_t) budget*n_head_kv);
-            if (fixed) {
-                keep = keep_fixed;
-            } else {
-                ggml_backend_tensor_get(keeps[l - l0], keep.data(), 0, keep.size()*sizeof(int32_t));
+            const rkv_score_outputs & out = outs[l - l0];
+            ggml_backend_tensor_get(out.importance, imp.data(), 0, imp.size()*sizeof(float));
+            if (redundant) {
+                ggml_backend_tensor_get(out.sim_sum,  sim_sum.data(),  0, sim_sum.size()*sizeof(float));
+                ggml_backend_tensor_get(out.last, last.data(), 0, last.size()*sizeof(int32_t));
+                ggml_backend_tensor_get(out.last_sim, last_sim.data(), 0, last_sim.size()*sizeof(float));
             }
             for (int64_t h = 0; h < n_head_kv; ++h) {
-                kept[(size_t) l*n_head_kv + h].assign(keep.begin() + h*budget, keep.begin() + (h + 1)*budget);
+                if (redundant) {
+                    rkv_redundancy(sim_sum.data() + h*n, last.data() + h*n, last_sim.data() + h*n, n, n_cand,
+                                   params.threshold, red);
+                }
+                for (int64_t j = 0; j < n_cand; ++j) {
+                    const double importance = imp[h*n_cand + j];
+                    score[j] = redundant ? params.lambda*importance - (1.0 - params.lambda)*red[j] : importance;
+                }
+                rkv_select(score, m, n, kept[l*n_head_kv + h]);
             }
         }
+        l0 = l1;
+    }
 
-        size_t buf_size = 0;
-        for (int i = 0; i < ggml_backend_sched_get_n_backends(sched); ++i) {
-            buf_size += ggml_backend_sched_get_buffer_size(sched, ggml_backend_sched_get_backend(sched, i));
+    // move the kept rows of every layer
+    const size_t moves_per_layer = 16;
+    for (uint32_t l0 = 0; l0 < n_layer(); ) {
+        ggml_context * ctx;
+        ggml_cgraph  * gf;
+        rkv_graph_begin(lctx, &ctx, &gf);
+        const uint32_t l1 = std::min<uint32_t>(n_layer(), l0 + (uint32_t) std::max<size_t>(1, ggml_graph_size(gf)/moves_per_layer));
+
+        ggml_tensor * slots_in = rkv_new_input(ctx, GGML_TYPE_I32, budget, n_head_kv);
+        ggml_tensor * cells_in = rkv_new_input(ctx, GGML_TYPE_I32, budget, n_head_kv, l1 - l0);
+        std::vector<int32_t> cells((size_t) budget*n_head_kv*(l1 - l0));
+        for (uint32_t l = l0; l < l1; ++l) {
+            const auto & layer = kv.layers[l];
+            for (int64_t h = 0; h < n_head_kv; ++h) {
+                const auto & keep = kept[l*n_head_kv + h];
+                for (int64_t j = 0; j < budget; ++j) {
+                    cells[((l - l0)*n_head_kv + h)*budget + j] = (int32_t) order[keep[j]];
+                }
+            }
+            ggml_tensor * layer_cells = ggml_view_2d(ctx, cells_in, budget, n_head_kv, cells_in->nb[1], (l - l0)*cells_in->nb[2]);
+            rkv_build_compaction(ctx, gf, layer.k, false, strm, kv.hparams.n_embd_head_k(layer.il), n_head_kv, kv_size,
+                                 layer_cells, slots_in);
+            if (layer.v) {
+                rkv_build_compaction(ctx, gf, layer.v, kv.v_trans, strm, kv.hparams.n_embd_head_v(layer.il), n_head_kv,
+                                     kv_size, layer_cells, slots_in);
+            }
         }
-        compute_buffer_bytes = std::max(compute_buffer_bytes, buf_size);
-
+        if (!ggml_backend_sched_alloc_graph(sched, gf)) {
+            LLAMA_LOG_ERROR("%s: failed to allocate the compaction graph\n", __func__);
+            return false;
+        }
+        rkv_set_input(slots_in, slots.data());
+        rkv_set_input(cells_in, cells.data());
+        if (lctx->graph_compute(gf, false) != GGML_STATUS_SUCCESS) {
+            LLAMA_LOG_ERROR("%s: failed to compute the compaction graph\n", __func__);
+            return false;
+        }
+        ggml_backend_sched_synchronize(sched);
+        note_compute_buffer(sched);
         l0 = l1;
     }
     return true;
+}
+
+void rkv_engine::note_compute_buffer(ggml_backend_sched_t sched) {
+    size_t size = 0;
+    for (int i = 0; i < ggml_backend_sched_get_n_backends(sched); ++i) {
+        size += ggml_backend_sched_get_buffer_size(sched, ggml_backend_sched_get_backend(sched, i));
+    }
+    compute_buffer_bytes = std::max(compute_buffer_bytes, size);
 }

@@ -23,6 +23,7 @@ bool rkv_engine_update     (rkv_engine & eng, llama_context * lctx);
 bool rkv_engine_seq_rm   (rkv_engine & eng, llama_seq_id seq_id, llama_pos p0, llama_pos p1);
 bool rkv_engine_seq_shift(rkv_engine & eng, llama_seq_id seq_id, llama_pos p0, llama_pos p1);
 void rkv_engine_clear    (rkv_engine & eng);
+void rkv_engine_stream_cp(rkv_engine & eng, uint32_t strm_src, uint32_t strm_dst); // with seq_cp's deferred buffer copy
 
 void rkv_engine_state_write(const rkv_engine & eng, llama_io_write_i & io, llama_seq_id seq_id);
 void rkv_engine_state_read (rkv_engine & eng, llama_io_read_i  & io, llama_seq_id seq_id);
