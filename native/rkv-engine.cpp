@@ -318,13 +318,12 @@ void rkv_engine::fill_stats(llama_seq_id seq_id, rkv_seq_stats & out) const {
 //
 
 bool rkv_engine::batch_fits(const llama_batch_allocr & balloc) {
-    rkv_engine & eng = *this;
     const llama_batch & batch = balloc.get_batch();
-    std::vector<uint32_t> n_new(eng.kv.n_stream, 0);
+    std::vector<uint32_t> n_new(kv.n_stream, 0);
     for (int32_t i = 0; i < batch.n_tokens; ++i) {
-        std::vector<bool> seen(eng.kv.n_stream, false);
+        std::vector<bool> seen(kv.n_stream, false);
         for (int32_t k = 0; k < batch.n_seq_id[i]; ++k) {
-            const uint32_t strm = eng.stream_of(batch.seq_id[i][k]);
+            const uint32_t strm = stream_of(batch.seq_id[i][k]);
             if (!seen[strm]) {
                 seen[strm] = true;
                 n_new[strm]++;
@@ -332,23 +331,23 @@ bool rkv_engine::batch_fits(const llama_batch_allocr & balloc) {
         }
     }
 
-    const uint32_t limit = (uint32_t) (eng.params.budget + eng.params.buffer);
+    const uint32_t limit = (uint32_t) (params.budget + params.buffer);
     bool fits = true;
-    for (uint32_t s = 0; s < eng.kv.n_stream; ++s) {
+    for (uint32_t s = 0; s < kv.n_stream; ++s) {
         if (n_new[s] == 0) {
             continue;
         }
-        if (n_new[s] > (uint32_t) eng.params.buffer) {
+        if (n_new[s] > (uint32_t) params.buffer) {
             LLAMA_LOG_ERROR("%s: a decode call carries %u tokens of one sequence, but with KV compression at most "
-                            "buffer = %d fit between two compressions; split the batch\n", __func__, n_new[s], eng.params.buffer);
+                            "buffer = %d fit between two compressions; split the batch\n", __func__, n_new[s], params.buffer);
             return false;
         }
-        const uint32_t used = eng.kv.v_cells[s].get_used();
+        const uint32_t used = kv.v_cells[s].get_used();
         if (used + n_new[s] > limit) {
-            eng.streams[s].pending = true;
+            streams[s].pending = true;
             fits = false;
         } else {
-            eng.streams[s].cells_peak = std::max<int64_t>(eng.streams[s].cells_peak, used + n_new[s]);
+            streams[s].cells_peak = std::max<int64_t>(streams[s].cells_peak, used + n_new[s]);
         }
     }
     return fits;
@@ -374,12 +373,11 @@ bool rkv_engine_update(rkv_engine & eng, llama_context * lctx) {
 }
 
 bool rkv_engine::stream_seq_rm(uint32_t strm, llama_seq_id seq_id, llama_pos p0, llama_pos p1) {
-    rkv_engine & eng = *this;
-    auto & st = eng.streams[strm];
+    auto & st = streams[strm];
     if (st.pos_compact < 0 || p0 > st.pos_compact) {
         return true;
     }
-    const auto & cells = eng.kv.v_cells[strm];
+    const auto & cells = kv.v_cells[strm];
     const llama_pos pos_max = seq_id >= 0 ? cells.seq_pos_max(seq_id) : std::numeric_limits<llama_pos>::max() - 1;
     if (p0 <= 0 && p1 > pos_max) {
         // the whole sequence goes: the stream starts afresh
@@ -390,28 +388,26 @@ bool rkv_engine::stream_seq_rm(uint32_t strm, llama_seq_id seq_id, llama_pos p0,
 }
 
 bool rkv_engine::seq_rm(llama_seq_id seq_id, llama_pos p0, llama_pos p1) {
-    rkv_engine & eng = *this;
     if (seq_id >= 0) {
-        return eng.stream_seq_rm(eng.stream_of(seq_id), seq_id, p0, p1);
+        return stream_seq_rm(stream_of(seq_id), seq_id, p0, p1);
     }
     // any sequence: all streams must agree before anything changes
-    for (uint32_t s = 0; s < eng.streams.size(); ++s) {
-        const auto & st = eng.streams[s];
+    for (uint32_t s = 0; s < streams.size(); ++s) {
+        const auto & st = streams[s];
         if (st.pos_compact >= 0 && p0 <= st.pos_compact && !(p0 <= 0 && p1 == std::numeric_limits<llama_pos>::max())) {
             return false;
         }
     }
-    for (uint32_t s = 0; s < eng.streams.size(); ++s) {
-        eng.stream_seq_rm(s, -1, p0, p1);
+    for (uint32_t s = 0; s < streams.size(); ++s) {
+        stream_seq_rm(s, -1, p0, p1);
     }
     return true;
 }
 
 bool rkv_engine::seq_shift(llama_seq_id seq_id, llama_pos p0, llama_pos p1) {
-    rkv_engine & eng = *this;
     GGML_UNUSED(p0);
     GGML_UNUSED(p1);
-    if (eng.streams[eng.stream_of(seq_id)].pos_compact >= 0) {
+    if (streams[stream_of(seq_id)].pos_compact >= 0) {
         LLAMA_LOG_WARN("%s: positions of a compressed sequence cannot be shifted or divided; ignored\n", __func__);
         return false;
     }
@@ -425,12 +421,11 @@ void rkv_engine_clear(rkv_engine & eng) {
 }
 
 void rkv_engine::state_write(llama_io_write_i & io, llama_seq_id seq_id) const {
-    const rkv_engine & eng = *this;
     io.write(&RKV_STATE_MAGIC, sizeof(RKV_STATE_MAGIC));
-    const uint32_t s0 = seq_id < 0 ? 0 : eng.stream_of(seq_id);
-    const uint32_t s1 = seq_id < 0 ? eng.kv.n_stream : s0 + 1;
+    const uint32_t s0 = seq_id < 0 ? 0 : stream_of(seq_id);
+    const uint32_t s1 = seq_id < 0 ? kv.n_stream : s0 + 1;
     for (uint32_t s = s0; s < s1; ++s) {
-        const auto & st = eng.streams[s];
+        const auto & st = streams[s];
         const uint32_t n_slot_pos = (uint32_t) st.slot_pos.size();
         io.write(&st.pos_compact, sizeof(st.pos_compact));
         io.write(&st.n_compact, sizeof(st.n_compact));
@@ -439,25 +434,24 @@ void rkv_engine::state_write(llama_io_write_i & io, llama_seq_id seq_id) const {
         io.write(&st.cells_peak, sizeof(st.cells_peak));
         io.write(&n_slot_pos, sizeof(n_slot_pos));
         io.write(st.slot_pos.data(), n_slot_pos*sizeof(llama_pos));
-        for (const ggml_tensor * ring : eng.rings) {
-            std::vector<float> rows((size_t) ring->ne[0]*eng.params.window);
-            ggml_backend_tensor_get(ring, rows.data(), (size_t) s*eng.params.window*ring->nb[1], rows.size()*sizeof(float));
+        for (const ggml_tensor * ring : rings) {
+            std::vector<float> rows((size_t) ring->ne[0]*params.window);
+            ggml_backend_tensor_get(ring, rows.data(), (size_t) s*params.window*ring->nb[1], rows.size()*sizeof(float));
             io.write(rows.data(), rows.size()*sizeof(float));
         }
     }
 }
 
 void rkv_engine::state_read(llama_io_read_i & io, llama_seq_id seq_id) {
-    rkv_engine & eng = *this;
     uint32_t magic = 0;
     io.read(&magic, sizeof(magic));
     if (magic != RKV_STATE_MAGIC) {
         throw std::runtime_error("the saved state carries no KV-compression data: restore it into a context with the same compression settings");
     }
-    const uint32_t s0 = seq_id < 0 ? 0 : eng.stream_of(seq_id);
-    const uint32_t s1 = seq_id < 0 ? eng.kv.n_stream : s0 + 1;
+    const uint32_t s0 = seq_id < 0 ? 0 : stream_of(seq_id);
+    const uint32_t s1 = seq_id < 0 ? kv.n_stream : s0 + 1;
     for (uint32_t s = s0; s < s1; ++s) {
-        auto & st = eng.streams[s];
+        auto & st = streams[s];
         uint32_t n_slot_pos = 0;
         io.read(&st.pos_compact, sizeof(st.pos_compact));
         io.read(&st.n_compact, sizeof(st.n_compact));
@@ -468,10 +462,10 @@ void rkv_engine::state_read(llama_io_read_i & io, llama_seq_id seq_id) {
         st.slot_pos.resize(n_slot_pos);
         io.read(st.slot_pos.data(), n_slot_pos*sizeof(llama_pos));
         st.pending = false;
-        for (ggml_tensor * ring : eng.rings) {
-            std::vector<float> rows((size_t) ring->ne[0]*eng.params.window);
+        for (ggml_tensor * ring : rings) {
+            std::vector<float> rows((size_t) ring->ne[0]*params.window);
             io.read(rows.data(), rows.size()*sizeof(float));
-            ggml_backend_tensor_set(ring, rows.data(), (size_t) s*eng.params.window*ring->nb[1], rows.size()*sizeof(float));
+            ggml_backend_tensor_set(ring, rows.data(), (size_t) s*params.window*ring->nb[1], rows.size()*sizeof(float));
         }
     }
 }

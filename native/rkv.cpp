@@ -34,6 +34,30 @@ static bool rkv_seq_ok(const rkv_engine * eng, llama_seq_id seq_id) {
     return seq_id >= 0 && (uint32_t) seq_id < eng->kv.get_n_seq_max();
 }
 
+// The engine of ctx when compression is on and seq_id (and il, unless -1) are valid; null with
+// rkv_last_error() set otherwise. *layer receives the KV-cache layer of il.
+static rkv_engine * rkv_checked(const llama_context * ctx, llama_seq_id seq_id, int32_t il = -1, int32_t * layer = nullptr) {
+    rkv_error.clear();
+    rkv_engine * eng = rkv_engine_of_ctx(ctx);
+    if (!eng) {
+        rkv_fail("compression is not enabled on this context");
+        return nullptr;
+    }
+    if (!rkv_seq_ok(eng, seq_id)) {
+        rkv_fail("invalid sequence id " + std::to_string(seq_id));
+        return nullptr;
+    }
+    if (il >= 0 || layer) {
+        const int32_t l = eng->kv_layer(il);
+        if (l < 0) {
+            rkv_fail("layer " + std::to_string(il) + " has no KV cache");
+            return nullptr;
+        }
+        *layer = l;
+    }
+    return eng;
+}
+
 rkv_params rkv_params_default(void) {
     rkv_params p;
     p.method    = RKV_METHOD_RKV;
@@ -90,13 +114,9 @@ bool rkv_is_enabled(const llama_context * ctx) {
 }
 
 int32_t rkv_compress(llama_context * ctx, llama_seq_id seq_id) {
-    rkv_error.clear();
-    rkv_engine * eng = rkv_engine_of_ctx(ctx);
+    rkv_engine * eng = rkv_checked(ctx, seq_id);
     if (!eng) {
-        return rkv_fail("compression is not enabled on this context");
-    }
-    if (!rkv_seq_ok(eng, seq_id)) {
-        return rkv_fail("invalid sequence id " + std::to_string(seq_id));
+        return -1;
     }
     const int64_t before = eng->streams[eng->stream_of(seq_id)].n_compressions;
     eng->streams[eng->stream_of(seq_id)].pending = true;
@@ -117,13 +137,9 @@ int64_t rkv_kv_bytes_per_cell(const llama_context * ctx) {
 }
 
 int32_t rkv_get_stats(const llama_context * ctx, llama_seq_id seq_id, rkv_seq_stats * out) {
-    rkv_error.clear();
-    const rkv_engine * eng = rkv_engine_of_ctx(ctx);
+    const rkv_engine * eng = rkv_checked(ctx, seq_id);
     if (!eng || !out) {
-        return rkv_fail("compression is not enabled on this context");
-    }
-    if (!rkv_seq_ok(eng, seq_id)) {
-        return rkv_fail("invalid sequence id " + std::to_string(seq_id));
+        return -1;
     }
     eng->fill_stats(seq_id, *out);
     return 0;
@@ -131,17 +147,10 @@ int32_t rkv_get_stats(const llama_context * ctx, llama_seq_id seq_id, rkv_seq_st
 
 int32_t rkv_get_kept_positions(const llama_context * ctx, llama_seq_id seq_id, int32_t il, int32_t head,
                                llama_pos * out, int32_t n_max) {
-    rkv_error.clear();
-    const rkv_engine * eng = rkv_engine_of_ctx(ctx);
+    int32_t l = -1;
+    const rkv_engine * eng = rkv_checked(ctx, seq_id, il, &l);
     if (!eng) {
-        return rkv_fail("compression is not enabled on this context");
-    }
-    if (!rkv_seq_ok(eng, seq_id)) {
-        return rkv_fail("invalid sequence id " + std::to_string(seq_id));
-    }
-    const int32_t l = eng->kv_layer(il);
-    if (l < 0) {
-        return rkv_fail("layer " + std::to_string(il) + " has no KV cache");
+        return -1;
     }
     if (head < 0 || (uint32_t) head >= eng->n_head_kv(l)) {
         return rkv_fail("invalid KV head " + std::to_string(head));
@@ -156,17 +165,10 @@ int32_t rkv_get_kept_positions(const llama_context * ctx, llama_seq_id seq_id, i
 
 int32_t rkv_get_layer_inputs(const llama_context * ctx, llama_seq_id seq_id, int32_t il,
                              float * queries, int32_t n_queries_max, float * keys, int32_t n_keys_max, float * kq_scale) {
-    rkv_error.clear();
-    rkv_engine * eng = rkv_engine_of_ctx(ctx);
+    int32_t l = -1;
+    const rkv_engine * eng = rkv_checked(ctx, seq_id, il, &l);
     if (!eng) {
-        return rkv_fail("compression is not enabled on this context");
-    }
-    if (!rkv_seq_ok(eng, seq_id)) {
-        return rkv_fail("invalid sequence id " + std::to_string(seq_id));
-    }
-    const int32_t l = eng->kv_layer(il);
-    if (l < 0) {
-        return rkv_fail("layer " + std::to_string(il) + " has no KV cache");
+        return -1;
     }
     const_cast<llama_context *>(ctx)->synchronize();
     const uint32_t strm = eng->stream_of(seq_id);
