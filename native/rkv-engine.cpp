@@ -277,6 +277,7 @@ bool rkv_engine::compress(uint32_t strm, llama_context * lctx) {
     kv.v_heads[strm] = budget;
 
     st.pos_compact = pos_compact;
+    st.pos_scored  = window_pos.back();
     st.n_compact   = n_compact;
     st.slot_pos    = std::move(new_slot_pos);
     st.n_compressions += 1;
@@ -374,7 +375,8 @@ bool rkv_engine_update(rkv_engine & eng, llama_context * lctx) {
 
 bool rkv_engine::stream_seq_rm(uint32_t strm, llama_seq_id seq_id, llama_pos p0, llama_pos p1) {
     auto & st = streams[strm];
-    if (st.pos_compact < 0 || p0 > st.pos_compact) {
+    // a truncation above the last compression leaves what a fresh run of the same tokens would hold
+    if (st.pos_compact < 0 || p0 > st.pos_scored) {
         return true;
     }
     const auto & cells = kv.v_cells[strm];
@@ -394,7 +396,7 @@ bool rkv_engine::seq_rm(llama_seq_id seq_id, llama_pos p0, llama_pos p1) {
     // any sequence: all streams must agree before anything changes
     for (uint32_t s = 0; s < streams.size(); ++s) {
         const auto & st = streams[s];
-        if (st.pos_compact >= 0 && p0 <= st.pos_compact && !(p0 <= 0 && p1 == std::numeric_limits<llama_pos>::max())) {
+        if (st.pos_compact >= 0 && p0 <= st.pos_scored && !(p0 <= 0 && p1 == std::numeric_limits<llama_pos>::max())) {
             return false;
         }
     }
@@ -428,6 +430,7 @@ void rkv_engine::state_write(llama_io_write_i & io, llama_seq_id seq_id) const {
         const auto & st = streams[s];
         const uint32_t n_slot_pos = (uint32_t) st.slot_pos.size();
         io.write(&st.pos_compact, sizeof(st.pos_compact));
+        io.write(&st.pos_scored, sizeof(st.pos_scored));
         io.write(&st.n_compact, sizeof(st.n_compact));
         io.write(&st.n_compressions, sizeof(st.n_compressions));
         io.write(&st.n_evicted, sizeof(st.n_evicted));
@@ -454,6 +457,7 @@ void rkv_engine::state_read(llama_io_read_i & io, llama_seq_id seq_id) {
         auto & st = streams[s];
         uint32_t n_slot_pos = 0;
         io.read(&st.pos_compact, sizeof(st.pos_compact));
+        io.read(&st.pos_scored, sizeof(st.pos_scored));
         io.read(&st.n_compact, sizeof(st.n_compact));
         io.read(&st.n_compressions, sizeof(st.n_compressions));
         io.read(&st.n_evicted, sizeof(st.n_evicted));

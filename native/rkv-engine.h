@@ -15,6 +15,8 @@ class llama_kv_cache;
 struct rkv_stream_state {
     bool      pending     = false; // compress at the next memory update
     llama_pos pos_compact = -1;    // P_c, the position of every compacted cell; -1 while uncompressed
+    llama_pos pos_scored  = -1;    // the newest position the last compression saw: what it kept depends on
+                                   // everything up to here, so a truncation may not reach it
     uint32_t  n_compact   = 0;     // cells [0, n_compact) hold a different token per head
 
     // true positions of the compacted cells: [n_layer][n_head_kv][n_compact]

@@ -162,16 +162,19 @@ def test_seq_rm_semantics_on_a_compressed_sequence(tiny_model):
     mem = memory(llm)
     p_c = _native.seq_stats(llm._ctx.ctx).pos_compacted
     assert p_c == BUDGET + BUFFER - WINDOW - 1
+    scored = BUDGET + BUFFER - 1  # the newest position the compression saw
     kept_before = llm.kept_positions(0, 0).copy()
-    assert not llama_cpp.llama_memory_seq_rm(mem, 0, p_c, -1)
+    # what was kept depends on every token up to `scored`: no truncation may reach it
+    for p0 in (3, p_c, p_c + 1, scored):
+        assert not llama_cpp.llama_memory_seq_rm(mem, 0, p0, -1), p0
     assert not llama_cpp.llama_memory_seq_rm(mem, 0, 3, p_c + 2)
     np.testing.assert_array_equal(llm.kept_positions(0, 0), kept_before)
     # partial shifts of a compressed sequence are refused
     llama_cpp.llama_memory_seq_add(mem, 0, p_c + 1, -1, 5)
     assert llama_cpp.llama_memory_seq_pos_max(mem, 0) == BUDGET + BUFFER + 3
-    # above the compacted region removal works as usual
-    assert llama_cpp.llama_memory_seq_rm(mem, 0, p_c + 3, -1)
-    assert llama_cpp.llama_memory_seq_pos_max(mem, 0) == p_c + 2
+    # above it removal works as usual
+    assert llama_cpp.llama_memory_seq_rm(mem, 0, scored + 2, -1)
+    assert llama_cpp.llama_memory_seq_pos_max(mem, 0) == scored + 1
     # a full clear resets the engine's state too
     assert llama_cpp.llama_memory_seq_rm(mem, 0, -1, -1)
     stats = _native.seq_stats(llm._ctx.ctx)
