@@ -1,0 +1,592 @@
+"""``rkv-local``: generate, chat, inspect and serve with a budgeted KV cache.
+
+    rkv-local generate smollm2-135m "Why is the sky blue?" --kv-budget 256 --max-tokens 4000
+    rkv-local chat qwen2.5-coder-0.5b --kv-budget 512
+    rkv-local inspect smollm2-135m "The capital of France" --kv-budget 32 --kv-buffer 16 --max-tokens 64
+    rkv-local serve smollm2-135m --kv-budget 1024 --port 8000
+
+A model is a GGUF path or a known name (``smollm2-135m``, ``qwen2.5-coder-0.5b``), downloaded on
+first use. Exit status: 0 on success, 2 for bad arguments or settings, 1 for other failures,
+130 when interrupted.
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import shutil
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable, Dict, Iterable, List, Optional, Sequence, TextIO
+
+PROG = "rkv-local"
+KV_METHODS = ("rkv", "snapkv", "h2o", "streamingllm")
+
+
+class CliError(Exception):
+    """A failure reported as one line on stderr with an exit status."""
+
+    def __init__(self, message: str, status: int = 2) -> None:
+        super().__init__(message)
+        self.status = status
+
+
+# ---------------------------------------------------------------------------------------------
+# arguments
+# ---------------------------------------------------------------------------------------------
+
+
+def _positive_int(text: str) -> int:
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be at least 1, got {value}")
+    return value
+
+
+def _add_model_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("model", metavar="MODEL",
+                   help="GGUF file, or a known model name: smollm2-135m, qwen2.5-coder-0.5b (downloaded once)")
+    g = p.add_argument_group("model and context")
+    g.add_argument("--n-ctx", type=int, default=0, metavar="N",
+                   help="logical context: positions and max tokens run up to it (default: the model's training context)")
+    g.add_argument("--n-threads", type=_positive_int, default=None, metavar="N",
+                   help="CPU threads (default: llama-cpp-python's choice)")
+    g.add_argument("--n-gpu-layers", type=int, default=0, metavar="N", help="layers to offload to a GPU; -1: all (default 0)")
+    g.add_argument("--flash-attn", action="store_true", help="use flash attention")
+    g.add_argument("--verbose", action="store_true", help="show llama.cpp's log")
+    k = p.add_argument_group(
+        "KV-cache compression",
+        "with --kv-budget each layer and KV head keeps at most BUDGET tokens plus BUFFER decoded since the last "
+        "compression, so the cache holds at most BUDGET+BUFFER cells however long the generation runs",
+    )
+    k.add_argument("--kv-budget", type=int, default=None, metavar="B", help="tokens kept per layer and KV head (default: no budget, a full cache)")
+    k.add_argument("--kv-buffer", type=int, default=128, metavar="b", help="tokens decoded between two compressions (default 128)")
+    k.add_argument("--kv-method", choices=KV_METHODS, default="rkv", help="scoring method (default rkv)")
+    k.add_argument("--kv-window", type=int, default=8, metavar="W",
+                   help="recent tokens always kept, whose queries score the others (default 8; the budget must exceed it)")
+    k.add_argument("--kv-lambda", type=float, default=0.1, metavar="L",
+                   help="R-KV: weight of attention importance against redundancy (default 0.1)")
+
+
+def _add_sampling_args(p: argparse.ArgumentParser, max_tokens: int) -> None:
+    g = p.add_argument_group("sampling")
+    g.add_argument("--max-tokens", type=int, default=max_tokens, metavar="N",
+                   help=f"tokens to generate (default {max_tokens}; 0: up to the logical context)")
+    g.add_argument("--temperature", type=float, default=0.0, metavar="T", help="sampling temperature (default 0: greedy)")
+    g.add_argument("--top-k", type=int, default=40, metavar="K", help="top-k sampling (default 40)")
+    g.add_argument("--top-p", type=float, default=0.95, metavar="P", help="nucleus sampling (default 0.95)")
+    g.add_argument("--min-p", type=float, default=0.05, metavar="P", help="min-p sampling (default 0.05)")
+    g.add_argument("--repeat-penalty", type=float, default=1.0, metavar="R", help="repetition penalty (default 1.0: none)")
+    g.add_argument("--seed", type=int, default=None, metavar="S", help="random seed (matters with a temperature above 0)")
+
+
+def _add_ignore_eos(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--ignore-eos", action="store_true",
+                   help="never stop at an end-of-generation token: always produce --max-tokens")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog=PROG,
+        description="R-KV decode-time KV-cache compression for llama.cpp: generate, chat, inspect and serve "
+                    "with a KV cache of at most --kv-budget + --kv-buffer cells.",
+        epilog="Run `rkv-local COMMAND --help` for a command's options.",
+    )
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
+
+    p = sub.add_parser("generate", help="complete a prompt, streaming tokens to stdout",
+                       description="Complete PROMPT (or stdin), streaming the tokens to stdout. A status line on "
+                                   "stderr shows tokens, KV cells in use, compressions and speed (live when stderr "
+                                   "is a terminal, else one summary line at the end).")
+    _add_model_args(p)
+    p.add_argument("prompt", metavar="PROMPT", nargs="?", default=None,
+                   help="the prompt (default: read stdin; an empty prompt starts from the BOS token)")
+    _add_sampling_args(p, max_tokens=256)
+    p.add_argument("--chat", action="store_true", help="send PROMPT as a user message through the model's chat template")
+    p.add_argument("--system", default=None, metavar="TEXT", help="with --chat: a system message")
+    _add_ignore_eos(p)
+    p.set_defaults(handler=cmd_generate)
+
+    p = sub.add_parser("chat", help="interactive chat with the model's chat template",
+                       description="Interactive chat: each line read from stdin is a user message; the answer "
+                                   "streams to stdout. The conversation is kept, so the compressed cache is reused "
+                                   "between turns. `/exit`, `/quit` or end of input ends it; `/reset` starts over.")
+    _add_model_args(p)
+    _add_sampling_args(p, max_tokens=512)
+    p.add_argument("--system", default=None, metavar="TEXT", help="a system message")
+    p.set_defaults(handler=cmd_chat)
+
+    p = sub.add_parser("inspect", help="show which tokens each layer and KV head kept",
+                       description="Generate --max-tokens tokens after PROMPT with the budget, then show which "
+                                   "tokens each layer and KV head still holds: coloured in the terminal for one "
+                                   "layer, and for every layer and head in a standalone HTML file.")
+    _add_model_args(p)
+    p.add_argument("prompt", metavar="PROMPT", help="the prompt")
+    _add_sampling_args(p, max_tokens=64)
+    p.add_argument("--chat", action="store_true", help="send PROMPT through the model's chat template")
+    _add_ignore_eos(p)
+    p.add_argument("--layer", type=int, default=0, help="layer shown in the terminal (default 0)")
+    p.add_argument("--head", type=int, action="append", default=None, metavar="H",
+                   help="KV head shown in the terminal; repeat for several (default: all)")
+    p.add_argument("--html", default="rkv-inspect.html", metavar="FILE",
+                   help="HTML file with every layer and head (default rkv-inspect.html; '' for none)")
+    p.add_argument("--compress-now", action="store_true",
+                   help="compress to the budget once more after generating, so every head holds exactly --kv-budget tokens")
+    p.add_argument("--color", choices=("auto", "always", "never"), default="auto",
+                   help="ANSI colours in the terminal (default auto: when stdout is a terminal and NO_COLOR is unset)")
+    p.set_defaults(handler=cmd_inspect)
+
+    p = sub.add_parser("serve", help="OpenAI-compatible HTTP server (llama-cpp-python's server app)",
+                       description="Serve MODEL over llama-cpp-python's OpenAI-compatible API (/v1/completions, "
+                                   "/v1/chat/completions, /v1/models, ...) with the budgeted KV cache. Needs the "
+                                   "server extras: pip install 'rkv-local[server]'.")
+    _add_model_args(p)
+    p.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1)")
+    p.add_argument("--port", type=int, default=8000, help="port (default 8000)")
+    p.add_argument("--model-alias", default=None, metavar="NAME", help="the model's name in the API (default: MODEL as given)")
+    p.add_argument("--chat-format", default=None, metavar="NAME",
+                   help="llama-cpp-python chat format (default: the model's own template)")
+    p.add_argument("--api-key", default=None, metavar="KEY", help="require this bearer token")
+    p.add_argument("--seed", type=int, default=None, metavar="S", help="random seed")
+    p.set_defaults(handler=cmd_serve)
+    return parser
+
+
+# ---------------------------------------------------------------------------------------------
+# model loading
+# ---------------------------------------------------------------------------------------------
+
+
+def _kv_kwargs(args: argparse.Namespace) -> Dict[str, Any]:
+    if args.kv_budget is None:
+        return {}
+    return dict(kv_budget=args.kv_budget, kv_buffer=args.kv_buffer, kv_method=args.kv_method,
+                kv_window=args.kv_window, kv_lambda=args.kv_lambda)
+
+
+def _check_kv_args(args: argparse.Namespace) -> None:
+    if args.n_ctx < 0:
+        raise CliError(f"--n-ctx must not be negative, got {args.n_ctx}")
+    if args.kv_budget is None:
+        return
+    if args.kv_window < 1:
+        raise CliError(f"--kv-window must be at least 1, got {args.kv_window}")
+    if args.kv_budget <= args.kv_window:
+        raise CliError(f"--kv-budget ({args.kv_budget}) must exceed --kv-window ({args.kv_window})")
+    if args.kv_buffer < 1:
+        raise CliError(f"--kv-buffer must be at least 1, got {args.kv_buffer}")
+
+
+def _resolve(model: str) -> Path:
+    from .models import ModelFetchError, resolve_model
+
+    try:
+        return resolve_model(model)
+    except FileNotFoundError as exc:
+        raise CliError(str(exc)) from None
+    except ModelFetchError as exc:
+        raise CliError(f"cannot fetch {model}: {exc}", status=1) from None
+
+
+def _load(args: argparse.Namespace):
+    _check_kv_args(args)
+    path = _resolve(args.model)
+    from . import Llama
+
+    kwargs: Dict[str, Any] = dict(n_ctx=args.n_ctx, n_gpu_layers=args.n_gpu_layers, verbose=args.verbose,
+                                  flash_attn=args.flash_attn)
+    if args.n_threads is not None:
+        kwargs.update(n_threads=args.n_threads, n_threads_batch=args.n_threads)
+    if getattr(args, "seed", None) is not None:
+        kwargs["seed"] = args.seed
+    try:
+        return Llama(str(path), **kwargs, **_kv_kwargs(args))
+    except ValueError as exc:
+        raise CliError(str(exc).splitlines()[0] if str(exc) else repr(exc)) from None
+
+
+def _sampling(args: argparse.Namespace) -> Dict[str, Any]:
+    if args.max_tokens < 0:
+        raise CliError(f"--max-tokens must not be negative, got {args.max_tokens}")
+    return dict(max_tokens=args.max_tokens if args.max_tokens > 0 else None, temperature=args.temperature,
+                top_k=args.top_k, top_p=args.top_p, min_p=args.min_p, repeat_penalty=args.repeat_penalty,
+                seed=args.seed)
+
+
+# ---------------------------------------------------------------------------------------------
+# streaming and the status line
+# ---------------------------------------------------------------------------------------------
+
+
+def _human_bytes(n: float) -> str:
+    for unit in ("B", "KiB", "MiB", "GiB"):
+        if abs(n) < 1024 or unit == "GiB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1024
+    return f"{n:.1f} GiB"  # pragma: no cover
+
+
+def _cells_text(stats: Any) -> str:
+    if stats.budget is None:
+        return f"cells {stats.cells_used} (full cache)"
+    return f"cells {stats.cells_used}/{stats.budget + stats.buffer}"
+
+
+class StatusLine:
+    """Tokens, KV cells, compressions and speed on stderr.
+
+    Live when stderr is a terminal: pinned to the bottom row (a scroll region keeps the streamed
+    text above it) when stdout is the same terminal, else redrawn in place. Otherwise silent
+    until ``finish``, which prints one summary line.
+    """
+
+    INTERVAL_S = 0.1
+
+    def __init__(self, llm: Any, err: TextIO = sys.stderr, out: TextIO = sys.stdout, live: Optional[bool] = None) -> None:
+        self.llm = llm
+        self.err, self.out = err, out
+        self.live = _isatty(err) if live is None else live
+        self.pinned = self.live and _isatty(out) and os.environ.get("TERM", "") != "dumb"
+        self.rows = shutil.get_terminal_size().lines if self.pinned else 0
+        if self.rows < 3:
+            self.pinned = False
+        self._last_draw = 0.0
+        self._active = False
+
+    def start(self) -> None:
+        if self.pinned:
+            # make room for the status row, then confine scrolling to the rows above it
+            self.out.flush()
+            self.err.write(f"\n\x1b[1A\x1b7\x1b[1;{self.rows - 1}r\x1b8")
+            self.err.flush()
+        self._active = True
+
+    def text(self, generated: int, rate: Optional[float]) -> str:
+        s = self.llm.kv_stats()
+        speed = f"{rate:.1f} tok/s" if rate else "- tok/s"
+        return (f"tokens {generated} | {_cells_text(s)} | compressions {s.compressions} | {speed}")
+
+    def update(self, generated: int, rate: Optional[float]) -> None:
+        if not (self.live and self._active):
+            return
+        now = time.monotonic()
+        if now - self._last_draw < self.INTERVAL_S:
+            return
+        self._last_draw = now
+        line = self.text(generated, rate)
+        self.out.flush()
+        if self.pinned:
+            self.err.write(f"\x1b7\x1b[{self.rows};1H\x1b[2K\x1b[7m{line}\x1b[0m\x1b8")
+        else:
+            self.err.write(f"\r\x1b[2K{line}")
+        self.err.flush()
+
+    def stop(self) -> None:
+        if not self._active:
+            return
+        self._active = False
+        if self.live:
+            self.out.flush()
+            if self.pinned:
+                self.err.write(f"\x1b7\x1b[{self.rows};1H\x1b[2K\x1b[r\x1b8")
+            else:
+                self.err.write("\r\x1b[2K")
+            self.err.flush()
+
+
+@dataclass
+class StreamResult:
+    text: str
+    generated: int
+    prompt_tokens: int
+    finish_reason: Optional[str]
+    seconds: float
+    decode_rate: Optional[float]
+
+
+def _isatty(stream: Any) -> bool:
+    try:
+        return bool(stream.isatty())
+    except (AttributeError, ValueError):
+        return False
+
+
+def _stream(llm: Any, chunks: Iterable[Dict[str, Any]], piece: Callable[[Dict[str, Any]], str],
+            status: Optional[StatusLine], out: TextIO, n_prompt: Optional[int] = None) -> StreamResult:
+    """Write the text of each chunk to ``out`` as it comes; count tokens from the sequence length.
+
+    ``llm.n_tokens`` is the number of evaluated tokens: the prompt once the first token has been
+    sampled, then one more per token fed back. The last sampled token is only evaluated if
+    generation continues, so a run cut by max_tokens holds one generated token less than it
+    produced, and a run ended by an end-of-generation token holds all of them.
+    """
+    start = time.monotonic()
+    first_at: Optional[float] = None
+    parts: List[str] = []
+    finish: Optional[str] = None
+    generated = 0
+    rate: Optional[float] = None
+    if status:
+        status.start()
+    try:
+        for chunk in chunks:
+            choice = chunk["choices"][0]
+            if n_prompt is None:
+                n_prompt = llm.n_tokens
+            text = piece(choice)
+            if text:
+                if first_at is None:
+                    first_at = time.monotonic()
+                parts.append(text)
+                out.write(text)
+                out.flush()
+            generated = max(llm.n_tokens - n_prompt + 1, 0)
+            if first_at is not None and generated > 1:
+                elapsed = time.monotonic() - first_at
+                rate = (generated - 1) / elapsed if elapsed > 0 else None
+            if choice.get("finish_reason"):
+                finish = choice["finish_reason"]
+            if status:
+                status.update(generated, rate)
+    finally:
+        if status:
+            status.stop()
+    if n_prompt is None:
+        n_prompt = llm.n_tokens
+    generated = max(llm.n_tokens - n_prompt + (0 if finish == "stop" else 1), 0) if finish else generated
+    return StreamResult("".join(parts), generated, n_prompt, finish, time.monotonic() - start, rate)
+
+
+def _summary(llm: Any, result: StreamResult) -> str:
+    s = llm.kv_stats()
+    rate = f"{result.decode_rate:.1f} tok/s" if result.decode_rate else "- tok/s"
+    if s.budget is None:
+        kv = f"cells in use {s.cells_used} (full cache)"
+    else:
+        kv = (f"cells in use {s.cells_used} (peak {s.cells_peak}, budget {s.budget} + buffer {s.buffer}, {s.method}), "
+              f"compressions {s.compressions}")
+    share = f" ({100 * s.kv_bytes_used / s.kv_bytes_full:.0f}%)" if s.kv_bytes_full else ""
+    return (f"{PROG}: tokens {result.generated} (prompt {result.prompt_tokens}), {kv}, "
+            f"{rate}, KV {_human_bytes(s.kv_bytes_used)} of {_human_bytes(s.kv_bytes_full)} for a full cache{share}, "
+            f"finish {result.finish_reason or '-'}, {result.seconds:.1f} s")
+
+
+def _eog_bias(llm: Any) -> Dict[int, float]:
+    import llama_cpp
+
+    vocab = llm._model.vocab
+    return {t: float("-inf") for t in range(llm.n_vocab()) if llama_cpp.llama_vocab_is_eog(vocab, t)}
+
+
+def _read_prompt(args: argparse.Namespace) -> str:
+    if args.prompt is not None:
+        return args.prompt
+    if _isatty(sys.stdin):
+        sys.stderr.write("reading the prompt from stdin; end it with Ctrl-D\n")
+        sys.stderr.flush()
+    return sys.stdin.read()
+
+
+def _messages(system: Optional[str], user: str) -> List[Dict[str, str]]:
+    msgs = [{"role": "system", "content": system}] if system else []
+    return msgs + [{"role": "user", "content": user}]
+
+
+# ---------------------------------------------------------------------------------------------
+# commands
+# ---------------------------------------------------------------------------------------------
+
+
+def cmd_generate(args: argparse.Namespace) -> int:
+    sampling = _sampling(args)
+    prompt = _read_prompt(args)
+    llm = _load(args)
+    try:
+        if args.ignore_eos:
+            sampling["logit_bias"] = _eog_bias(llm)
+        n_prompt: Optional[int] = None
+        if args.chat:
+            chunks = llm.create_chat_completion(messages=_messages(args.system, prompt), stream=True, **sampling)
+            piece = lambda choice: choice["delta"].get("content") or ""  # noqa: E731
+        else:
+            if prompt:
+                tokens = llm.tokenize(prompt.encode("utf-8"), add_bos=True, special=True)
+            else:
+                bos = llm.token_bos()
+                if bos < 0:
+                    raise CliError("empty prompt and the model has no BOS token to start from")
+                tokens = [bos]
+            n_prompt = len(tokens)
+            chunks = llm.create_completion(tokens, stream=True, **sampling)
+            piece = lambda choice: choice.get("text") or ""  # noqa: E731
+        status = StatusLine(llm)
+        result = _stream(llm, chunks, piece, status, sys.stdout, n_prompt=n_prompt)
+        if result.text and not result.text.endswith("\n"):
+            sys.stdout.write("\n")
+        sys.stdout.flush()
+        print(_summary(llm, result), file=sys.stderr)
+        return 0
+    finally:
+        llm.close()
+
+
+def cmd_chat(args: argparse.Namespace) -> int:
+    sampling = _sampling(args)
+    llm = _load(args)
+    interactive = _isatty(sys.stdin)
+    system = [{"role": "system", "content": args.system}] if args.system else []
+    history: List[Dict[str, str]] = list(system)
+    if interactive:
+        sys.stderr.write(f"{PROG} chat: {args.model}; /exit or Ctrl-D quits, /reset forgets the conversation\n")
+    try:
+        while True:
+            try:
+                line = input("> ") if interactive else sys.stdin.readline()
+            except EOFError:
+                break
+            if not interactive and line == "":
+                break  # end of input
+            line = line.rstrip("\r\n")
+            if line.strip() in ("/exit", "/quit"):
+                break
+            if line.strip() == "/reset":
+                history = list(system)
+                continue
+            if not line.strip():
+                continue
+            history.append({"role": "user", "content": line})
+            chunks = llm.create_chat_completion(messages=history, stream=True, **sampling)
+            result = _stream(llm, chunks, lambda c: c["delta"].get("content") or "", None, sys.stdout)
+            sys.stdout.write("\n")
+            sys.stdout.flush()
+            history.append({"role": "assistant", "content": result.text})
+            print(_summary(llm, result), file=sys.stderr)
+        if interactive:
+            sys.stderr.write("\n")
+        return 0
+    finally:
+        llm.close()
+
+
+def cmd_inspect(args: argparse.Namespace) -> int:
+    import llama_cpp
+
+    from .inspect_view import collect, render_html, render_terminal
+
+    sampling = _sampling(args)
+    llm = _load(args)
+    try:
+        if args.ignore_eos:
+            sampling["logit_bias"] = _eog_bias(llm)
+        n_layer = int(llama_cpp.llama_model_n_layer(llm.model))
+        n_head_kv = int(llama_cpp.llama_model_n_head_kv(llm.model))
+        if not 0 <= args.layer < n_layer:
+            raise CliError(f"--layer {args.layer} is out of range: the model has layers 0..{n_layer - 1}")
+        for h in args.head or []:
+            if not 0 <= h < n_head_kv:
+                raise CliError(f"--head {h} is out of range: the model has KV heads 0..{n_head_kv - 1}")
+        if args.chat:
+            chunks = llm.create_chat_completion(messages=_messages(None, args.prompt), stream=True, **sampling)
+            n_prompt = None
+        else:
+            tokens = llm.tokenize(args.prompt.encode("utf-8"), add_bos=True, special=True)
+            n_prompt = len(tokens)
+            chunks = llm.create_completion(tokens, stream=True, **sampling)
+        result = _stream(llm, chunks, lambda c: (c.get("delta") or {}).get("content") or c.get("text") or "",
+                         None, _NullWriter())
+        notes = ["the last generated token is not shown: it was sampled but never fed back, so no cache holds it"
+                 ] if result.finish_reason == "length" else []
+        if args.compress_now and llm.kv_config is not None:
+            if llm.compress_now():
+                notes.append("compressed once more after generating (--compress-now)")
+        s = llm.kv_stats()
+        settings = (f"method {s.method}, budget {s.budget}, buffer {s.buffer}, window {llm.kv_config.window}, "
+                    f"lambda {llm.kv_config.lam}" if llm.kv_config else "full cache (no --kv-budget)")
+        stats_line = (f"cells in use {s.cells_used} (peak {s.cells_peak}), compressions {s.compressions}, "
+                      f"evicted {s.evicted_tokens} per head")
+        data = collect(llm, Path(args.model).name, settings, result.prompt_tokens, stats_line)
+        data.notes = notes
+        color = args.color == "always" or (args.color == "auto" and _isatty(sys.stdout) and not os.environ.get("NO_COLOR"))
+        sys.stdout.write(render_terminal(data, layer=args.layer, heads=args.head, color=color))
+        if args.html:
+            Path(args.html).write_text(render_html(data), encoding="utf-8")
+            print(f"{PROG}: wrote {args.html} ({n_layer} layers x {n_head_kv} KV heads)", file=sys.stderr)
+        return 0
+    finally:
+        llm.close()
+
+
+class _NullWriter:
+    def write(self, text: str) -> int:
+        return len(text)
+
+    def flush(self) -> None:
+        pass
+
+
+def cmd_serve(args: argparse.Namespace) -> int:
+    _check_kv_args(args)
+    try:
+        from . import server
+    except ImportError as exc:
+        raise CliError(str(exc), status=1) from None
+    import uvicorn
+
+    path = _resolve(args.model)
+    settings = dict(
+        model=str(path), model_alias=args.model_alias or args.model, n_ctx=args.n_ctx,
+        n_gpu_layers=args.n_gpu_layers, flash_attn=args.flash_attn, verbose=args.verbose,
+        logits_all=False, chat_format=args.chat_format, **_kv_kwargs(args),
+    )
+    if args.n_threads is not None:
+        settings.update(n_threads=args.n_threads, n_threads_batch=args.n_threads)
+    if args.seed is not None:
+        settings["seed"] = args.seed
+    try:
+        app = server.create_app(
+            server.RkvModelSettings(**settings),
+            server.ServerSettings(host=args.host, port=args.port, api_key=args.api_key),
+        )
+    except ValueError as exc:  # also pydantic's ValidationError
+        raise CliError(str(exc).splitlines()[0]) from None
+    budget = (f"kv budget {args.kv_budget} + buffer {args.kv_buffer} ({args.kv_method})"
+              if args.kv_budget is not None else "full KV cache")
+    print(f"{PROG}: serving {settings['model_alias']} with {budget} on http://{args.host}:{args.port}/v1",
+          file=sys.stderr, flush=True)
+    uvicorn.run(app, host=args.host, port=args.port, log_level="info" if args.verbose else "warning")
+    return 0
+
+
+# ---------------------------------------------------------------------------------------------
+# entry point
+# ---------------------------------------------------------------------------------------------
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    for stream in (sys.stdout, sys.stderr):
+        try:
+            stream.reconfigure(errors="replace")  # token text must never crash the output
+        except (AttributeError, ValueError):
+            pass
+    try:
+        return int(args.handler(args) or 0)
+    except CliError as exc:
+        print(f"{PROG}: error: {exc}", file=sys.stderr)
+        return exc.status
+    except KeyboardInterrupt:
+        print(f"\n{PROG}: interrupted", file=sys.stderr)
+        return 130
+    except BrokenPipeError:
+        # the reader went away (e.g. `| head`): stop quietly
+        try:
+            sys.stdout = open(os.devnull, "w")
+        except OSError:
+            pass
+        return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
