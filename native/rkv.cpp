@@ -5,6 +5,10 @@
 
 #include "llama-context.h"
 #include "llama-kv-cache.h"
+#include "llama-kv-cache-iswa.h"
+#include "llama-memory-hybrid.h"
+#include "llama-memory-hybrid-iswa.h"
+#include "llama-memory-recurrent.h"
 
 #include <algorithm>
 #include <cstring>
@@ -58,6 +62,21 @@ static rkv_engine * rkv_checked(const llama_context * ctx, llama_seq_id seq_id, 
     return eng;
 }
 
+// why a memory that is not a plain KV cache cannot be compressed
+static std::string rkv_unsupported_memory(const llama_memory_i * mem) {
+    const char * kind = "this kind of model memory";
+    if (!mem) {
+        kind = "a context without memory (e.g. embeddings only)";
+    } else if (dynamic_cast<const llama_kv_cache_iswa *>(mem)) {
+        kind = "sliding-window attention (iSWA cache)";
+    } else if (dynamic_cast<const llama_memory_recurrent *>(mem)) {
+        kind = "recurrent models (Mamba, RWKV, ...)";
+    } else if (dynamic_cast<const llama_memory_hybrid *>(mem) || dynamic_cast<const llama_memory_hybrid_iswa *>(mem)) {
+        kind = "hybrid attention + recurrent models";
+    }
+    return std::string("KV compression does not support ") + kind + ": it needs a plain attention KV cache";
+}
+
 rkv_params rkv_params_default(void) {
     rkv_params p;
     p.method    = RKV_METHOD_RKV;
@@ -82,8 +101,7 @@ int32_t rkv_enable(llama_context * ctx, const rkv_params * params) {
     }
     llama_kv_cache * kv = rkv_cache_of(ctx);
     if (!kv) {
-        return rkv_fail("this model's memory is not a plain attention KV cache (sliding-window, recurrent or hybrid "
-                        "models are not supported)");
+        return rkv_fail(rkv_unsupported_memory(llama_get_memory(ctx)));
     }
     const std::string why = rkv_engine::check(*kv, *ctx, *params);
     if (!why.empty()) {

@@ -8,6 +8,8 @@ Two jobs live here:
   already knows the user's index, proxy and certificate settings.
 * ``make_tiny_model`` writes a small random-weight GGUF (llama, qwen2 or
   qwen3 layout) that llama.cpp can load, for fast and deterministic tests.
+  A few more layouts (``REFUSED_TINY_ARCHS``) exist only to check that the
+  engine refuses models it cannot compress.
 """
 
 from __future__ import annotations
@@ -31,6 +33,7 @@ __all__ = [
     "KNOWN_MODELS",
     "KnownModel",
     "ModelFetchError",
+    "REFUSED_TINY_ARCHS",
     "SUPPORTED_TINY_ARCHS",
     "WheelPart",
     "default_cache_dir",
@@ -313,12 +316,18 @@ def resolve_model(name_or_path: str | os.PathLike[str], cache_dir: Path | None =
 # ---------------------------------------------------------------------------
 
 SUPPORTED_TINY_ARCHS = ("llama", "qwen2", "qwen3")
+# Loadable by llama.cpp but not compressible by rkv-local; for refusal tests only.
+REFUSED_TINY_ARCHS = ("gemma2", "mamba", "jamba", "bloom", "qwen2vl")
 
 _DEFAULT_VOCAB_MODEL = "smollm2-135m"
 _RMS_NORM_EPS = 1e-6
 _ROPE_FREQ_BASE = 10000.0
 _EMBEDDING_STD = 0.1  # logits = h . embedding (tied), so this sets how peaked sampling is
 _BIAS_STD = 0.02
+_LAYER_NORM_EPS = 1e-5
+_SLIDING_WINDOW = 64
+_SSM_CONV_KERNEL = 4
+_SSM_STATE_SIZE = 16
 # Matrices with at least this many elements are stored as f16 to keep files
 # small (in practice only the vocabulary-sized embedding); the rest stay f32
 # so reference computations in Python see exactly what llama.cpp sees.
@@ -349,6 +358,14 @@ class TinyModelShape:
     @property
     def n_embd_kv(self) -> int:
         return self.n_head_kv * self.head_dim
+
+    @property
+    def ssm_d_inner(self) -> int:
+        return 2 * self.n_embd  # llama.cpp's Mamba supports only an expansion factor of 2
+
+    @property
+    def ssm_dt_rank(self) -> int:
+        return -(-self.n_embd // 16)
 
 
 def _field_to_entry(field: Any) -> _MetadataEntry:
@@ -397,8 +414,10 @@ def _vocab_size(entries: Sequence[_MetadataEntry]) -> int:
 
 
 def _check_tiny_shape(shape: TinyModelShape) -> None:
-    if shape.arch not in SUPPORTED_TINY_ARCHS:
-        raise ValueError(f"arch must be one of {SUPPORTED_TINY_ARCHS}, got {shape.arch!r}")
+    if shape.arch not in _TINY_ARCHS:
+        raise ValueError(
+            f"arch must be one of {SUPPORTED_TINY_ARCHS + REFUSED_TINY_ARCHS}, got {shape.arch!r}"
+        )
     for field_name in ("n_layer", "n_head", "n_head_kv", "head_dim", "n_ff"):
         if getattr(shape, field_name) < 1:
             raise ValueError(f"{field_name} must be positive, got {getattr(shape, field_name)}")
@@ -425,61 +444,185 @@ def _storage(tensor: np.ndarray) -> np.ndarray:
     return tensor
 
 
+# Layouts. A recipe lists tensors as (name, init, dims): dims name entries of
+# _tiny_sizes in numpy order, (n_out, n_in) for matrices, and init says how
+# _init fills them. Tensors are drawn in table order, so the tables also fix
+# the random stream: reordering them changes every file written.
+_Recipe = tuple[tuple[str, str, tuple[str, ...]], ...]
+
+_EMBED: _Recipe = (("token_embd.weight", "embed", ("vocab", "embd")),)
+_RMS_OUT: _Recipe = (("output_norm.weight", "ones", ("embd",)),)
+_ATTN_NORM: _Recipe = (("attn_norm.weight", "ones", ("embd",)),)
+_QKV: _Recipe = (
+    ("attn_q.weight", "linear", ("embd", "embd")),
+    ("attn_k.weight", "linear", ("embd_kv", "embd")),
+    ("attn_v.weight", "linear", ("embd_kv", "embd")),
+)
+_QKV_BIAS: _Recipe = (
+    ("attn_q.bias", "bias", ("embd",)),
+    ("attn_k.bias", "bias", ("embd_kv",)),
+    ("attn_v.bias", "bias", ("embd_kv",)),
+)
+_QK_NORM: _Recipe = (("attn_q_norm.weight", "ones", ("head",)), ("attn_k_norm.weight", "ones", ("head",)))
+_ATTN_OUT: _Recipe = (("attn_output.weight", "linear", ("embd", "embd")),)
+_SWIGLU: _Recipe = (
+    ("ffn_norm.weight", "ones", ("embd",)),
+    ("ffn_gate.weight", "linear", ("ff", "embd")),
+    ("ffn_up.weight", "linear", ("ff", "embd")),
+    ("ffn_down.weight", "linear", ("embd", "ff")),
+)
+_MAMBA: _Recipe = (
+    ("ssm_in.weight", "linear", ("2*inner", "embd")),
+    ("ssm_conv1d.weight", "linear", ("inner", "conv")),
+    ("ssm_conv1d.bias", "bias", ("inner",)),
+    ("ssm_x.weight", "linear", ("x_db", "inner")),
+    ("ssm_dt.weight", "linear", ("inner", "dt_rank")),
+    ("ssm_dt.bias", "bias", ("inner",)),
+    ("ssm_a", "ssm_a", ("inner", "state")),
+    ("ssm_d", "ones", ("inner",)),
+    ("ssm_out.weight", "linear", ("embd", "inner")),
+)
+_JAMBA_SSM_NORMS: _Recipe = (
+    ("ssm_dt_norm.weight", "ones", ("dt_rank",)),
+    ("ssm_b_norm.weight", "ones", ("state",)),
+    ("ssm_c_norm.weight", "ones", ("state",)),
+)
+_LN = lambda name: ((f"{name}.weight", "ones", ("embd",)), (f"{name}.bias", "zeros", ("embd",)))  # noqa: E731
+_BLOOM_BLOCK: _Recipe = (
+    *_LN("attn_norm"),
+    ("attn_qkv.weight", "linear", ("qkv", "embd")),
+    ("attn_qkv.bias", "bias", ("qkv",)),
+    ("attn_output.weight", "linear", ("embd", "embd")),
+    ("attn_output.bias", "bias", ("embd",)),
+    *_LN("ffn_norm"),
+    ("ffn_up.weight", "linear", ("ff", "embd")),
+    ("ffn_up.bias", "bias", ("ff",)),
+    ("ffn_down.weight", "linear", ("embd", "ff")),
+    ("ffn_down.bias", "bias", ("embd",)),
+)
+
+
+def _ssm_keys(writer: Any, shape: TinyModelShape) -> None:
+    writer.add_ssm_conv_kernel(_SSM_CONV_KERNEL)
+    writer.add_ssm_inner_size(shape.ssm_d_inner)
+    writer.add_ssm_state_size(_SSM_STATE_SIZE)
+    writer.add_ssm_time_step_rank(shape.ssm_dt_rank)
+
+
+def _mrope_sections(shape: TinyModelShape) -> list[int]:
+    # Qwen2-VL splits head_dim / 2 rotary pairs 2:3:3 over time, height and width.
+    half = shape.head_dim // 2
+    return [half - 2 * (3 * half // 8), 3 * half // 8, 3 * half // 8, 0]
+
+
+@dataclass(frozen=True)
+class _TinyArch:
+    """How to write one architecture: tensors, and metadata beyond the common keys."""
+
+    top: _Recipe  # global tensors; none is output.weight, so the embedding is tied
+    blocks: tuple[_Recipe, ...]  # block i follows blocks[i % len(blocks)]
+    attention: tuple[bool, ...] = (True,)  # per entry of blocks: attention (else a Mamba mixer)
+    keys: Any = None  # callable(writer, shape) adding arch-specific metadata
+
+
+_TINY_ARCHS: dict[str, _TinyArch] = {
+    "llama": _TinyArch(_EMBED + _RMS_OUT, (_ATTN_NORM + _QKV + _ATTN_OUT + _SWIGLU,)),
+    "qwen2": _TinyArch(_EMBED + _RMS_OUT, (_ATTN_NORM + _QKV + _QKV_BIAS + _ATTN_OUT + _SWIGLU,)),
+    "qwen3": _TinyArch(_EMBED + _RMS_OUT, (_ATTN_NORM + _QKV + _QK_NORM + _ATTN_OUT + _SWIGLU,)),
+    # Refused by the engine. gemma2: interleaved sliding-window attention (iSWA cache).
+    "gemma2": _TinyArch(
+        _EMBED + _RMS_OUT,
+        (_ATTN_NORM + _QKV + _ATTN_OUT + (("post_attention_norm.weight", "ones", ("embd",)),)
+         + _SWIGLU + (("post_ffw_norm.weight", "ones", ("embd",)),),),
+        keys=lambda writer, shape: writer.add_sliding_window(_SLIDING_WINDOW),
+    ),
+    # mamba: recurrent state, no KV cache at all.
+    "mamba": _TinyArch(_EMBED + _RMS_OUT, (_ATTN_NORM + _MAMBA,), attention=(False,), keys=_ssm_keys),
+    # jamba: hybrid, Mamba blocks alternating with attention blocks.
+    "jamba": _TinyArch(
+        _EMBED + _RMS_OUT,
+        (_ATTN_NORM + _MAMBA + _JAMBA_SSM_NORMS + _SWIGLU, _ATTN_NORM + _QKV + _ATTN_OUT + _SWIGLU),
+        attention=(False, True),
+        keys=_ssm_keys,
+    ),
+    # bloom: ALiBi biases instead of positions in K (plain KV cache).
+    "bloom": _TinyArch(
+        _EMBED + _LN("token_embd_norm") + _LN("output_norm"),
+        (_BLOOM_BLOCK,),
+        keys=lambda writer, shape: writer.add_layer_norm_eps(_LAYER_NORM_EPS),
+    ),
+    # qwen2vl: multi-axis positions (M-RoPE), otherwise qwen2.
+    "qwen2vl": _TinyArch(
+        _EMBED + _RMS_OUT,
+        (_ATTN_NORM + _QKV + _QKV_BIAS + _ATTN_OUT + _SWIGLU,),
+        keys=lambda writer, shape: writer.add_rope_dimension_sections(_mrope_sections(shape)),
+    ),
+}
+
+
+def _tiny_sizes(shape: TinyModelShape, n_vocab: int) -> dict[str, int]:
+    inner, dt_rank = shape.ssm_d_inner, shape.ssm_dt_rank
+    return {
+        "vocab": n_vocab, "embd": shape.n_embd, "embd_kv": shape.n_embd_kv, "head": shape.head_dim,
+        "ff": shape.n_ff, "qkv": shape.n_embd + 2 * shape.n_embd_kv, "inner": inner, "2*inner": 2 * inner,
+        "conv": _SSM_CONV_KERNEL, "state": _SSM_STATE_SIZE, "dt_rank": dt_rank,
+        "x_db": dt_rank + 2 * _SSM_STATE_SIZE,
+    }
+
+
+def _init(kind: str, rng: np.random.Generator, dims: tuple[int, ...]) -> np.ndarray:
+    if kind == "embed":
+        return _normal(rng, dims, _EMBEDDING_STD)
+    if kind == "linear":
+        return _linear(rng, *dims)
+    if kind == "bias":
+        return _normal(rng, dims, _BIAS_STD)
+    if kind == "ones":  # norms start as identity
+        return np.ones(dims, dtype=np.float32)
+    if kind == "zeros":
+        return np.zeros(dims, dtype=np.float32)
+    if kind == "ssm_a":  # Mamba's S4D-real init: A[:, n] = -(n + 1), a stable decay
+        return -np.broadcast_to(np.arange(1, dims[1] + 1, dtype=np.float32), dims).copy()
+    raise AssertionError(f"unknown init {kind!r}")
+
+
 def _tiny_tensors(
     shape: TinyModelShape, n_vocab: int, rng: np.random.Generator
 ) -> list[tuple[str, np.ndarray]]:
-    """All tensors in a fixed order (the order also fixes the random stream)."""
-    n_embd, n_embd_kv, n_ff = shape.n_embd, shape.n_embd_kv, shape.n_ff
-    ones = lambda n: np.ones(n, dtype=np.float32)  # noqa: E731 - norms start as identity
-
-    # No output.weight: all three archs fall back to the tied token embedding.
-    tensors = [
-        ("token_embd.weight", _normal(rng, (n_vocab, n_embd), _EMBEDDING_STD)),
-        ("output_norm.weight", ones(n_embd)),
-    ]
+    """All tensors in table order (the order also fixes the random stream)."""
+    spec = _TINY_ARCHS[shape.arch]
+    sizes = _tiny_sizes(shape, n_vocab)
+    named = [(name, recipe) for name, *recipe in spec.top]
     for i in range(shape.n_layer):
-        blk = f"blk.{i}"
-        tensors += [
-            (f"{blk}.attn_norm.weight", ones(n_embd)),
-            (f"{blk}.attn_q.weight", _linear(rng, n_embd, n_embd)),
-            (f"{blk}.attn_k.weight", _linear(rng, n_embd_kv, n_embd)),
-            (f"{blk}.attn_v.weight", _linear(rng, n_embd_kv, n_embd)),
-        ]
-        if shape.arch == "qwen2":
-            tensors += [
-                (f"{blk}.attn_q.bias", _normal(rng, (n_embd,), _BIAS_STD)),
-                (f"{blk}.attn_k.bias", _normal(rng, (n_embd_kv,), _BIAS_STD)),
-                (f"{blk}.attn_v.bias", _normal(rng, (n_embd_kv,), _BIAS_STD)),
-            ]
-        if shape.arch == "qwen3":
-            tensors += [
-                (f"{blk}.attn_q_norm.weight", ones(shape.head_dim)),
-                (f"{blk}.attn_k_norm.weight", ones(shape.head_dim)),
-            ]
-        tensors += [
-            (f"{blk}.attn_output.weight", _linear(rng, n_embd, n_embd)),
-            (f"{blk}.ffn_norm.weight", ones(n_embd)),
-            (f"{blk}.ffn_gate.weight", _linear(rng, n_ff, n_embd)),
-            (f"{blk}.ffn_up.weight", _linear(rng, n_ff, n_embd)),
-            (f"{blk}.ffn_down.weight", _linear(rng, n_embd, n_ff)),
-        ]
-    return [(name, _storage(tensor)) for name, tensor in tensors]
+        named += [(f"blk.{i}.{name}", recipe) for name, *recipe in spec.blocks[i % len(spec.blocks)]]
+    return [
+        (name, _storage(_init(kind, rng, tuple(sizes[d] for d in dims)))) for name, (kind, dims) in named
+    ]
 
 
 def _add_hparams(writer: Any, shape: TinyModelShape, n_vocab: int, n_ctx_train: int) -> None:
+    spec = _TINY_ARCHS[shape.arch]
+    attention = [spec.attention[i % len(spec.attention)] for i in range(shape.n_layer)]
     writer.add_name(f"rkv-local tiny {shape.arch}")
     writer.add_block_count(shape.n_layer)
     writer.add_context_length(n_ctx_train)
     writer.add_embedding_length(shape.n_embd)
     writer.add_feed_forward_length(shape.n_ff)
-    writer.add_head_count(shape.n_head)
-    writer.add_head_count_kv(shape.n_head_kv)
-    writer.add_key_length(shape.head_dim)
-    writer.add_value_length(shape.head_dim)
-    writer.add_rope_dimension_count(shape.head_dim)
-    writer.add_rope_freq_base(_ROPE_FREQ_BASE)
+    if any(attention):
+        writer.add_head_count(shape.n_head)
+        kv_heads = [shape.n_head_kv if a else 0 for a in attention]  # 0: a recurrent block
+        writer.add_head_count_kv(shape.n_head_kv if all(attention) else kv_heads)
+        writer.add_key_length(shape.head_dim)
+        writer.add_value_length(shape.head_dim)
+        writer.add_rope_dimension_count(shape.head_dim)
+        writer.add_rope_freq_base(_ROPE_FREQ_BASE)
+    else:
+        writer.add_head_count(0)
+        writer.add_head_count_kv(0)
     writer.add_layer_norm_rms_eps(_RMS_NORM_EPS)
     writer.add_vocab_size(n_vocab)
+    if spec.keys is not None:
+        spec.keys(writer, shape)
 
 
 def make_tiny_model(
@@ -500,6 +643,12 @@ def make_tiny_model(
     tokenizer (every ``tokenizer.*`` key) is copied from ``vocab_from``, a GGUF
     path or known model name (default: smollm2-135m, fetched if needed).
     Same arguments give a byte-identical file.
+
+    ``arch`` is one of ``SUPPORTED_TINY_ARCHS`` or, for refusal tests only, of
+    ``REFUSED_TINY_ARCHS``: gemma2 (sliding window), mamba (recurrent), jamba
+    (hybrid: Mamba blocks alternate with attention), bloom (ALiBi), qwen2vl
+    (M-RoPE).  Mamba blocks ignore the attention sizes and use
+    ``d_inner = 2 * n_embd``.
     """
     from gguf import GGUFWriter
 
