@@ -150,7 +150,26 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--api-key", default=None, metavar="KEY", help="require this bearer token")
     p.add_argument("--seed", type=int, default=None, metavar="S", help="random seed")
     p.set_defaults(handler=cmd_serve)
+
+    _add_evidence_commands(sub)
     return parser
+
+
+def _add_evidence_commands(sub: argparse._SubParsersAction) -> None:
+    """`bench` and `eval fidelity|tasks`: each lives in its own module (imported lazily)."""
+    from . import bench, fidelity, tasks
+
+    def add(parent: argparse._SubParsersAction, name: str, module: Any) -> None:
+        p = parent.add_parser(name, help=module.HELP, description=module.__doc__,
+                              formatter_class=argparse.RawDescriptionHelpFormatter)
+        module.add_arguments(p)
+        p.set_defaults(handler=module.run)
+
+    add(sub, "bench", bench)
+    evaluate = sub.add_parser("eval", help="fidelity and task accuracy against the full cache")
+    what = evaluate.add_subparsers(dest="eval_command", metavar="WHAT", required=True)
+    add(what, "fidelity", fidelity)
+    add(what, "tasks", tasks)
 
 
 # ---------------------------------------------------------------------------------------------

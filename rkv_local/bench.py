@@ -1,0 +1,309 @@
+"""Decode and prefill speed, K/V bytes and process memory of the full cache against compressed
+caches, for several generated lengths.
+
+Every run starts a fresh model on a chat prompt (a few built-in word problems, padded to about
+`--prompt-tokens`), prefills it, then decodes exactly `length` tokens greedily with every
+end-of-generation token masked, so each run reaches its length. Runs are interleaved: for each
+length and repetition, every configuration runs once, in an order rotated between repetitions, so
+speed ratios hold on a machine whose load drifts.
+
+Memory. K/V bytes come from the engine (`kv_stats`: cells in use times bytes per cell; the full
+cache holds one cell per token). `peak RSS Δ` is the growth of the process's resident memory
+during the run: the kernel's peak counter (VmHWM) is reset through `/proc/self/clear_refs`
+right before the model is loaded and read after the last token, minus the resident size measured
+just before loading (garbage collected, heap trimmed). It counts the model weights the run touched,
+the K/V cache, the compute buffers and the logits, like a process that ran only this
+configuration (above the interpreter's own baseline). Where the counter cannot be reset (not
+Linux), the process-wide `ru_maxrss` is reported instead and is monotonic over the whole run.
+The full cache is created with `n_ctx` = prompt + length (rounded up to 256), as a user who
+plans that length would; its K/V buffer is allocated at once.
+With an NVIDIA GPU (`--n-gpu-layers`), the GPU memory the process holds at the end of each run is
+read from nvidia-smi; the K/V buffer is allocated up front, so that is close to the run's peak.
+
+Outputs in `--out`: `bench.json` (settings, every run, summary; rewritten after each run),
+`bench.md` (table), `bench_speed.png` and `bench_memory.png`.
+"""
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+from pathlib import Path
+from typing import Any, Optional
+
+import numpy as np
+
+from . import _native, llama_cpp
+from ._evidence import (
+    ChatTemplate, Progress, RunConfig, add_kv_arguments, add_model_arguments, configs_from_args, eog_tokens,
+    gpu_memory_bytes, greedy_token, log, machine_info, markdown_table, max_rss_bytes, open_llama,
+    parse_int_list, proc_status, release_memory, reset_peak_rss, resolve, write_json,
+)
+
+HELP = "decode/prefill speed and memory: full cache vs compressed, interleaved"
+
+CACHE_PAD = 256
+MIB = 2**20
+
+PROBLEMS = [
+    "A train leaves a station at 9:00 travelling at 80 km/h. A second train leaves the same station at 10:30 "
+    "on the same track at 120 km/h. When and where does the second train catch up?",
+    "A shop sells pencils at 3 for $1.20 and pens at $0.85 each. Maya buys 12 pencils and 5 pens and pays with "
+    "a $20 bill. How much change does she get?",
+    "The sum of three consecutive odd integers is 147. What is the product of the smallest and the largest?",
+    "A rectangle's length is 4 cm more than twice its width and its perimeter is 62 cm. Find its area.",
+    "A tank fills in 6 hours through pipe A and in 9 hours through pipe B; pipe C empties it in 12 hours. "
+    "Starting empty with all three open, how long until the tank is full?",
+]
+INSTRUCTION = "Solve every problem. Please reason step by step, and put each final answer within \\boxed{}."
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    add_model_arguments(parser)
+    add_kv_arguments(parser, methods="rkv", budgets="1024")
+    parser.add_argument("--lengths", type=parse_int_list, metavar="LIST", default=parse_int_list("1k,2k,4k,8k"),
+                        help="generated tokens per run, comma-separated (1k = 1024; default: 1k,2k,4k,8k)")
+    parser.add_argument("--repeats", type=int, metavar="N", default=1, help="repetitions of each run (default: %(default)s)")
+    parser.add_argument("--prompt-tokens", type=int, metavar="N", default=512,
+                        help="approximate prompt length; the prompt is a chat turn of built-in word problems "
+                             "(default: %(default)s)")
+    parser.add_argument("--full-n-batch", type=int, metavar="N", default=512,
+                        help="n_batch of the full cache (llama-cpp-python's default); a compressed cache "
+                             "prefills in chunks of --kv-buffer (default: %(default)s)")
+    parser.add_argument("--sample-every", type=int, metavar="N", default=256,
+                        help="record time and K/V bytes every this many generated tokens (default: %(default)s)")
+    parser.add_argument("--out", type=Path, metavar="DIR", default=Path("bench-out"), help="output folder (default: %(default)s)")
+
+
+def build_prompt(llm, target_tokens: int) -> list[int]:
+    """A chat prompt of built-in word problems, about ``target_tokens`` long (at least one problem)."""
+    template = ChatTemplate(llm)
+
+    def render(content: str) -> list[int]:
+        return template.tokens(template.render([{"role": "user", "content": content}]))
+
+    problems: list[str] = []
+    i = 0
+    while True:
+        problems.append(f"{len(problems) + 1}. {PROBLEMS[i % len(PROBLEMS)]}")
+        i += 1
+        tokens = render("\n".join(problems) + "\n\n" + INSTRUCTION)
+        if len(tokens) >= target_tokens or len(problems) >= 10_000:
+            return tokens
+
+
+def run_one(model_path: Path, config: RunConfig, prompt_text_tokens: list[int], length: int, args,
+            progress: Optional[Progress] = None) -> dict[str, Any]:
+    n_prompt = len(prompt_text_tokens)
+    n_ctx = -(-(n_prompt + length + 1) // CACHE_PAD) * CACHE_PAD
+    release_memory()
+    before = proc_status()
+    peak_reset = reset_peak_rss()
+    t0 = time.perf_counter()
+    llm = open_llama(model_path, config, n_ctx=n_ctx, threads=args.threads, n_gpu_layers=args.n_gpu_layers,
+                     n_batch=args.full_n_batch if config.method == "full" else config.buffer)
+    load_s = time.perf_counter() - t0
+    try:
+        banned = eog_tokens(llm)
+        t0 = time.perf_counter()
+        llm.eval(prompt_text_tokens)
+        prefill_s = time.perf_counter() - t0
+        after_prefill = llm.kv_stats()
+
+        checkpoints = []
+        generated: list[int] = []
+        step = max(1, args.sample_every)
+        t0 = time.perf_counter()
+        for i in range(1, length + 1):
+            tok = greedy_token(llm, banned)
+            llm.eval([tok])
+            generated.append(tok)
+            if i % step == 0 or i == length:
+                s = llm.kv_stats()
+                checkpoints.append({"generated": i, "seconds": time.perf_counter() - t0,
+                                    "kv_bytes_used": s.kv_bytes_used, "cells_used": s.cells_used})
+                if progress is not None:
+                    progress.update(i - (checkpoints[-2]["generated"] if len(checkpoints) > 1 else 0))
+        decode_s = time.perf_counter() - t0
+        stats = llm.kv_stats()
+        status = proc_status()
+        peak = status.get("VmHWM") if peak_reset else max_rss_bytes()
+        ctx = llm._ctx.ctx
+        physical = int(llama_cpp.llama_n_ctx(ctx))
+        bytes_per_cell = _native.bytes_per_cell(ctx)
+        compute_buffer = _native.seq_stats(ctx).compute_buffer_bytes if config.method != "full" else None
+        text_head = llm.detokenize(generated[:48]).decode("utf-8", errors="replace")
+        gpu = gpu_memory_bytes()
+    finally:
+        llm.close()
+        del llm
+    compress_prefill = after_prefill.compress_seconds
+    return {
+        **config.to_dict(),
+        "length": length,
+        "prompt_tokens": n_prompt,
+        "n_ctx_physical": physical,
+        "load_seconds": load_s,
+        "prefill_seconds": prefill_s,
+        "prefill_tps": n_prompt / prefill_s if prefill_s > 0 else None,
+        "decode_seconds": decode_s,
+        "decode_tps": length / decode_s if decode_s > 0 else None,
+        "compressions": stats.compressions,
+        "compressions_prefill": after_prefill.compressions,
+        "compress_seconds": stats.compress_seconds,
+        "compress_seconds_decode": stats.compress_seconds - compress_prefill,
+        "evicted_tokens": stats.evicted_tokens,
+        "cells_used": stats.cells_used,
+        "cells_peak": stats.cells_peak,
+        "n_tokens": stats.n_tokens,
+        "kv_bytes_used": stats.kv_bytes_used,
+        "kv_bytes_full": stats.kv_bytes_full,
+        "kv_bytes_allocated": physical * bytes_per_cell,
+        "compute_buffer_bytes": compute_buffer,
+        "rss_before_bytes": before.get("VmRSS"),
+        "peak_rss_bytes": peak,
+        "peak_rss_delta_bytes": (peak - before["VmRSS"]) if peak and "VmRSS" in before else None,
+        "peak_reset": peak_reset,
+        "rss_anon_delta_bytes": (status["RssAnon"] - before["RssAnon"])
+        if "RssAnon" in status and "RssAnon" in before else None,
+        "gpu_memory_bytes": gpu,
+        "checkpoints": checkpoints,
+        "text_head": text_head,
+    }
+
+
+def summarize(runs: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """One row per (length, configuration): medians over repetitions, ratios to the full cache."""
+    groups: dict[tuple[int, str], list[dict[str, Any]]] = {}
+    order: list[tuple[int, str]] = []
+    for r in runs:
+        key = (r["length"], r["label"])
+        if key not in groups:
+            groups[key] = []
+            order.append(key)
+        groups[key].append(r)
+
+    def med(rows, field):
+        values = [r[field] for r in rows if r.get(field) is not None]
+        return float(np.median(values)) if values else None
+
+    rows = []
+    for key in sorted(order, key=lambda k: (k[0], k[1] != "full", k[1])):
+        g = groups[key]
+        first = g[0]
+        rows.append({
+            "length": key[0], "label": key[1], "method": first["method"], "budget": first["budget"],
+            "buffer": first["buffer"], "repeats": len(g), "prompt_tokens": first["prompt_tokens"],
+            **{f: med(g, f) for f in (
+                "prefill_tps", "decode_tps", "kv_bytes_used", "kv_bytes_full", "kv_bytes_allocated",
+                "peak_rss_bytes", "peak_rss_delta_bytes", "compressions", "compress_seconds",
+                "compress_seconds_decode", "compute_buffer_bytes", "gpu_memory_bytes", "decode_seconds",
+            )},
+        })
+    full = {r["length"]: r for r in rows if r["label"] == "full"}
+    for r in rows:
+        f = full.get(r["length"])
+        r["decode_speedup"] = (r["decode_tps"] / f["decode_tps"]) if f and f["decode_tps"] and r["decode_tps"] else None
+        r["kv_fraction"] = (r["kv_bytes_used"] / f["kv_bytes_used"]) if f and f["kv_bytes_used"] else None
+        r["peak_rss_delta_fraction"] = (r["peak_rss_delta_bytes"] / f["peak_rss_delta_bytes"]) \
+            if f and f["peak_rss_delta_bytes"] and r["peak_rss_delta_bytes"] is not None else None
+    return rows
+
+
+def render_markdown(result: dict[str, Any]) -> str:
+    s = result["settings"]
+    rows = result["summary"]
+    gpu = any(r.get("gpu_memory_bytes") for r in rows)
+
+    def mib(v):
+        return None if v is None else v / MIB
+
+    headers = ["generated", "config", "prefill tok/s", "decode tok/s", "× full", "K/V MiB", "% of full",
+               "peak RSS Δ MiB", "compressions", "compress s"]
+    if gpu:
+        headers.append("GPU MiB")
+    table_rows = []
+    for r in rows:
+        row = [r["length"], r["label"], r["prefill_tps"], r["decode_tps"],
+               None if r["decode_speedup"] is None else f"{r['decode_speedup']:.2f}×",
+               mib(r["kv_bytes_used"]),
+               None if r["kv_fraction"] is None else f"{100 * r['kv_fraction']:.1f}%",
+               mib(r["peak_rss_delta_bytes"]), r["compressions"], r["compress_seconds"]]
+        if gpu:
+            row.append(mib(r["gpu_memory_bytes"]))
+        table_rows.append(row)
+    head = (f"Model `{s['model']}`, prompt {rows[0]['prompt_tokens'] if rows else '?'} tokens, "
+            f"{s['threads']} threads, n_gpu_layers {s['n_gpu_layers']}, kv_buffer {s['kv_buffer']}, "
+            f"{s['repeats']} repetition(s) (medians); greedy decoding with end-of-generation masked.\n"
+            f"`× full`: decode tokens/s relative to the full cache at the same length; `K/V MiB`: cache "
+            f"in use at the end; `peak RSS Δ`: peak resident memory during the run above the process "
+            f"before loading the model.\n\n")
+    return head + markdown_table(headers, table_rows)
+
+
+def run(args: argparse.Namespace) -> int:
+    model_path = resolve(args.model)
+    configs = configs_from_args(args, include_full=True)
+    out: Path = args.out
+    out.mkdir(parents=True, exist_ok=True)
+    if args.repeats < 1:
+        raise SystemExit("error: --repeats must be at least 1")
+
+    # the prompt, tokenized once with a throwaway full-cache model
+    probe = open_llama(model_path, RunConfig("full"), n_ctx=CACHE_PAD, threads=args.threads)
+    try:
+        prompt = build_prompt(probe, args.prompt_tokens)
+        n_ctx_train = probe._model.n_ctx_train()
+    finally:
+        probe.close()
+    too_long = [n for n in args.lengths if len(prompt) + n + 1 > n_ctx_train]
+    if too_long:
+        log(f"warning: lengths {too_long} plus the prompt exceed the model's training context ({n_ctx_train})")
+
+    plan = []
+    for length in args.lengths:
+        for rep in range(args.repeats):
+            k = rep % len(configs)
+            for config in configs[k:] + configs[:k]:
+                plan.append((length, rep, config))
+    settings = {
+        "model": model_path.name, "model_path": str(model_path), "methods": args.methods,
+        "budgets": args.budgets, "kv_buffer": args.kv_buffer, "kv_window": args.kv_window,
+        "kv_lambda": args.kv_lambda, "lengths": args.lengths, "repeats": args.repeats,
+        "prompt_tokens": len(prompt), "full_n_batch": args.full_n_batch, "threads": args.threads,
+        "n_gpu_layers": args.n_gpu_layers, "configs": [c.to_dict() for c in configs],
+    }
+    result: dict[str, Any] = {"settings": settings, "machine": machine_info(args.threads, args.n_gpu_layers),
+                              "runs": [], "summary": []}
+    progress = Progress(sum(length for length, _, _ in plan), "bench (tokens)")
+    for i, (length, rep, config) in enumerate(plan):
+        progress.set_note(f"run {i + 1}/{len(plan)}: {config.label}, {length} tokens, repetition {rep + 1}")
+        r = run_one(model_path, config, prompt, length, args, progress)
+        r["repetition"] = rep
+        result["runs"].append(r)
+        result["summary"] = summarize(result["runs"])
+        write_json(out / "bench.json", result)
+        if not progress.tty:
+            log(f"  {config.label:>18} {length:>6} tokens: prefill {r['prefill_tps']:.1f} tok/s, decode "
+                f"{r['decode_tps']:.1f} tok/s, K/V {r['kv_bytes_used'] / MIB:.1f} MiB, "
+                f"peak RSS Δ {(r['peak_rss_delta_bytes'] or 0) / MIB:.0f} MiB")
+    progress.close()
+
+    (out / "bench.md").write_text(render_markdown(result))
+    from .plots import write_plots
+
+    plots = write_plots("bench", result, out)
+    print(render_markdown(result))
+    print(f"wrote {out / 'bench.json'}, {out / 'bench.md'}" + "".join(f", {p}" for p in plots))
+    return 0
+
+
+def main(argv: Optional[list[str]] = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m rkv_local.bench", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    add_arguments(parser)
+    return run(parser.parse_args(argv))
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,234 @@
+"""PNG plots of the ``bench``, ``eval fidelity`` and ``eval tasks`` results (matplotlib, Agg)."""
+from __future__ import annotations
+
+import math
+from pathlib import Path
+from typing import Any
+
+MIB = 2**20
+COLORS = {"full": "black", "rkv": "tab:red", "snapkv": "tab:blue", "h2o": "tab:green",
+          "streamingllm": "tab:orange"}
+MARKERS = {"full": "s", "rkv": "o", "snapkv": "^", "h2o": "v", "streamingllm": "D"}
+LINESTYLES = ["-", "--", ":", "-."]
+
+
+def available() -> bool:
+    """Whether matplotlib can be imported (the commands skip their plots, with a warning, if not)."""
+    try:
+        import matplotlib  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
+def write_plots(kind: str, result: dict[str, Any], out: Path) -> list[Path]:
+    """The PNGs of ``kind`` (bench, fidelity, tasks); none, with a warning, without matplotlib."""
+    if not available():
+        import sys
+
+        print("warning: matplotlib is not installed, so no plots were written (pip install matplotlib)",
+              file=sys.stderr)
+        return []
+    return {"bench": plot_bench, "fidelity": plot_fidelity, "tasks": plot_accuracy}[kind](result, out)
+
+
+def _pyplot():
+    import matplotlib
+
+    matplotlib.use("Agg", force=True)
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+def _style(label: str, method: str, index: int = 0) -> dict[str, Any]:
+    return {"color": COLORS.get(method, None), "marker": MARKERS.get(method, "o"),
+            "linestyle": LINESTYLES[index % len(LINESTYLES)], "label": label}
+
+
+def _log2_axis(ax, values) -> None:
+    values = sorted({v for v in values if v})
+    if not values:
+        return
+    if len(values) > 1 and values[-1] / values[0] >= 4:
+        ax.set_xscale("log", base=2)
+    if len(values) == 1:
+        ax.set_xlim(values[0] * 0.8, values[0] * 1.25)
+    ax.set_xticks(values)
+    ax.set_xticklabels([f"{v // 1024}K" if v >= 1024 and v % 1024 == 0 else str(v) for v in values])
+    ax.minorticks_off()
+
+
+def _configs(rows: list[dict[str, Any]]) -> list[tuple[str, str]]:
+    seen: dict[str, str] = {}
+    for r in rows:
+        seen.setdefault(r["label"], r["method"])
+    return sorted(seen.items(), key=lambda kv: (kv[1] != "full", kv[1], kv[0]))
+
+
+def plot_bench(result: dict[str, Any], out: Path) -> list[Path]:
+    """``bench_speed.png`` (decode tokens/s vs length; speed along the longest run) and
+    ``bench_memory.png`` (K/V bytes and peak RSS growth vs length)."""
+    plt = _pyplot()
+    rows = result["summary"]
+    model = result["settings"]["model"]
+    configs = _configs(rows)
+    method_count: dict[str, int] = {}
+    styles = {}
+    for label, method in configs:
+        styles[label] = _style(label, method, method_count.get(method, 0))
+        method_count[method] = method_count.get(method, 0) + 1
+    lengths = [r["length"] for r in rows]
+    paths = []
+
+    fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(11, 4.2))
+    for label, _ in configs:
+        pts = sorted((r["length"], r["decode_tps"]) for r in rows if r["label"] == label and r["decode_tps"])
+        if pts:
+            ax1.plot(*zip(*pts), **styles[label])
+    _log2_axis(ax1, lengths)
+    ax1.set_xlabel("generated tokens")
+    ax1.set_ylabel("decode tokens/s (whole run)")
+    ax1.set_ylim(bottom=0)
+    ax1.set_title("decode throughput vs generated length")
+    ax1.grid(alpha=0.3)
+    ax1.legend(fontsize=8)
+    longest = max(lengths) if lengths else 0
+    for label, _ in configs:
+        run = next((r for r in result["runs"] if r["label"] == label and r["length"] == longest), None)
+        if not run or not run["checkpoints"]:
+            continue
+        xs, ys, prev_n, prev_t = [], [], 0, 0.0
+        for c in run["checkpoints"]:
+            dt = c["seconds"] - prev_t
+            if dt > 0 and c["generated"] > prev_n:
+                xs.append(c["generated"])
+                ys.append((c["generated"] - prev_n) / dt)
+            prev_n, prev_t = c["generated"], c["seconds"]
+        style = dict(styles[label])
+        style["marker"] = None
+        ax2.plot(xs, ys, **style)
+    ax2.set_xlabel("generated tokens")
+    ax2.set_ylabel("decode tokens/s (per interval)")
+    ax2.set_ylim(bottom=0)
+    ax2.set_title(f"speed along the {longest}-token run")
+    ax2.grid(alpha=0.3)
+    fig.suptitle(model, fontsize=10)
+    fig.tight_layout()
+    paths.append(out / "bench_speed.png")
+    fig.savefig(paths[-1], dpi=110)
+    plt.close(fig)
+
+    fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(11, 4.2))
+    for label, _ in configs:
+        pts = sorted((r["length"], r["kv_bytes_used"] / MIB) for r in rows
+                     if r["label"] == label and r["kv_bytes_used"] is not None)
+        if pts:
+            ax1.plot(*zip(*pts), **styles[label])
+        pts = sorted((r["length"], r["peak_rss_delta_bytes"] / MIB) for r in rows
+                     if r["label"] == label and r["peak_rss_delta_bytes"] is not None)
+        if pts:
+            ax2.plot(*zip(*pts), **styles[label])
+    for ax, title, ylabel in ((ax1, "K/V cache in use", "K/V MiB"),
+                              (ax2, "peak resident memory growth during the run", "peak RSS Δ MiB")):
+        _log2_axis(ax, lengths)
+        ax.set_xlabel("generated tokens")
+        ax.set_ylabel(ylabel)
+        ax.set_ylim(bottom=0)
+        ax.set_title(title)
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=8)
+    fig.suptitle(model, fontsize=10)
+    fig.tight_layout()
+    paths.append(out / "bench_memory.png")
+    fig.savefig(paths[-1], dpi=110)
+    plt.close(fig)
+    return paths
+
+
+def _by_method(rows: list[dict[str, Any]], field: str) -> dict[str, list[tuple[int, float]]]:
+    series: dict[str, list[tuple[int, float]]] = {}
+    for r in rows:
+        if r["method"] == "full" or r.get(field) is None:
+            continue
+        value = r[field]
+        if isinstance(value, float) and not math.isfinite(value):
+            continue
+        series.setdefault(r["method"], []).append((r["budget"], value))
+    return {m: sorted(v) for m, v in series.items()}
+
+
+def plot_fidelity(result: dict[str, Any], out: Path) -> list[Path]:
+    """``fidelity.png``: top-1 agreement, KL(full‖compressed) and NLL difference vs budget."""
+    plt = _pyplot()
+    rows = result["summary"]
+    budgets = [r["budget"] for r in rows if r["budget"]]
+    panels = [("top1", "top-1 agreement with the full cache", "agreement"),
+              ("kl", "mean KL(full ‖ compressed)", "nats / token"),
+              ("nll_diff", "NLL difference (compressed − full)", "nats / token")]
+    fig, axes = plt.subplots(1, 3, figsize=(14, 4.2))
+    for ax, (field, title, ylabel) in zip(axes, panels):
+        for method, pts in _by_method(rows, field).items():
+            ax.plot(*zip(*pts), **_style(method, method))
+        log_scale = field == "kl" and all((r.get("kl") or 0) > 0 for r in rows if r["method"] != "full")
+        full = next((r for r in rows if r["method"] == "full"), None)
+        if full is not None and full.get(field) is not None and not log_scale:
+            ax.axhline(full[field], color="black", linestyle="--", linewidth=1, label="full")
+        _log2_axis(ax, budgets)
+        ax.set_xlabel("KV budget (tokens per layer and head)")
+        ax.set_ylabel(ylabel)
+        ax.set_title(title, fontsize=10)
+        ax.grid(alpha=0.3)
+        if log_scale:
+            ax.set_yscale("log")
+        ax.legend(fontsize=8)
+    s = result["settings"]
+    fig.suptitle(f"{s['model']}: teacher-forced over {s['n_texts']} text(s), {s['scored_positions']} positions "
+                 f"(kv_buffer {s['kv_buffer']})", fontsize=10)
+    fig.tight_layout()
+    path = out / "fidelity.png"
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return [path]
+
+
+def plot_accuracy(result: dict[str, Any], out: Path) -> list[Path]:
+    """``tasks_accuracy.png``: accuracy vs budget per method, the full cache as a dashed line;
+    bars are ±1 binomial standard error."""
+    plt = _pyplot()
+    rows = result["summary"]
+    budgets = [r["budget"] for r in rows if r["budget"]]
+    fig, ax = plt.subplots(figsize=(6.5, 4.5))
+
+    def se(r):
+        n = r["n"]
+        return math.sqrt(r["accuracy"] * (1 - r["accuracy"]) / n) if n else 0.0
+
+    methods = list(dict.fromkeys(r["method"] for r in rows if r["method"] != "full"))
+    for k, method in enumerate(methods):
+        pts = sorted((r["budget"], r["accuracy"], se(r)) for r in rows
+                     if r["method"] == method and r["accuracy"] is not None)
+        if pts:
+            xs, ys, es = zip(*pts)
+            dodge = 2 ** (0.04 * (k - (len(methods) - 1) / 2))   # side by side, so error bars stay apart
+            ax.errorbar([x * dodge for x in xs], ys, yerr=es, capsize=3, **_style(method, method))
+    full = next((r for r in rows if r["method"] == "full" and r["accuracy"] is not None), None)
+    if full is not None:
+        ax.axhline(full["accuracy"], color="black", linestyle="--", linewidth=1.2,
+                   label=f"full cache ({100 * full['accuracy']:.1f}%)")
+    _log2_axis(ax, budgets)
+    ax.set_ylim(0, 1)
+    ax.set_xlabel("KV budget (tokens per layer and head)")
+    ax.set_ylabel("accuracy")
+    s = result["settings"]
+    n = max((r["n"] for r in rows), default=0)
+    ax.set_title(f"{s['task']} ({n} items), {s['model']}\nkv_buffer {s['kv_buffer']}, "
+                 f"{'greedy' if not s['temperature'] else 'T=%g, top-p %g' % (s['temperature'], s['top_p'])}",
+                 fontsize=10)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    path = out / "tasks_accuracy.png"
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return [path]

@@ -1,0 +1,207 @@
+"""The evidence tools end to end on SmolLM2-135M (short lengths, few items), and answer extraction."""
+from __future__ import annotations
+
+import argparse
+import io
+import json
+from pathlib import Path
+
+import pytest
+
+from rkv_local import answers, bench, fidelity, tasks, plots
+from rkv_local._evidence import Progress, default_data_dir, parse_int_list
+
+DATA = default_data_dir()
+PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
+# one thread: on a shared 2-core machine two threads stall each other
+COMMON = ["--threads", "1"]
+
+
+def invoke(module, argv: list[str]) -> int:
+    parser = argparse.ArgumentParser()
+    module.add_arguments(parser)
+    return module.run(parser.parse_args(argv))
+
+
+def assert_png(path: Path) -> None:
+    if not plots.available():   # `make` does not install matplotlib yet: the commands then skip plots
+        assert not path.exists()
+        return
+    assert path.exists(), path
+    assert path.read_bytes()[:8] == PNG_MAGIC
+
+
+def copy_items(name: str, n: int, dest: Path) -> Path:
+    if DATA is None or not (DATA / name).exists():
+        pytest.skip(f"{name} not found (../shared/data or $RKV_LOCAL_DATA)")
+    lines = (DATA / name).read_text(encoding="utf-8").splitlines()[:n]
+    target = dest / name
+    target.write_text("\n".join(lines) + "\n", encoding="utf-8")
+    return target
+
+
+# ---------------------------------------------------------------------------
+# answer extraction
+# ---------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("text,expected", [
+    (r"First \boxed{\frac{1}{2}}, then finally \boxed{\dfrac{3}{56}}.", r"\dfrac{3}{56}"),  # last box wins
+    (r"so \boxed{\left( 3, \frac{\pi}{2} \right)} is it", r"\left( 3, \frac{\pi}{2} \right)"),  # nested braces
+    (r"\boxed 7 apples", "7"),
+    (r"\fbox{12}", "12"),
+    ("She makes 9 * 2 = $18 every day.\n#### 18", "18"),
+    ("#### 1,234\nmore text", "1,234"),
+    ("So the final answer is: **42**.", "42"),
+    ("he had -3.5 left and then 7 apples.", "7"),           # last number, sentence full stop dropped
+    (r"\boxed{} but the total is 12", "12"),                 # empty box ignored
+    ("no digits here", None),
+    ("", None),
+])
+def test_extract_answer(text, expected):
+    assert answers.extract_answer(text, "gsm8k") == expected
+
+
+@pytest.mark.parametrize("prediction,gold", [
+    ("1,000", "1000"),
+    ("18.00", "18"),
+    ("$18", "18"),
+    ("025", "25"),                                        # AIME leading zeros
+    (r"\dfrac{3}{56}", r"\frac{3}{56}"),
+    (r"\frac12", r"\frac{1}{2}"),
+    ("0.5", r"\frac{1}{2}"),
+    ("3/4", r"\tfrac{3}{4}"),
+    (r"90^\circ", r"90^\circ"),
+    (r"90^{\circ}", "90"),
+    (r"\text{Evelyn}", r"\text{Evelyn}"),
+    ("Evelyn", r"\text{Evelyn}"),
+    (r"\left( 3, \frac{\pi}{2} \right)", r"(3,\frac{\pi}{2})"),
+    ("x = 5", "5"),
+    (r"10\%", "10"),
+    (r"18 \text{ dollars}", "18"),
+    ("3\\sqrt{13}", "3\\sqrt{13}"),
+    ("-\\frac{2}{3}", "-2/3"),
+])
+def test_equivalent_answers(prediction, gold):
+    assert answers.is_equivalent(prediction, gold)
+
+
+@pytest.mark.parametrize("prediction,gold", [
+    ("17", "18"), ("2x", "2"), (None, "18"), ("", "18"), ("1,2,3", "123"), (r"\frac{1}{3}", "0.33"), ("p + q", "p - q"),
+])
+def test_different_answers(prediction, gold):
+    assert not answers.is_equivalent(prediction, gold)
+
+
+def test_gold_answers():
+    assert answers.gold_answer({"answer": "so 5+5=<<5+5=10>>10\n#### 1,010"}, "gsm8k") == "1,010"
+    assert answers.gold_answer({"answer": "025"}, "aime") == "025"
+
+
+def test_parse_int_list_and_progress():
+    assert parse_int_list("1k,2K,4096") == [1024, 2048, 4096]
+    with pytest.raises(argparse.ArgumentTypeError):
+        parse_int_list("0")
+    stream = io.StringIO()
+    p = Progress(4, "x", stream=stream, log_every=0)
+    p.update(1)
+    p.update(3)
+    p.close()
+    lines = stream.getvalue().splitlines()
+    assert "1/4" in lines[0] and "ETA" in lines[0]
+    assert "4/4" in lines[-1] and "100.0%" in lines[-1]
+
+
+def test_append_record_after_a_torn_line(tmp_path):
+    path = tmp_path / "r.jsonl"
+    path.write_text('{"run_id": "a", "config": "full", "item": "0:x"}\n{"run_id": "a", "conf')
+    tasks.append_record(path, {"run_id": "a", "config": "full", "item": "1:y"})
+    done = tasks.load_done(path, "a")
+    assert set(done) == {("full", "0:x"), ("full", "1:y")}
+
+
+# ---------------------------------------------------------------------------
+# commands end to end
+# ---------------------------------------------------------------------------
+
+
+def test_bench(smollm2_path, tmp_path):
+    out = tmp_path / "bench"
+    rc = invoke(bench, [str(smollm2_path), *COMMON, "--methods", "rkv", "--budgets", "32", "--kv-buffer", "16",
+                        "--lengths", "48,96", "--prompt-tokens", "40", "--sample-every", "16", "--out", str(out)])
+    assert rc == 0
+    result = json.loads((out / "bench.json").read_text())
+    runs = result["runs"]
+    assert len(runs) == 4 and {r["label"] for r in runs} == {"full", "rkv@32"}
+    for r in runs:
+        assert r["decode_tps"] > 0 and r["prefill_tps"] > 0
+        assert r["n_tokens"] == r["prompt_tokens"] + r["length"]
+        assert r["kv_bytes_used"] > 0 and r["peak_rss_bytes"] > 0
+        assert r["checkpoints"][-1]["generated"] == r["length"]
+    full = {r["length"]: r for r in runs if r["label"] == "full"}
+    for r in runs:
+        if r["label"] == "rkv@32":
+            assert r["compressions"] > 0 and r["cells_peak"] <= 32 + 16
+            assert r["kv_bytes_used"] < full[r["length"]]["kv_bytes_used"]
+        else:
+            assert r["compressions"] == 0 and r["kv_bytes_used"] == r["kv_bytes_full"]
+    summary = {(s["length"], s["label"]): s for s in result["summary"]}
+    assert summary[(96, "full")]["decode_speedup"] == pytest.approx(1.0)
+    assert 0 < summary[(96, "rkv@32")]["kv_fraction"] < 1
+    assert "| 96 | rkv@32 |" in (out / "bench.md").read_text()
+    assert_png(out / "bench_speed.png")
+    assert_png(out / "bench_memory.png")
+
+
+def test_fidelity(smollm2_path, tmp_path):
+    data = copy_items("math500.jsonl", 3, tmp_path)
+    out = tmp_path / "fidelity"
+    argv = [str(smollm2_path), *COMMON, "--data", str(data), "--methods", "full,rkv", "--budgets", "32",
+            "--kv-buffer", "16", "--texts", "1", "--length", "160", "--max-answer-tokens", "80", "--out", str(out)]
+    assert invoke(fidelity, argv) == 0
+    result = json.loads((out / "fidelity.json").read_text())
+    assert result["settings"]["chunk"] == 16 and not result["settings"]["texts_cached"]
+    rows = {r["label"]: r for r in result["summary"]}
+    full, rkv = rows["full"], rows["rkv@32"]
+    assert full["positions"] == rkv["positions"] > 0
+    # the full cache against itself: the same distributions
+    assert full["top1"] == 1.0 and full["kl"] == pytest.approx(0.0, abs=1e-9)
+    assert full["nll_diff"] == pytest.approx(0.0, abs=1e-9)
+    assert 0.0 <= rkv["top1"] <= 1.0 and rkv["kl"] >= -1e-6 and rkv["compressions"] > 0
+    assert rkv["positions_compressed"] > 0
+    texts = json.loads((out / "fidelity_texts.json").read_text())["texts"]
+    assert len(texts[0]["tokens"]) <= 160 and any(texts[0]["generated"])
+    assert "| rkv@32 |" in (out / "fidelity.md").read_text()
+    assert_png(out / "fidelity.png")
+    # the texts come from the cache the second time
+    args = argparse.ArgumentParser()
+    fidelity.add_arguments(args)
+    again, cached = fidelity.load_or_make_texts(smollm2_path, data, args.parse_args(argv), out)
+    assert cached and again == texts
+
+
+def test_tasks_resume(smollm2_path, tmp_path):
+    data = copy_items("gsm8k_test.jsonl", 3, tmp_path)
+    out = tmp_path / "tasks"
+    base = [str(smollm2_path), *COMMON, "--data", str(data), "--methods", "rkv", "--budgets", "32",
+            "--kv-buffer", "16", "--max-tokens", "48", "--out", str(out)]
+    assert invoke(tasks, base + ["--limit", "2"]) == 0
+    results = out / "tasks_results.jsonl"
+    first = [json.loads(line) for line in results.read_text().splitlines()]
+    assert len(first) == 4 and {r["config"] for r in first} == {"full", "rkv@32"}
+    for r in first:
+        assert r["gold"] == answers.gold_answer(json.loads(data.read_text().splitlines()[r["index"]]), "gsm8k")
+        assert 0 < r["completion_tokens"] <= 48 and r["text"]
+    assert any(r["compressions"] > 0 for r in first if r["config"] == "rkv@32")
+
+    # a second run over three problems only answers the third
+    assert invoke(tasks, base + ["--limit", "3"]) == 0
+    second = [json.loads(line) for line in results.read_text().splitlines()]
+    assert second[:4] == first and len(second) == 6
+    assert {r["index"] for r in second[4:]} == {2}
+    result = json.loads((out / "tasks.json").read_text())
+    assert result["settings"]["skipped"] == 4 and result["settings"]["task"] == "gsm8k"
+    for row in result["summary"]:
+        assert row["n"] == 3 and 0.0 <= row["accuracy"] <= 1.0
+    assert_png(out / "tasks_accuracy.png")
+    assert "rkv@32" in (out / "tasks.md").read_text()
