@@ -1,8 +1,9 @@
 """``Llama``: llama-cpp-python's ``Llama`` with an optional budgeted KV cache."""
 from __future__ import annotations
 
+import inspect
 from dataclasses import dataclass
-from typing import Any, Optional
+from typing import Any, Generator, Optional, Sequence
 
 import llama_cpp
 import numpy as np
@@ -13,10 +14,18 @@ from ._native import CompressionConfig
 # the physical cache is rounded to this: llama.cpp attends to n_kv = PAD(used, 256) cells anyway
 CACHE_PAD = 256
 
+_CREATE_COMPLETION = inspect.signature(llama_cpp.Llama.create_completion)
+
 
 @dataclass(frozen=True)
 class KVStats:
-    """KV-cache figures of the (single) sequence of a ``Llama``."""
+    """KV-cache figures of the (single) sequence of a ``Llama``.
+
+    The engine's figures (``compressions`` to ``compress_seconds``, ``pos_compacted``) describe the
+    sequence since it last started from an empty cache (construction, ``reset()``, or a prompt that
+    had to be evaluated from scratch); ``load_state`` restores them. The ``*tokens_evaluated``
+    counters are kept by ``Llama`` itself: they show how much of a prompt came from the cache.
+    """
 
     method: str            # "full" without a budget
     budget: Optional[int]
@@ -29,6 +38,12 @@ class KVStats:
     kv_bytes_full: int     # what a full cache would hold for the same tokens
     n_tokens: int          # logical length of the sequence
     compress_seconds: float
+    pos_compacted: int = -1           # position the compacted cells carry (-1: never compressed)
+    tokens_evaluated: int = 0         # tokens decoded since this Llama was created
+    prompt_tokens: int = 0            # length of the last prompt given to generate() (completions and chat too)
+    prompt_tokens_evaluated: int = 0  # how many of them were decoded: the others were reused from the cache
+    n_ctx: int = 0                    # the logical context (positions, max_tokens)
+    cells_max: int = 0                # most cells the sequence may hold: budget + buffer (n_ctx without a budget)
 
 
 class Llama(llama_cpp.Llama):
@@ -39,6 +54,10 @@ class Llama(llama_cpp.Llama):
     compressions): the physical cache holds ``kv_budget + kv_buffer`` cells while positions,
     ``max_tokens`` and the context run up to the logical ``n_ctx`` (default: the model's
     training context).
+
+    A prompt that extends what the cache holds (the next turn of a chat) only evaluates the new
+    tokens; one that departs from it inside the compressed part is evaluated from scratch, as a
+    fresh instance would (``kv_stats().prompt_tokens_evaluated`` tells which happened).
     """
 
     def __init__(
@@ -54,6 +73,10 @@ class Llama(llama_cpp.Llama):
     ) -> None:
         self._kv_config: Optional[CompressionConfig] = None
         self._n_ctx_logical: Optional[int] = None
+        self._tokens_evaluated = 0
+        self._prompt_tokens = 0
+        self._prompt_tokens_evaluated = 0
+        self._prompt_pending = False
         if kv_budget is None:
             super().__init__(model_path, **kwargs)
             return
@@ -64,15 +87,26 @@ class Llama(llama_cpp.Llama):
         if kwargs.get("logits_all"):
             raise ValueError("logits_all (and so logprobs) is not supported with a kv_budget: "
                              "a logical context of logits would not fit the budget")
+        if kwargs.get("draft_model") is not None:
+            raise ValueError("draft_model (speculative decoding) is not supported with a kv_budget: it needs "
+                             "logits of every position and truncates the cache where it may be compressed")
+        if kwargs.get("embedding"):
+            raise ValueError("embedding=True is not supported with a kv_budget: compression is for generation; "
+                             "create the embedding model without kv_budget")
         for name in ("n_batch", "n_ubatch"):
-            if kwargs.get(name, config.buffer) > config.buffer:
+            value = kwargs.get(name)
+            if value is not None and value > config.buffer:
                 raise ValueError(
-                    f"{name} ({kwargs[name]}) exceeds kv_buffer ({config.buffer}): with a budget one decode call "
+                    f"{name} ({value}) exceeds kv_buffer ({config.buffer}): with a budget one decode call "
                     f"may carry at most kv_buffer tokens"
                 )
-        n_ctx_logical = kwargs.pop("n_ctx", 0) or 0
-        n_batch = kwargs.pop("n_batch", config.buffer)
-        n_ubatch = kwargs.pop("n_ubatch", n_batch)
+            if value is not None and value < 1:
+                raise ValueError(f"{name} must be at least 1, got {value}")
+        n_ctx_logical = kwargs.pop("n_ctx", None) or 0
+        if n_ctx_logical < 0:
+            raise ValueError(f"n_ctx must be positive (or 0: the model's training context), got {n_ctx_logical}")
+        n_batch = kwargs.pop("n_batch", None) or config.buffer
+        n_ubatch = kwargs.pop("n_ubatch", None) or n_batch
         physical = -(-(config.budget + config.buffer) // CACHE_PAD) * CACHE_PAD
         super().__init__(model_path, n_ctx=physical, n_batch=n_batch, n_ubatch=n_ubatch, **kwargs)
         try:
@@ -82,6 +116,9 @@ class Llama(llama_cpp.Llama):
             raise ValueError(f"cannot compress this model's KV cache: {exc}") from exc
         self._kv_config = config
         self._n_ctx_logical = int(n_ctx_logical) or self._model.n_ctx_train()
+        # llama-cpp-python sizes these by its n_ctx: with a budget, positions (and so input_ids) run
+        # up to the logical context. Logits are not kept per position (no logits_all): `scores`
+        # keeps the n_batch rows it was given.
         self._n_ctx = self._n_ctx_logical
         self.input_ids = np.zeros((self._n_ctx_logical,), dtype=np.intc)
 
@@ -100,16 +137,153 @@ class Llama(llama_cpp.Llama):
             return self._n_ctx_logical
         return super().n_ctx()
 
-    def kv_stats(self) -> KVStats:
+    # ------------------------------------------------------------------
+    # evaluation: counters, and truncations the compressed cache refuses
+    # ------------------------------------------------------------------
+
+    def eval(self, tokens: Sequence[int]) -> None:
+        if self._prompt_pending:
+            # the first evaluation of a generate() call is its prompt (what the cache did not hold)
+            self._prompt_pending = False
+            self._prompt_tokens_evaluated = len(tokens)
+        if self._kv_config is not None and len(tokens) > 0:
+            if self.n_tokens + len(tokens) > self._n_ctx_logical:
+                raise ValueError(
+                    f"evaluating {len(tokens)} tokens after {self.n_tokens} would exceed the logical context "
+                    f"(n_ctx = {self._n_ctx_logical})"
+                )
+            # llama-cpp-python truncates the cache to n_tokens first and ignores the answer: a compressed
+            # cache refuses a truncation at or below the positions its last compression scored.
+            if not self._ctx.kv_cache_seq_rm(-1, self.n_tokens, -1):
+                raise RuntimeError(
+                    f"cannot evaluate from position {self.n_tokens}: the KV cache was compressed past it and "
+                    f"cannot be truncated there; call reset() and evaluate the whole prompt"
+                )
+        before = self.n_tokens
+        try:
+            super().eval(tokens)
+        finally:
+            self._tokens_evaluated += max(self.n_tokens - before, 0)
+
+    def generate(
+        self, tokens: Sequence[int], *args: Any, **kwargs: Any
+    ) -> Generator[int, Optional[Sequence[int]], None]:
+        tokens = list(tokens)
+        self._prompt_tokens = len(tokens)
+        self._prompt_tokens_evaluated = 0
+        self._prompt_pending = True
+        return (yield from super().generate(tokens, *args, **kwargs))
+
+    def reset(self) -> None:
+        super().reset()
+        if self._kv_config is not None:
+            # empty the sequence now (llama-cpp-python waits for the next eval): statistics and the
+            # engine's state start afresh, as in a new instance
+            llama_cpp.llama_memory_clear(llama_cpp.llama_get_memory(self._ctx.ctx), True)
+
+    # ------------------------------------------------------------------
+    # completions: refusals with a budget
+    # ------------------------------------------------------------------
+
+    def create_completion(self, prompt: Any, *args: Any, **kwargs: Any) -> Any:
+        if self._kv_config is not None:
+            bound = _CREATE_COMPLETION.bind(self, prompt, *args, **kwargs)
+            if bound.arguments.get("logprobs") is not None:
+                raise ValueError(
+                    "logprobs are not supported with a kv_budget: they need the logits of every position "
+                    "(logits_all), which a budgeted cache does not keep; create the Llama without kv_budget "
+                    "and with logits_all=True for logprobs"
+                )
+        return super().create_completion(prompt, *args, **kwargs)
+
+    def _create_completion(self, *args: Any, **kwargs: Any) -> Any:
+        try:
+            return (yield from super()._create_completion(*args, **kwargs))
+        except ValueError as exc:
+            # llama-cpp-python names the physical context (llama_n_ctx) in this message
+            message = str(exc)
+            if self._kv_config is not None and message.startswith("Requested tokens (") \
+                    and "exceed context window" in message:
+                n = message[len("Requested tokens ("):].split(")", 1)[0]
+                raise ValueError(
+                    f"Requested tokens ({n}) exceed the context window of {self._n_ctx_logical} tokens "
+                    f"(the logical n_ctx; the KV cache itself holds kv_budget + kv_buffer = "
+                    f"{self._kv_config.budget + self._kv_config.buffer} cells)"
+                ) from None
+            raise
+
+    # ------------------------------------------------------------------
+    # state
+    # ------------------------------------------------------------------
+
+    def save_state(self) -> llama_cpp.LlamaState:
+        state = super().save_state()
+        if self._kv_config is not None:
+            state.kv_config = self._kv_config  # checked by load_state
+        return state
+
+    def load_state(self, state: llama_cpp.LlamaState) -> None:
         cfg = self._kv_config
         if cfg is None:
+            super().load_state(state)
+            return
+        saved = getattr(state, "kv_config", None)
+        if saved is not None and (saved.budget, saved.buffer, saved.window) != (cfg.budget, cfg.buffer, cfg.window):
+            raise ValueError(
+                f"this state was saved with kv_budget={saved.budget}, kv_buffer={saved.buffer}, "
+                f"kv_window={saved.window}; this Llama has kv_budget={cfg.budget}, kv_buffer={cfg.buffer}, "
+                f"kv_window={cfg.window}"
+            )
+        try:
+            super().load_state(state)
+        except (RuntimeError, ValueError) as exc:
+            # llama-cpp-python may have taken the state's tokens already: start from an empty cache
+            # instead of one half restored
+            self.reset()
+            raise RuntimeError(
+                "failed to restore the state: it must come from a Llama of the same model with the same "
+                "kv_budget, kv_buffer and kv_window; this Llama was reset"
+            ) from exc
+        if len(self.input_ids) < self._n_ctx_logical:
+            ids = np.zeros((self._n_ctx_logical,), dtype=np.intc)
+            ids[: len(self.input_ids)] = self.input_ids
+            self.input_ids = ids
+
+    def __getstate__(self) -> dict:
+        state = super().__getstate__()
+        cfg = self._kv_config
+        if cfg is not None:
+            state.update(
+                n_ctx=self._n_ctx_logical, kv_budget=cfg.budget, kv_buffer=cfg.buffer, kv_method=cfg.method,
+                kv_window=cfg.window, kv_lambda=cfg.lam,
+            )
+        return state
+
+    # ------------------------------------------------------------------
+    # engine figures
+    # ------------------------------------------------------------------
+
+    def kv_stats(self) -> KVStats:
+        cfg = self._kv_config
+        counters = dict(
+            tokens_evaluated=self._tokens_evaluated,
+            prompt_tokens=self._prompt_tokens,
+            prompt_tokens_evaluated=self._prompt_tokens_evaluated,
+            n_ctx=self.n_ctx(),
+        )
+        if cfg is None:
             n = self.n_tokens
-            per_cell = _native.bytes_per_cell(self._ctx.ctx)
-            return KVStats("full", None, None, 0, 0, n, n, n * per_cell, n * per_cell, n, 0.0)
+            try:
+                per_cell = _native.bytes_per_cell(self._ctx.ctx)
+            except _native.RkvError:  # no plain KV cache (recurrent, hybrid, sliding-window models)
+                per_cell = 0
+            return KVStats("full", None, None, 0, 0, n, n, n * per_cell, n * per_cell, n, 0.0,
+                           cells_max=self.n_ctx(), **counters)
         s = _native.seq_stats(self._ctx.ctx, 0)
         return KVStats(
             cfg.method, cfg.budget, cfg.buffer, s.n_compressions, s.n_evicted, s.cells_used, s.cells_peak,
             s.kv_bytes_used, s.kv_bytes_full, s.n_tokens, s.compress_seconds,
+            pos_compacted=s.pos_compacted, cells_max=cfg.budget + cfg.buffer, **counters,
         )
 
     def kept_positions(self, layer: int, head: int) -> np.ndarray:
