@@ -11,13 +11,14 @@
 #include "ggml-backend.h"
 
 #include <algorithm>
+#include <array>
 #include <chrono>
 #include <cstring>
 #include <limits>
 #include <map>
 #include <stdexcept>
 
-static constexpr uint32_t RKV_STATE_MAGIC = 0x31564b52; // "RKV1"
+static constexpr uint32_t RKV_STATE_MAGIC = 0x32564b52; // "RKV2"
 
 rkv_engine::rkv_engine(llama_kv_cache & kv, const rkv_params & params) : kv(kv), params(params) {
     const uint32_t n_rows = kv.n_stream*params.window + 1;
@@ -422,8 +423,15 @@ void rkv_engine_clear(rkv_engine & eng) {
     }
 }
 
+// the settings that shape the saved data: a state only makes sense under the same ones
+static std::array<int32_t, 3> rkv_state_settings(const rkv_params & params) {
+    return { params.budget, params.buffer, params.window };
+}
+
 void rkv_engine::state_write(llama_io_write_i & io, llama_seq_id seq_id) const {
     io.write(&RKV_STATE_MAGIC, sizeof(RKV_STATE_MAGIC));
+    const auto settings = rkv_state_settings(params);
+    io.write(settings.data(), sizeof(settings));
     const uint32_t s0 = seq_id < 0 ? 0 : stream_of(seq_id);
     const uint32_t s1 = seq_id < 0 ? kv.n_stream : s0 + 1;
     for (uint32_t s = s0; s < s1; ++s) {
@@ -451,6 +459,13 @@ void rkv_engine::state_read(llama_io_read_i & io, llama_seq_id seq_id) {
     if (magic != RKV_STATE_MAGIC) {
         throw std::runtime_error("the saved state carries no KV-compression data: restore it into a context with the same compression settings");
     }
+    std::array<int32_t, 3> saved = {};
+    io.read(saved.data(), sizeof(saved));
+    if (saved != rkv_state_settings(params)) {
+        throw std::runtime_error(format(
+            "the saved state was compressed with budget %d, buffer %d, window %d; this context has budget %d, buffer %d, window %d",
+            saved[0], saved[1], saved[2], params.budget, params.buffer, params.window));
+    }
     const uint32_t s0 = seq_id < 0 ? 0 : stream_of(seq_id);
     const uint32_t s1 = seq_id < 0 ? kv.n_stream : s0 + 1;
     for (uint32_t s = s0; s < s1; ++s) {
@@ -463,6 +478,9 @@ void rkv_engine::state_read(llama_io_read_i & io, llama_seq_id seq_id) {
         io.read(&st.n_evicted, sizeof(st.n_evicted));
         io.read(&st.cells_peak, sizeof(st.cells_peak));
         io.read(&n_slot_pos, sizeof(n_slot_pos));
+        if (n_slot_pos > kv.get_size()) {
+            throw std::runtime_error(format("corrupt KV-compression state: %u slot positions for %u cells", n_slot_pos, kv.get_size()));
+        }
         st.slot_pos.resize(n_slot_pos);
         io.read(st.slot_pos.data(), n_slot_pos*sizeof(llama_pos));
         st.pending = false;

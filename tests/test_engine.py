@@ -1,6 +1,7 @@
 """The native engine against the reference, on tiny random models and SmolLM2-135M."""
 from __future__ import annotations
 
+import ctypes
 import dataclasses
 
 import numpy as np
@@ -200,7 +201,9 @@ def test_state_round_trip_mid_generation(tiny_model):
     second = make_llm(path)
     second.load_state(state)
     # wall time spent compressing belongs to the process, not to the state
-    assert dataclasses.replace(second.kv_stats(), compress_seconds=0.0) == dataclasses.replace(first_stats, compress_seconds=0.0)
+    # and so do the per-instance counters of evaluated tokens
+    per_process = dict(compress_seconds=0.0, tokens_evaluated=0, prompt_tokens=0, prompt_tokens_evaluated=0)
+    assert dataclasses.replace(second.kv_stats(), **per_process) == dataclasses.replace(first_stats, **per_process)
     # a restored state has no logits yet: decode its last token again, as Llama.generate does
     second.n_tokens -= 1
     second.eval([head[-1]])
@@ -216,6 +219,24 @@ def test_state_without_compression_data_is_refused(tiny_model):
     llm = make_llm(path)
     with pytest.raises(RuntimeError):
         llm.load_state(state)
+
+
+def test_engine_refuses_a_state_saved_with_other_settings(tiny_model):
+    # below Llama.load_state's own check: the raw llama.cpp state API, as another binding would use it
+    path = tiny_model(arch="llama")
+    first = make_llm(path)
+    first.eval(random_tokens(70, seed=3))
+    assert first.kv_stats().compressions > 0
+    size = llama_cpp.llama_state_get_size(first._ctx.ctx)
+    data = (ctypes.c_uint8 * size)()
+    written = llama_cpp.llama_state_get_data(first._ctx.ctx, data, size)
+    assert written > 0
+
+    other = make_llm(path, budget=BUDGET + 8, buffer=BUFFER - 8)  # same physical cache, other settings
+    assert llama_cpp.llama_state_set_data(other._ctx.ctx, data, written) == 0
+    same = make_llm(path)
+    assert llama_cpp.llama_state_set_data(same._ctx.ctx, data, written) == written
+    assert _native.seq_stats(same._ctx.ctx).n_compressions == first.kv_stats().compressions
 
 
 @pytest.mark.parametrize("kwargs,message", [
