@@ -172,6 +172,18 @@ def run_one(model_path: Path, config: RunConfig, prompt_text_tokens: list[int], 
     }
 
 
+def tail_tps(run: dict[str, Any]) -> Optional[float]:
+    """Decode tokens/s over the last quarter of a run: the speed at its length, compressions included."""
+    points = run.get("checkpoints") or []
+    if len(points) < 2:
+        return None
+    last = points[-1]
+    start = max((p for p in points[:-1] if p["generated"] <= 0.75 * last["generated"]),
+                key=lambda p: p["generated"], default=points[0])
+    seconds = last["seconds"] - start["seconds"]
+    return (last["generated"] - start["generated"]) / seconds if seconds > 0 else None
+
+
 def summarize(runs: list[dict[str, Any]]) -> list[dict[str, Any]]:
     """One row per (length, configuration): medians over repetitions, ratios to the full cache."""
     groups: dict[tuple[int, str], list[dict[str, Any]]] = {}
@@ -191,6 +203,8 @@ def summarize(runs: list[dict[str, Any]]) -> list[dict[str, Any]]:
     for key in sorted(order, key=lambda k: (k[0], k[1] != "full", k[1])):
         g = groups[key]
         first = g[0]
+        for r in g:
+            r.setdefault("tail_tps", tail_tps(r))
         rows.append({
             "length": key[0], "label": key[1], "method": first["method"], "budget": first["budget"],
             "buffer": first["buffer"], "repeats": len(g), "prompt_tokens": first["prompt_tokens"],
@@ -198,12 +212,14 @@ def summarize(runs: list[dict[str, Any]]) -> list[dict[str, Any]]:
                 "prefill_tps", "decode_tps", "kv_bytes_used", "kv_bytes_full", "kv_bytes_allocated",
                 "peak_rss_bytes", "peak_rss_delta_bytes", "compressions", "compress_seconds",
                 "compress_seconds_decode", "compute_buffer_bytes", "gpu_memory_bytes", "decode_seconds",
+                "tail_tps",
             )},
         })
     full = {r["length"]: r for r in rows if r["label"] == "full"}
     for r in rows:
         f = full.get(r["length"])
         r["decode_speedup"] = (r["decode_tps"] / f["decode_tps"]) if f and f["decode_tps"] and r["decode_tps"] else None
+        r["tail_speedup"] = (r["tail_tps"] / f["tail_tps"]) if f and f["tail_tps"] and r["tail_tps"] else None
         r["kv_fraction"] = (r["kv_bytes_used"] / f["kv_bytes_used"]) if f and f["kv_bytes_used"] else None
         r["peak_rss_delta_fraction"] = (r["peak_rss_delta_bytes"] / f["peak_rss_delta_bytes"]) \
             if f and f["peak_rss_delta_bytes"] and r["peak_rss_delta_bytes"] is not None else None
@@ -218,14 +234,18 @@ def render_markdown(result: dict[str, Any]) -> str:
     def mib(v):
         return None if v is None else v / MIB
 
-    headers = ["generated", "config", "prefill tok/s", "decode tok/s", "× full", "K/V MiB", "% of full",
+    def ratio(v):
+        return None if v is None else f"{v:.2f}×"
+
+    headers = ["generated", "config", "prefill tok/s", "decode tok/s", "× full", "last ¼ tok/s", "× full (last ¼)",
+               "K/V MiB", "% of full",
                "peak RSS Δ MiB", "compressions", "compress s"]
     if gpu:
         headers.append("GPU MiB")
     table_rows = []
     for r in rows:
-        row = [r["length"], r["label"], r["prefill_tps"], r["decode_tps"],
-               None if r["decode_speedup"] is None else f"{r['decode_speedup']:.2f}×",
+        row = [r["length"], r["label"], r["prefill_tps"], r["decode_tps"], ratio(r["decode_speedup"]),
+               r.get("tail_tps"), ratio(r.get("tail_speedup")),
                mib(r["kv_bytes_used"]),
                None if r["kv_fraction"] is None else f"{100 * r['kv_fraction']:.1f}%",
                mib(r["peak_rss_delta_bytes"]), r["compressions"], r["compress_seconds"]]
@@ -235,7 +255,9 @@ def render_markdown(result: dict[str, Any]) -> str:
     head = (f"Model `{s['model']}`, prompt {rows[0]['prompt_tokens'] if rows else '?'} tokens, "
             f"{s['threads']} threads, n_gpu_layers {s['n_gpu_layers']}, kv_buffer {s['kv_buffer']}, "
             f"{s['repeats']} repetition(s) (medians); greedy decoding with end-of-generation masked.\n"
-            f"`× full`: decode tokens/s relative to the full cache at the same length; `K/V MiB`: cache "
+            f"`× full`: decode tokens/s relative to the full cache at the same length (whole run); "
+            f"`last ¼`: over the last quarter of the generated tokens, compressions included (the speed "
+            f"reached at that length); `K/V MiB`: cache "
             f"in use at the end; `peak RSS Δ`: peak resident memory during the run above the process "
             f"before loading the model.\n\n")
     return head + markdown_table(headers, table_rows)
