@@ -147,6 +147,13 @@ def test_bench(smollm2_path, tmp_path):
             assert r["compressions"] == 0 and r["kv_bytes_used"] == r["kv_bytes_full"]
     summary = {(s["length"], s["label"]): s for s in result["summary"]}
     assert summary[(96, "full")]["decode_speedup"] == pytest.approx(1.0)
+    assert summary[(96, "full")]["tail_speedup"] == pytest.approx(1.0)
+    for r in runs:
+        # checkpoints every 16 tokens: the last quarter of 96 starts at the last one at or below 72, 64
+        points = {p["generated"]: p["seconds"] for p in r["checkpoints"]}
+        if r["length"] == 96:
+            assert r["tail_tps"] == pytest.approx((96 - 64) / (points[96] - points[64]))
+        assert r["tail_tps"] > 0
     assert 0 < summary[(96, "rkv@32")]["kv_fraction"] < 1
     assert "| 96 | rkv@32 |" in (out / "bench.md").read_text()
     assert_png(out / "bench_speed.png")
