@@ -168,13 +168,14 @@ def run_one(model_path: Path, config: RunConfig, prompt_text_tokens: list[int], 
         if "RssAnon" in status and "RssAnon" in before else None,
         "gpu_memory_bytes": gpu,
         "checkpoints": checkpoints,
+        "tail_tps": tail_tps(checkpoints),
         "text_head": text_head,
     }
 
 
-def tail_tps(run: dict[str, Any]) -> Optional[float]:
-    """Decode tokens/s over the last quarter of a run: the speed at its length, compressions included."""
-    points = run.get("checkpoints") or []
+def tail_tps(points: list[dict[str, Any]]) -> Optional[float]:
+    """Decode tokens/s over the last quarter of a run's checkpoints: the speed at its length,
+    compressions included."""
     if len(points) < 2:
         return None
     last = points[-1]
@@ -203,8 +204,6 @@ def summarize(runs: list[dict[str, Any]]) -> list[dict[str, Any]]:
     for key in sorted(order, key=lambda k: (k[0], k[1] != "full", k[1])):
         g = groups[key]
         first = g[0]
-        for r in g:
-            r.setdefault("tail_tps", tail_tps(r))
         rows.append({
             "length": key[0], "label": key[1], "method": first["method"], "budget": first["budget"],
             "buffer": first["buffer"], "repeats": len(g), "prompt_tokens": first["prompt_tokens"],
@@ -245,7 +244,7 @@ def render_markdown(result: dict[str, Any]) -> str:
     table_rows = []
     for r in rows:
         row = [r["length"], r["label"], r["prefill_tps"], r["decode_tps"], ratio(r["decode_speedup"]),
-               r.get("tail_tps"), ratio(r.get("tail_speedup")),
+               r["tail_tps"], ratio(r["tail_speedup"]),
                mib(r["kv_bytes_used"]),
                None if r["kv_fraction"] is None else f"{100 * r['kv_fraction']:.1f}%",
                mib(r["peak_rss_delta_bytes"]), r["compressions"], r["compress_seconds"]]
