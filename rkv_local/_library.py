@@ -6,12 +6,14 @@ imported, so this module must run before that import.
 from __future__ import annotations
 
 import ctypes
+import json
 import os
 import sys
 from pathlib import Path
 
 LIB_DIR = Path(__file__).resolve().parent / "lib"
 LIB_NAME = {"darwin": "libllama.dylib", "win32": "llama.dll"}.get(sys.platform, "libllama.so")
+BUILD_INFO_NAME = "build-info.json"
 
 
 def library_path() -> Path:
@@ -48,3 +50,12 @@ def loaded_library() -> ctypes.CDLL:
     import llama_cpp.llama_cpp as bindings
 
     return bindings._lib
+
+
+def build_info() -> dict:
+    """The switches the native library was built with (``build-info.json`` beside it)."""
+    path = library_path().parent / BUILD_INFO_NAME
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise FileNotFoundError(f"{path} is missing: rebuild rkv-local (`make build` or `pip install .`)") from None

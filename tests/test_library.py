@@ -6,6 +6,7 @@ very slow when the two cores are busy with other work.
 """
 from __future__ import annotations
 
+import ctypes
 import os
 import subprocess
 import sys
@@ -73,6 +74,17 @@ def test_the_bound_library_is_ours_and_exports_the_engine() -> None:
     assert rkv_local.llama_cpp is llama_cpp
     missing = [name for name in RKV_SYMBOLS if not hasattr(lib, name)]
     assert not missing, f"{loaded} lacks {missing}"
+
+
+def test_ggml_amx_path_is_left_out_unless_the_build_asked_for_it() -> None:
+    """ggml's AMX matmul segfaults on some AMX CPUs (llama.cpp #20824): off by default."""
+    info = _library.build_info()
+    cpu_lib = _library.library_path().parent / _library.LIB_NAME.replace("llama", "ggml-cpu")
+    has_amx = bool(ctypes.CDLL(str(cpu_lib)).ggml_cpu_has_amx_int8())
+    features = llama_cpp.llama_print_system_info().decode()
+    assert ("AMX_INT8 = 1" in features) == has_amx, features
+    if not info["rkv_ggml_amx"]:
+        assert not has_amx, f"{cpu_lib} was compiled with ggml's AMX path although RKV_GGML_AMX is off"
 
 
 def test_llama_cpp_bound_elsewhere_first_is_refused_with_a_clear_message() -> None:
