@@ -3,6 +3,9 @@
     rkv-local generate smollm2-135m "Why is the sky blue?" --kv-budget 256 --max-tokens 4000
     rkv-local chat qwen2.5-coder-0.5b --kv-budget 512
     rkv-local inspect smollm2-135m "The capital of France" --kv-budget 32 --kv-buffer 16 --max-tokens 64
+
+generate and inspect send the prompt through the model's chat template when it ships one
+(``--raw`` completes it as plain text).
     rkv-local serve smollm2-135m --kv-budget 1024 --port 8000
 
 A model is a GGUF path or a known name (``smollm2-135m``, ``qwen2.5-coder-0.5b``), downloaded on
@@ -81,6 +84,12 @@ def _add_sampling_args(p: argparse.ArgumentParser, max_tokens: int) -> None:
     g.add_argument("--seed", type=int, default=None, metavar="S", help="random seed (matters with a temperature above 0)")
 
 
+def _add_prompt_format_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--raw", action="store_true",
+                   help="complete PROMPT as plain text; by default a model that ships a chat template is sent "
+                        "PROMPT as a user message through it (as llama-cli and ollama do)")
+
+
 def _add_ignore_eos(p: argparse.ArgumentParser) -> None:
     p.add_argument("--ignore-eos", action="store_true",
                    help="never stop at an end-of-generation token: always produce --max-tokens")
@@ -95,16 +104,17 @@ def build_parser() -> argparse.ArgumentParser:
     )
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
 
-    p = sub.add_parser("generate", help="complete a prompt, streaming tokens to stdout",
-                       description="Complete PROMPT (or stdin), streaming the tokens to stdout. A status line on "
+    p = sub.add_parser("generate", help="answer a prompt, streaming tokens to stdout",
+                       description="Answer PROMPT (or stdin), streaming the tokens to stdout: through the model's "
+                                   "chat template when it has one, as plain text with --raw. A status line on "
                                    "stderr shows tokens, KV cells in use, compressions and speed (live when stderr "
                                    "is a terminal, else one summary line at the end).")
     _add_model_args(p)
     p.add_argument("prompt", metavar="PROMPT", nargs="?", default=None,
                    help="the prompt (default: read stdin; an empty prompt starts from the BOS token)")
     _add_sampling_args(p, max_tokens=256)
-    p.add_argument("--chat", action="store_true", help="send PROMPT as a user message through the model's chat template")
-    p.add_argument("--system", default=None, metavar="TEXT", help="with --chat: a system message")
+    _add_prompt_format_args(p)
+    p.add_argument("--system", default=None, metavar="TEXT", help="a system message (not with --raw)")
     _add_ignore_eos(p)
     p.set_defaults(handler=cmd_generate)
 
@@ -124,7 +134,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_model_args(p)
     p.add_argument("prompt", metavar="PROMPT", help="the prompt")
     _add_sampling_args(p, max_tokens=64)
-    p.add_argument("--chat", action="store_true", help="send PROMPT through the model's chat template")
+    _add_prompt_format_args(p)
     _add_ignore_eos(p)
     p.add_argument("--layer", type=int, default=0, help="layer shown in the terminal (default 0)")
     p.add_argument("--head", type=int, action="append", default=None, metavar="H",
@@ -412,6 +422,34 @@ def _messages(system: Optional[str], user: str) -> List[Dict[str, str]]:
     return msgs + [{"role": "user", "content": user}]
 
 
+def has_chat_template(llm: Any) -> bool:
+    return bool(llm.metadata.get("tokenizer.chat_template"))
+
+
+def _start_stream(llm: Any, args: argparse.Namespace, prompt: str, sampling: Dict[str, Any]
+                  ) -> tuple[Iterable[Dict[str, Any]], Callable[[Dict[str, Any]], str], Optional[int]]:
+    """Stream chunks for PROMPT, the text of one chunk, and the prompt's length when known up front.
+
+    A model that ships a chat template gets PROMPT as a user message, unless ``--raw``.
+    """
+    system = getattr(args, "system", None)
+    if not args.raw and has_chat_template(llm):
+        chunks = llm.create_chat_completion(messages=_messages(system, prompt), stream=True, **sampling)
+        return chunks, lambda choice: choice["delta"].get("content") or "", None
+    if system:
+        raise CliError("--system needs the chat template: drop --raw" if args.raw
+                       else f"--system needs a chat template, and {args.model} has none")
+    if prompt:
+        tokens = llm.tokenize(prompt.encode("utf-8"), add_bos=True, special=True)
+    else:
+        bos = llm.token_bos()
+        if bos < 0:
+            raise CliError("empty prompt and the model has no BOS token to start from")
+        tokens = [bos]
+    chunks = llm.create_completion(tokens, stream=True, **sampling)
+    return chunks, lambda choice: choice.get("text") or "", len(tokens)
+
+
 # ---------------------------------------------------------------------------------------------
 # commands
 # ---------------------------------------------------------------------------------------------
@@ -424,21 +462,7 @@ def cmd_generate(args: argparse.Namespace) -> int:
     try:
         if args.ignore_eos:
             sampling["logit_bias"] = _eog_bias(llm)
-        n_prompt: Optional[int] = None
-        if args.chat:
-            chunks = llm.create_chat_completion(messages=_messages(args.system, prompt), stream=True, **sampling)
-            piece = lambda choice: choice["delta"].get("content") or ""  # noqa: E731
-        else:
-            if prompt:
-                tokens = llm.tokenize(prompt.encode("utf-8"), add_bos=True, special=True)
-            else:
-                bos = llm.token_bos()
-                if bos < 0:
-                    raise CliError("empty prompt and the model has no BOS token to start from")
-                tokens = [bos]
-            n_prompt = len(tokens)
-            chunks = llm.create_completion(tokens, stream=True, **sampling)
-            piece = lambda choice: choice.get("text") or ""  # noqa: E731
+        chunks, piece, n_prompt = _start_stream(llm, args, prompt, sampling)
         status = StatusLine(llm)
         result = _stream(llm, chunks, piece, status, sys.stdout, n_prompt=n_prompt)
         if result.text and not result.text.endswith("\n"):
@@ -505,15 +529,8 @@ def cmd_inspect(args: argparse.Namespace) -> int:
         for h in args.head or []:
             if not 0 <= h < n_head_kv:
                 raise CliError(f"--head {h} is out of range: the model has KV heads 0..{n_head_kv - 1}")
-        if args.chat:
-            chunks = llm.create_chat_completion(messages=_messages(None, args.prompt), stream=True, **sampling)
-            n_prompt = None
-        else:
-            tokens = llm.tokenize(args.prompt.encode("utf-8"), add_bos=True, special=True)
-            n_prompt = len(tokens)
-            chunks = llm.create_completion(tokens, stream=True, **sampling)
-        result = _stream(llm, chunks, lambda c: (c.get("delta") or {}).get("content") or c.get("text") or "",
-                         None, _NullWriter())
+        chunks, piece, n_prompt = _start_stream(llm, args, args.prompt, sampling)
+        result = _stream(llm, chunks, piece, None, _NullWriter(), n_prompt=n_prompt)
         notes = ["the last generated token is not shown: it was sampled but never fed back, so no cache holds it"
                  ] if result.finish_reason == "length" else []
         if args.compress_now and llm.kv_config is not None:

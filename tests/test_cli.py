@@ -104,6 +104,23 @@ def test_bad_settings_exit_2_with_one_line(tiny_model, options: List[str], messa
     assert result.stdout == ""
 
 
+def test_generate_uses_the_chat_template_unless_raw(smollm2_path: Path) -> None:
+    # SmolLM2-Instruct given raw text ends at once; through its template it answers
+    chat = run_cli("generate", smollm2_path, "What is the capital of France?", "--max-tokens", "24")
+    raw = run_cli("generate", smollm2_path, "What is the capital of France?", "--max-tokens", "24", "--raw")
+    assert chat.returncode == 0 and raw.returncode == 0, chat.stderr + raw.stderr
+    assert chat.stdout.strip()
+    (chat_summary,), (raw_summary,) = summaries(chat.stderr), summaries(raw.stderr)
+    # the template wraps the question (system prompt, role markers): a longer prompt than the raw text
+    assert int(chat_summary["prompt"]) > int(raw_summary["prompt"]) + 10
+    assert chat.stdout != raw.stdout
+
+
+def test_generate_system_needs_the_template(smollm2_path: Path) -> None:
+    result = run_cli("generate", smollm2_path, "hi", "--raw", "--system", "Be brief.")
+    assert result.returncode == 2 and "--system" in result.stderr and result.stdout == ""
+
+
 def test_unknown_model_exits_2() -> None:
     result = run_cli("generate", "no-such-model.gguf", "hello")
     assert result.returncode == 2
