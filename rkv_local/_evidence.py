@@ -433,15 +433,17 @@ def resolve(model: str) -> Path:
         raise SystemExit(f"error: {exc}") from None
 
 
-def default_data_dir() -> Optional[Path]:
-    """``$RKV_LOCAL_DATA``, else ``../shared/data`` beside the working folder or the source tree."""
-    env = os.environ.get("RKV_LOCAL_DATA")
-    candidates = [Path(env)] if env else []
-    candidates += [Path.cwd().parent / "shared" / "data", Path(__file__).resolve().parents[2] / "shared" / "data"]
-    for c in candidates:
-        if c.is_dir():
-            return c
-    return None
+# the paper's benchmarks, shipped in the package (rkv_local/data/README.md gives sources and licences)
+DATA_DIR = Path(__file__).resolve().parent / "data"
+DATASETS = ("gsm8k", "math500", "aime24")
+
+
+def data_path(text: str) -> Path:
+    """``--data``: a JSONL file, or the name of a shipped benchmark (a file of that name wins)."""
+    path = Path(text)
+    if text in DATASETS and not path.exists():
+        return DATA_DIR / f"{text}.jsonl"
+    return path
 
 
 def read_jsonl(path: Path) -> list[dict[str, Any]]:

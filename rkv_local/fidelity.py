@@ -1,7 +1,7 @@
 """Teacher-forced fidelity of compressed KV caches against the full cache.
 
-Texts. The full-cache model answers reasoning problems from `--data` (default: MATH-500 from
-`../shared/data`) in one chat, greedily, with the model's chat template and the paper's prompt;
+Texts. The full-cache model answers reasoning problems from `--data` (default: the shipped
+MATH-500) in one chat, greedily, with the model's chat template and the paper's prompt;
 problems are asked one after another until the conversation reaches `--length` tokens (an
 answer is cut at `--max-answer-tokens`). The texts are cached in `--out` (`fidelity_texts.json`)
 and reused while the model, data and settings match (`--regenerate` makes them anew).
@@ -32,7 +32,7 @@ import numpy as np
 
 from ._evidence import (
     ChatTemplate, Progress, RunConfig, add_kv_arguments, add_model_arguments, clear_cache, configs_from_args,
-    default_data_dir, eog_tokens, eval_all_logits, file_digest, greedy_token, log, machine_info,
+    data_path, eog_tokens, eval_all_logits, file_digest, greedy_token, log, machine_info,
     markdown_table, open_llama, read_jsonl, resolve, write_json,
 )
 from .tasks import PROMPT_SUFFIX, item_question
@@ -46,9 +46,9 @@ BIN = 256  # positions per bin of the per-position curves in fidelity.json
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     add_model_arguments(parser)
     add_kv_arguments(parser, methods="full,rkv,snapkv,h2o,streamingllm", budgets="64,128,256,512,1024")
-    parser.add_argument("--data", type=Path, metavar="FILE", default=None,
-                        help="JSONL of problems (question or problem field; default: math500.jsonl in "
-                             "../shared/data or $RKV_LOCAL_DATA)")
+    parser.add_argument("--data", type=data_path, metavar="NAME|FILE", default=data_path("math500"),
+                        help="a shipped benchmark (gsm8k, math500, aime24) or a JSONL file of problems "
+                             "(question or problem field; default: math500)")
     parser.add_argument("--texts", type=int, metavar="N", default=2, help="number of texts (default: %(default)s)")
     parser.add_argument("--length", type=int, metavar="N", default=3072, help="tokens per text (default: %(default)s)")
     parser.add_argument("--max-answer-tokens", type=int, metavar="N", default=2048,
@@ -121,6 +121,9 @@ def make_texts(model_path: Path, rows: list[dict[str, Any]], args) -> list[dict[
                 else:
                     answers_cut += 1
                 progress.update(len(tokens) - done + len(new))
+            if not items:
+                raise SystemExit(f"error: --length {args.length} is too short: problem {cursor - 1} of the data "
+                                 f"and the chat template alone take {len(new)} tokens")
             texts.append({"items": items, "tokens": tokens, "generated": generated, "answers_cut": answers_cut,
                           "text": llm.detokenize(tokens, special=True).decode("utf-8", errors="replace")})
         progress.close()
@@ -295,15 +298,9 @@ def render_markdown(result: dict[str, Any]) -> str:
 
 def run(args: argparse.Namespace) -> int:
     model_path = resolve(args.model)
-    data = args.data
-    if data is None:
-        folder = default_data_dir()
-        if folder is None or not (folder / "math500.jsonl").exists():
-            raise SystemExit("error: no --data given and no ../shared/data/math500.jsonl found")
-        data = folder / "math500.jsonl"
-    if not Path(data).exists():
+    data: Path = args.data
+    if not data.exists():
         raise SystemExit(f"error: {data} does not exist")
-    data = Path(data)
     configs = configs_from_args(args, include_full=False)
     if not configs:
         raise SystemExit("error: no configuration to score")

@@ -29,8 +29,9 @@ from typing import Any, Optional
 
 from .answers import extract_answer, gold_answer, is_equivalent
 from ._evidence import (
-    ChatTemplate, Progress, RunConfig, add_kv_arguments, add_model_arguments, clear_cache, configs_from_args,
-    file_digest, log, machine_info, markdown_table, open_llama, read_jsonl, resolve, write_json,
+    DATASETS, ChatTemplate, Progress, RunConfig, add_kv_arguments, add_model_arguments, clear_cache,
+    configs_from_args, data_path, file_digest, log, machine_info, markdown_table, open_llama, read_jsonl, resolve,
+    write_json,
 )
 
 HELP = "accuracy on GSM8K / MATH-500 / AIME for each method x budget (resumable)"
@@ -39,7 +40,6 @@ PROMPT_SUFFIX = "Please reason step by step, and put your final answer within \\
 TASKS = ("gsm8k", "math", "aime")
 DEFAULT_MAX_TOKENS = {"gsm8k": 1024, "math": 4096, "aime": 16384}
 RESULTS_FILE = "tasks_results.jsonl"
-
 
 def item_question(row: dict[str, Any]) -> str:
     text = row.get("question") or row.get("problem")
@@ -64,9 +64,9 @@ def detect_task(path: Path, rows: list[dict[str, Any]]) -> str:
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     add_model_arguments(parser)
-    parser.add_argument("--data", type=Path, metavar="FILE", required=True,
-                        help="JSONL of problems: GSM8K (question, answer with '#### N'), MATH-500 or AIME "
-                             "(problem, answer)")
+    parser.add_argument("--data", type=data_path, metavar="NAME|FILE", required=True,
+                        help=f"a shipped benchmark ({', '.join(DATASETS)}) or a JSONL file of problems: GSM8K "
+                             "(question, answer with '#### N'), MATH-500 or AIME (problem, answer)")
     parser.add_argument("--task", choices=("auto",) + TASKS, default="auto",
                         help="answer format; auto: from the file name, else from the fields (default: auto)")
     parser.add_argument("--limit", type=int, metavar="N", default=0, help="use the first N problems (default: all)")

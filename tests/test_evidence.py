@@ -9,9 +9,8 @@ from pathlib import Path
 import pytest
 
 from rkv_local import answers, bench, fidelity, tasks, plots
-from rkv_local._evidence import Progress, default_data_dir, parse_int_list
+from rkv_local._evidence import DATA_DIR, Progress, parse_int_list
 
-DATA = default_data_dir()
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 # one thread: on a shared 2-core machine two threads stall each other
 COMMON = ["--threads", "1"]
@@ -32,9 +31,7 @@ def assert_png(path: Path) -> None:
 
 
 def copy_items(name: str, n: int, dest: Path) -> Path:
-    if DATA is None or not (DATA / name).exists():
-        pytest.skip(f"{name} not found (../shared/data or $RKV_LOCAL_DATA)")
-    lines = (DATA / name).read_text(encoding="utf-8").splitlines()[:n]
+    lines = (DATA_DIR / name).read_text(encoding="utf-8").splitlines()[:n]
     target = dest / name
     target.write_text("\n".join(lines) + "\n", encoding="utf-8")
     return target
@@ -188,7 +185,7 @@ def test_fidelity(smollm2_path, tmp_path):
 
 
 def test_tasks_resume(smollm2_path, tmp_path):
-    data = copy_items("gsm8k_test.jsonl", 3, tmp_path)
+    data = copy_items("gsm8k.jsonl", 3, tmp_path)
     out = tmp_path / "tasks"
     base = [str(smollm2_path), *COMMON, "--data", str(data), "--methods", "rkv", "--budgets", "32",
             "--kv-buffer", "16", "--max-tokens", "48", "--out", str(out)]
