@@ -12,7 +12,7 @@ step) and the tokens are dumped to ``.npz`` and compared: the tokens must be ide
 largest |logit difference| exactly 0.0. Exits 1 on any mismatch.
 
 ``--model`` takes a known model name, a GGUF path, or ``tiny[-ARCH]`` (a random-weight model
-written with ``rkv_local.models.make_tiny_model``, ARCH one of llama/qwen2/qwen3, with GQA);
+written with ``rkv_local.testing.make_tiny_model``, ARCH one of llama/qwen2/qwen3, with GQA);
 repeat it to compare several.
 """
 from __future__ import annotations
@@ -126,7 +126,8 @@ def run_worker(which: str, model: Path, steps: int, threads: int, out: Path, lib
 # ---------------------------------------------------------------------------
 
 def resolve(spec: str, tmp: Path) -> Path:
-    from rkv_local.models import make_tiny_model, resolve_model
+    from rkv_local.models import resolve_model
+    from rkv_local.testing import make_tiny_model
 
     if spec == "tiny" or spec.startswith("tiny-"):
         arch = spec.partition("-")[2] or "llama"

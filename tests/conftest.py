@@ -13,7 +13,8 @@ from typing import Any, Callable
 
 import pytest
 
-from rkv_local.models import fetch, make_tiny_model
+from rkv_local.models import fetch
+from rkv_local.testing import make_tiny_model
 
 _TINY_MODEL_SIGNATURE = inspect.signature(make_tiny_model)
 

@@ -5,7 +5,7 @@ instruction ("Please reason step by step, and put your final answer within \boxe
 greedy by default; `--temperature 0.6 --top-p 0.95` (or `--paper-sampling`) samples as the
 R-KV paper does, seeded per problem so every configuration sees the same seed. The final answer is
 the last `\boxed{}`, else the text after `####`, else "the answer is ...", else the last number
-(`rkv_local.answers`), compared after normalisation (LaTeX decoration, thousands separators,
+(`rkv_local.evals.answers`), compared after normalisation (LaTeX decoration, thousands separators,
 fractions and decimals by value).
 
 Every finished problem is appended to `--out`/tasks_results.jsonl at once; a run that is
@@ -22,19 +22,19 @@ import argparse
 import hashlib
 import json
 import os
-import sys
 import time
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any
 
 from .answers import extract_answer, gold_answer, is_equivalent
-from ._evidence import (
-    DATASETS, ChatTemplate, Progress, RunConfig, add_kv_arguments, add_model_arguments, clear_cache,
-    configs_from_args, data_path, file_digest, log, machine_info, markdown_table, open_llama, read_jsonl, resolve,
-    write_json,
-)
+from .datasets import DATASETS, data_path, read_jsonl
+from .decoding import ChatTemplate, clear_cache
+from .measure import machine_info
+from .report import file_digest, log, markdown_table, progress_bar, write_results
+from .runs import RunConfig, add_kv_arguments, add_model_arguments, configs_from_args, open_llama, resolve
 
 HELP = "accuracy on GSM8K / MATH-500 / AIME for each method x budget (resumable)"
+EXAMPLE = "example:\n  rkv-local eval tasks qwen2.5-coder-0.5b --data gsm8k --limit 100 --budgets 128,256 --kv-buffer 32"
 
 PROMPT_SUFFIX = "Please reason step by step, and put your final answer within \\boxed{}."
 TASKS = ("gsm8k", "math", "aime")
@@ -213,7 +213,7 @@ def run(args: argparse.Namespace) -> int:
         log(f"tasks: resuming run {run_id}: {skipped} of {len(items) * len(configs)} answers already in {results_path}")
 
     instances: dict[str, Any] = {}
-    progress = Progress(len(todo), f"tasks: {task} (answers)")
+    progress = progress_bar(len(todo), f"tasks: {task} (answers)")
     try:
         for i, row, cfg in todo:
             llm = instances.get(cfg.label)
@@ -247,8 +247,9 @@ def run(args: argparse.Namespace) -> int:
             }
             append_record(results_path, record)
             done[(cfg.label, keys[i])] = record
-            progress.update(1, note=f"{cfg.label} #{i}: {'right' if record['correct'] else 'wrong'} "
-                                    f"({record['completion_tokens']} tokens)")
+            progress.set_postfix_str(f"{cfg.label} #{i}: {'right' if record['correct'] else 'wrong'} "
+                                     f"({record['completion_tokens']} tokens)", refresh=False)
+            progress.update(1)
     finally:
         progress.close()
         for llm in instances.values():
@@ -266,22 +267,5 @@ def run(args: argparse.Namespace) -> int:
         "machine": machine_info(args.threads, args.n_gpu_layers),
         "summary": summarize(records, configs),
     }
-    write_json(out / "tasks.json", result)
-    (out / "tasks.md").write_text(render_markdown(result))
-    from .plots import write_plots
-
-    plots = write_plots("tasks", result, out)
-    print(render_markdown(result))
-    print(f"wrote {results_path}, {out / 'tasks.json'}, {out / 'tasks.md'}" + "".join(f", {p}" for p in plots))
+    write_results("tasks", result, render_markdown(result), out, results_path)
     return 0
-
-
-def main(argv: Optional[list[str]] = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m rkv_local.tasks", description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
-    add_arguments(parser)
-    return run(parser.parse_args(argv))
-
-
-if __name__ == "__main__":
-    sys.exit(main())

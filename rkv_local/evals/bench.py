@@ -33,14 +33,16 @@ from typing import Any, Optional
 
 import numpy as np
 
-from . import _native, llama_cpp
-from ._evidence import (
-    ChatTemplate, Progress, RunConfig, add_kv_arguments, add_model_arguments, configs_from_args, eog_tokens,
-    gpu_memory_bytes, greedy_token, log, machine_info, markdown_table, max_rss_bytes, open_llama,
-    parse_int_list, proc_status, release_memory, reset_peak_rss, resolve, write_json,
-)
+from tqdm import tqdm
+
+from .. import _native, llama_cpp
+from .decoding import ChatTemplate, eog_tokens, greedy_token
+from .measure import gpu_memory_bytes, machine_info, max_rss_bytes, proc_status, release_memory, reset_peak_rss
+from .report import log, markdown_table, progress_bar, write_json, write_results
+from .runs import RunConfig, add_kv_arguments, add_model_arguments, configs_from_args, open_llama, parse_int_list, resolve
 
 HELP = "decode/prefill speed and memory: full cache vs compressed, interleaved"
+EXAMPLE = "example:\n  rkv-local bench qwen2.5-coder-0.5b --methods rkv,snapkv --budgets 1024 --lengths 1k,8k"
 
 CACHE_PAD = 256
 MIB = 2**20
@@ -93,7 +95,7 @@ def build_prompt(llm, target_tokens: int) -> list[int]:
 
 
 def run_one(model_path: Path, config: RunConfig, prompt_text_tokens: list[int], length: int, args,
-            progress: Optional[Progress] = None) -> dict[str, Any]:
+            progress: Optional[tqdm] = None) -> dict[str, Any]:
     n_prompt = len(prompt_text_tokens)
     n_ctx = -(-(n_prompt + length + 1) // CACHE_PAD) * CACHE_PAD
     release_memory()
@@ -296,35 +298,19 @@ def run(args: argparse.Namespace) -> int:
     }
     result: dict[str, Any] = {"settings": settings, "machine": machine_info(args.threads, args.n_gpu_layers),
                               "runs": [], "summary": []}
-    progress = Progress(sum(length for length, _, _ in plan), "bench (tokens)")
+    progress = progress_bar(sum(length for length, _, _ in plan), "bench (tokens)")
     for i, (length, rep, config) in enumerate(plan):
-        progress.set_note(f"run {i + 1}/{len(plan)}: {config.label}, {length} tokens, repetition {rep + 1}")
+        progress.set_postfix_str(f"run {i + 1}/{len(plan)}: {config.label}, {length} tokens, repetition {rep + 1}")
         r = run_one(model_path, config, prompt, length, args, progress)
         r["repetition"] = rep
         result["runs"].append(r)
         result["summary"] = summarize(result["runs"])
         write_json(out / "bench.json", result)
-        if not progress.tty:
+        if not sys.stderr.isatty():
             log(f"  {config.label:>18} {length:>6} tokens: prefill {r['prefill_tps']:.1f} tok/s, decode "
                 f"{r['decode_tps']:.1f} tok/s, K/V {r['kv_bytes_used'] / MIB:.1f} MiB, "
                 f"peak RSS Δ {(r['peak_rss_delta_bytes'] or 0) / MIB:.0f} MiB")
     progress.close()
 
-    (out / "bench.md").write_text(render_markdown(result))
-    from .plots import write_plots
-
-    plots = write_plots("bench", result, out)
-    print(render_markdown(result))
-    print(f"wrote {out / 'bench.json'}, {out / 'bench.md'}" + "".join(f", {p}" for p in plots))
+    write_results("bench", result, render_markdown(result), out)
     return 0
-
-
-def main(argv: Optional[list[str]] = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m rkv_local.bench", description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
-    add_arguments(parser)
-    return run(parser.parse_args(argv))
-
-
-if __name__ == "__main__":
-    sys.exit(main())

@@ -1,15 +1,15 @@
-"""The evidence tools end to end on SmolLM2-135M (short lengths, few items), and answer extraction."""
+"""The evaluation tools end to end on SmolLM2-135M (short lengths, few items), and answer extraction."""
 from __future__ import annotations
 
 import argparse
-import io
 import json
 from pathlib import Path
 
 import pytest
 
-from rkv_local import answers, bench, fidelity, tasks, plots
-from rkv_local._evidence import DATA_DIR, Progress, parse_int_list
+from rkv_local.evals import answers, bench, fidelity, plots, tasks
+from rkv_local.evals.datasets import DATA_DIR, data_path
+from rkv_local.evals.runs import parse_int_list
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 # one thread: on a shared 2-core machine two threads stall each other
@@ -95,18 +95,21 @@ def test_gold_answers():
     assert answers.gold_answer({"answer": "025"}, "aime") == "025"
 
 
-def test_parse_int_list_and_progress():
+def test_parse_int_list():
     assert parse_int_list("1k,2K,4096") == [1024, 2048, 4096]
     with pytest.raises(argparse.ArgumentTypeError):
         parse_int_list("0")
-    stream = io.StringIO()
-    p = Progress(4, "x", stream=stream, log_every=0)
-    p.update(1)
-    p.update(3)
-    p.close()
-    lines = stream.getvalue().splitlines()
-    assert "1/4" in lines[0] and "ETA" in lines[0]
-    assert "4/4" in lines[-1] and "100.0%" in lines[-1]
+
+
+def test_data_names_are_the_shipped_benchmarks(tmp_path, monkeypatch):
+    sizes = {"gsm8k": 1319, "math500": 500, "aime24": 30}
+    for name, size in sizes.items():
+        assert data_path(name) == DATA_DIR / f"{name}.jsonl"
+        assert len(DATA_DIR.joinpath(f"{name}.jsonl").read_text(encoding="utf-8").splitlines()) == size
+    # a file of that name in the working folder wins
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "gsm8k").write_text("{}\n")
+    assert data_path("gsm8k") == Path("gsm8k")
 
 
 def test_append_record_after_a_torn_line(tmp_path):

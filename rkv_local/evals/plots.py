@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import math
 from pathlib import Path
-from typing import Any
+from typing import Any, Optional
 
 MIB = 2**20
 COLORS = {"full": "black", "rkv": "tab:red", "snapkv": "tab:blue", "h2o": "tab:green",
@@ -39,6 +39,18 @@ def _pyplot():
     import matplotlib.pyplot as plt
 
     return plt
+
+
+def _save(fig, path: Path, title: Optional[str] = None) -> Path:
+    """Lay out, write and release one figure."""
+    import matplotlib.pyplot as plt
+
+    if title:
+        fig.suptitle(title, fontsize=10)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
 
 
 def _style(label: str, method: str, index: int = 0) -> dict[str, Any]:
@@ -113,11 +125,7 @@ def plot_bench(result: dict[str, Any], out: Path) -> list[Path]:
     ax2.set_ylim(bottom=0)
     ax2.set_title(f"speed along the {longest}-token run")
     ax2.grid(alpha=0.3)
-    fig.suptitle(model, fontsize=10)
-    fig.tight_layout()
-    paths.append(out / "bench_speed.png")
-    fig.savefig(paths[-1], dpi=110)
-    plt.close(fig)
+    paths.append(_save(fig, out / "bench_speed.png", model))
 
     fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(11, 4.2))
     for label, _ in configs:
@@ -138,11 +146,7 @@ def plot_bench(result: dict[str, Any], out: Path) -> list[Path]:
         ax.set_title(title)
         ax.grid(alpha=0.3)
         ax.legend(fontsize=8)
-    fig.suptitle(model, fontsize=10)
-    fig.tight_layout()
-    paths.append(out / "bench_memory.png")
-    fig.savefig(paths[-1], dpi=110)
-    plt.close(fig)
+    paths.append(_save(fig, out / "bench_memory.png", model))
     return paths
 
 
@@ -183,13 +187,8 @@ def plot_fidelity(result: dict[str, Any], out: Path) -> list[Path]:
             ax.set_yscale("log")
         ax.legend(fontsize=8)
     s = result["settings"]
-    fig.suptitle(f"{s['model']}: teacher-forced over {s['n_texts']} text(s), {s['scored_positions']} positions "
-                 f"(kv_buffer {s['kv_buffer']})", fontsize=10)
-    fig.tight_layout()
-    path = out / "fidelity.png"
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return [path]
+    return [_save(fig, out / "fidelity.png", f"{s['model']}: teacher-forced over {s['n_texts']} text(s), "
+                  f"{s['scored_positions']} positions (kv_buffer {s['kv_buffer']})")]
 
 
 def plot_accuracy(result: dict[str, Any], out: Path) -> list[Path]:
@@ -227,8 +226,4 @@ def plot_accuracy(result: dict[str, Any], out: Path) -> list[Path]:
                  fontsize=10)
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8)
-    fig.tight_layout()
-    path = out / "tasks_accuracy.png"
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return [path]
+    return [_save(fig, out / "tasks_accuracy.png")]

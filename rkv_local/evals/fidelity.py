@@ -23,21 +23,23 @@ import argparse
 import hashlib
 import json
 import math
-import sys
 import time
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any
 
 import numpy as np
 
-from ._evidence import (
-    ChatTemplate, Progress, RunConfig, add_kv_arguments, add_model_arguments, clear_cache, configs_from_args,
-    data_path, eog_tokens, eval_all_logits, file_digest, greedy_token, log, machine_info,
-    markdown_table, open_llama, read_jsonl, resolve, write_json,
-)
+from tqdm import tqdm
+
+from .datasets import data_path, read_jsonl
+from .decoding import ChatTemplate, clear_cache, eog_tokens, eval_all_logits, greedy_token
+from .measure import machine_info
+from .report import file_digest, log, markdown_table, progress_bar, write_json, write_results
+from .runs import RunConfig, add_kv_arguments, add_model_arguments, configs_from_args, open_llama, resolve
 from .tasks import PROMPT_SUFFIX, item_question
 
 HELP = "teacher-forced top-1 agreement, KL and NLL of compressed caches vs the full cache"
+EXAMPLE = "example:\n  rkv-local eval fidelity qwen2.5-coder-0.5b --budgets 64,256,1024"
 
 CACHE_PAD = 256
 BIN = 256  # positions per bin of the per-position curves in fidelity.json
@@ -86,7 +88,7 @@ def make_texts(model_path: Path, rows: list[dict[str, Any]], args) -> list[dict[
         eog = set(int(t) for t in eog_tokens(llm))
         texts = []
         cursor = args.first_item
-        progress = Progress(args.texts * args.length, "fidelity: generating texts (tokens)")
+        progress = progress_bar(args.texts * args.length, "fidelity: generating texts (tokens)")
         for _ in range(args.texts):
             clear_cache(llm)
             tokens: list[int] = []
@@ -233,7 +235,7 @@ def chunk_size(args) -> int:
 
 
 def score_text(model_path: Path, text: dict[str, Any], configs: list[RunConfig], tallies: dict[str, Tally],
-               chunk: int, args, progress: Progress) -> None:
+               chunk: int, args, progress: tqdm) -> None:
     tokens = text["tokens"]
     generated = np.asarray(text["generated"], dtype=bool)
     n = len(tokens)
@@ -320,7 +322,7 @@ def run(args: argparse.Namespace) -> int:
 
     tallies = {cfg.label: Tally(cfg) for cfg in configs}
     total = sum(-(-(len(t["tokens"]) - 1) // chunk) for t in texts) * (len(configs) + 1)
-    progress = Progress(total, "fidelity: scoring (chunks)")
+    progress = progress_bar(total, "fidelity: scoring (chunks)")
     t0 = time.perf_counter()
     for text in texts:
         score_text(model_path, text, configs, tallies, chunk, args, progress)
@@ -340,22 +342,5 @@ def run(args: argparse.Namespace) -> int:
         "machine": machine_info(args.threads, args.n_gpu_layers),
         "summary": summary,
     }
-    write_json(out / "fidelity.json", result)
-    (out / "fidelity.md").write_text(render_markdown(result))
-    from .plots import write_plots
-
-    plots = write_plots("fidelity", result, out)
-    print(render_markdown(result))
-    print(f"wrote {out / 'fidelity.json'}, {out / 'fidelity.md'}" + "".join(f", {p}" for p in plots))
+    write_results("fidelity", result, render_markdown(result), out)
     return 0
-
-
-def main(argv: Optional[list[str]] = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m rkv_local.fidelity", description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
-    add_arguments(parser)
-    return run(parser.parse_args(argv))
-
-
-if __name__ == "__main__":
-    sys.exit(main())

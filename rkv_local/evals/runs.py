@@ -1,0 +1,148 @@
+"""Configurations an evaluation compares (``full`` or a method at a budget), their command-line
+arguments, and a ``Llama`` opened for one of them."""
+from __future__ import annotations
+
+import argparse
+import os
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any, Optional, Sequence
+
+from .. import Llama, llama_cpp
+from .._native import METHOD_IDS
+from ..models import resolve_model
+
+COMPRESSED_METHODS = tuple(METHOD_IDS)          # rkv, snapkv, h2o, streamingllm
+ALL_METHODS = ("full",) + COMPRESSED_METHODS
+
+
+@dataclass(frozen=True)
+class RunConfig:
+    """One KV-cache setting compared in a run: ``full`` or a method at a budget."""
+
+    method: str
+    budget: Optional[int] = None
+    buffer: int = 128
+    window: int = 8
+    lam: float = 0.1
+
+    @property
+    def label(self) -> str:
+        return "full" if self.method == "full" else f"{self.method}@{self.budget}"
+
+    def llama_kwargs(self) -> dict[str, Any]:
+        if self.method == "full":
+            return {}
+        return dict(kv_budget=self.budget, kv_buffer=self.buffer, kv_method=self.method,
+                    kv_window=self.window, kv_lambda=self.lam)
+
+    def to_dict(self) -> dict[str, Any]:
+        d = asdict(self)
+        d["label"] = self.label
+        if self.method == "full":
+            d.update(budget=None, buffer=None, window=None, lam=None)
+        return d
+
+
+def parse_int_list(text: str) -> list[int]:
+    """``"1k,2K,4096"`` -> ``[1024, 2048, 4096]``."""
+    out = []
+    for part in str(text).replace(" ", "").split(","):
+        if not part:
+            continue
+        scale = 1
+        if part[-1] in "kK":
+            part, scale = part[:-1], 1024
+        try:
+            value = int(float(part) * scale)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"not a number: {part!r}") from None
+        if value <= 0:
+            raise argparse.ArgumentTypeError(f"must be positive: {part!r}")
+        out.append(value)
+    if not out:
+        raise argparse.ArgumentTypeError("empty list")
+    return out
+
+
+def parse_methods(text: str) -> list[str]:
+    methods = [m.strip().lower() for m in str(text).split(",") if m.strip()]
+    for m in methods:
+        if m not in ALL_METHODS:
+            raise argparse.ArgumentTypeError(f"unknown method {m!r}; choose from {', '.join(ALL_METHODS)}")
+    return list(dict.fromkeys(methods))
+
+
+def build_configs(methods: Sequence[str], budgets: Sequence[int], buffer: int, window: int, lam: float,
+                  *, include_full: bool = True) -> list[RunConfig]:
+    """``full`` first (when included), then every compressed method at every budget."""
+    configs = []
+    if include_full or "full" in methods:
+        configs.append(RunConfig("full"))
+    for method in methods:
+        if method == "full":
+            continue
+        for budget in budgets:
+            if budget <= window:
+                raise SystemExit(f"error: budget {budget} must exceed kv_window {window}")
+            configs.append(RunConfig(method, int(budget), int(buffer), int(window), float(lam)))
+    return configs
+
+
+def add_model_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("model", help="a GGUF file or a known model name (smollm2-135m, qwen2.5-coder-0.5b)")
+    parser.add_argument("--threads", type=int, metavar="N", default=os.cpu_count() or 1,
+                        help="CPU threads for decoding and prompt processing (default: all cores, %(default)s)")
+    parser.add_argument("--n-gpu-layers", type=int, metavar="N", default=0,
+                        help="layers to offload to a GPU build (-1: all; default 0)")
+
+
+def add_kv_arguments(parser: argparse.ArgumentParser, *, methods: str, budgets: str, buffer: int = 128,
+                     buffer_help: str = "") -> None:
+    parser.add_argument("--methods", type=parse_methods, metavar="LIST", default=parse_methods(methods),
+                        help=f"comma-separated KV methods among {', '.join(ALL_METHODS)} (default: {methods})")
+    parser.add_argument("--budgets", type=parse_int_list, metavar="LIST", default=parse_int_list(budgets),
+                        help=f"comma-separated KV budgets (cells per layer and head; 1k = 1024; default: {budgets})")
+    parser.add_argument("--kv-buffer", type=int, metavar="N", default=buffer,
+                        help=(buffer_help or "tokens decoded between two compressions") + " (default: %(default)s)")
+    parser.add_argument("--kv-window", type=int, metavar="N", default=8, help="observation window α (default: %(default)s)")
+    parser.add_argument("--kv-lambda", type=float, metavar="X", default=0.1,
+                        help="R-KV importance weight λ (default: %(default)s)")
+
+
+def configs_from_args(args: argparse.Namespace, *, include_full: bool = True) -> list[RunConfig]:
+    return build_configs(args.methods, args.budgets, args.kv_buffer, args.kv_window, args.kv_lambda,
+                         include_full=include_full)
+
+
+def open_llama(model_path: Path, config: RunConfig, *, n_ctx: int, threads: int, n_gpu_layers: int = 0,
+               n_batch: Optional[int] = None, seed: int = 0) -> Llama:
+    """A ``Llama`` for one configuration. ``n_ctx`` is the physical context of ``full`` and the
+    logical one of a budgeted cache; a budgeted cache takes ``n_batch = kv_buffer`` unless smaller."""
+    kwargs: dict[str, Any] = dict(n_threads=threads, n_threads_batch=threads, n_gpu_layers=n_gpu_layers,
+                                  seed=seed, verbose=False, n_ctx=int(n_ctx))
+    if config.method == "full":
+        kwargs["n_batch"] = int(n_batch or 512)
+    elif n_batch:
+        kwargs["n_batch"] = min(int(n_batch), config.buffer)
+    return Llama(str(model_path), **kwargs, **config.llama_kwargs())
+
+
+def n_ctx_train(model_path: Path) -> int:
+    """The model's training context, read without creating a context."""
+    params = llama_cpp.llama_model_default_params()
+    params.vocab_only = True
+    model = llama_cpp.llama_model_load_from_file(str(model_path).encode(), params)
+    if not model:
+        raise RuntimeError(f"cannot load {model_path}")
+    try:
+        return int(llama_cpp.llama_model_n_ctx_train(model))
+    finally:
+        llama_cpp.llama_model_free(model)
+
+
+def resolve(model: str) -> Path:
+    try:
+        return resolve_model(model)
+    except FileNotFoundError as exc:
+        raise SystemExit(f"error: {exc}") from None

@@ -1,0 +1,394 @@
+"""Tiny random-weight GGUF models for tests: ``make_tiny_model`` writes a file llama.cpp loads in
+milliseconds, in the llama, qwen2 or qwen3 layout (the architectures rkv-local compresses) or in a
+few layouts it refuses (``REFUSED_TINY_ARCHS``), for deterministic engine and refusal tests.
+"""
+
+from __future__ import annotations
+
+import functools
+import os
+import uuid
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Sequence
+
+import numpy as np
+
+from .models import resolve_model
+
+__all__ = ["REFUSED_TINY_ARCHS", "SUPPORTED_TINY_ARCHS", "TinyModelShape", "make_tiny_model"]
+
+
+SUPPORTED_TINY_ARCHS = ("llama", "qwen2", "qwen3")
+# Loadable by llama.cpp but not compressible by rkv-local; for refusal tests only.
+REFUSED_TINY_ARCHS = ("gemma2", "mamba", "jamba", "bloom", "qwen2vl")
+
+_DEFAULT_VOCAB_MODEL = "smollm2-135m"
+_RMS_NORM_EPS = 1e-6
+_ROPE_FREQ_BASE = 10000.0
+_EMBEDDING_STD = 0.1  # logits = h . embedding (tied), so this sets how peaked sampling is
+_BIAS_STD = 0.02
+_LAYER_NORM_EPS = 1e-5
+_SLIDING_WINDOW = 64
+_SSM_CONV_KERNEL = 4
+_SSM_STATE_SIZE = 16
+# Matrices with at least this many elements are stored as f16 to keep files
+# small (in practice only the vocabulary-sized embedding); the rest stay f32
+# so reference computations in Python see exactly what llama.cpp sees.
+_F16_MIN_ELEMENTS = 1 << 22
+
+
+@dataclass(frozen=True)
+class _MetadataEntry:
+    key: str
+    value: Any
+    value_type: Any  # gguf.GGUFValueType
+    item_type: Any = None  # element type for arrays
+
+
+@dataclass(frozen=True)
+class TinyModelShape:
+    arch: str
+    n_layer: int
+    n_head: int
+    n_head_kv: int
+    head_dim: int
+    n_ff: int
+
+    @property
+    def n_embd(self) -> int:
+        return self.n_head * self.head_dim
+
+    @property
+    def n_embd_kv(self) -> int:
+        return self.n_head_kv * self.head_dim
+
+    @property
+    def ssm_d_inner(self) -> int:
+        return 2 * self.n_embd  # llama.cpp's Mamba supports only an expansion factor of 2
+
+    @property
+    def ssm_dt_rank(self) -> int:
+        return -(-self.n_embd // 16)
+
+
+def _field_to_entry(field: Any) -> _MetadataEntry:
+    from gguf import GGUFValueType
+
+    value_type = field.types[0]
+    if value_type == GGUFValueType.STRING:
+        # Raw bytes: copies tokens exactly even when they are not valid UTF-8.
+        return _MetadataEntry(field.name, field.parts[field.data[0]].tobytes(), value_type)
+    if value_type != GGUFValueType.ARRAY:
+        return _MetadataEntry(field.name, field.contents(), value_type)
+    if len(field.types) != 2:
+        raise ValueError(f"nested array metadata {field.name!r} is not supported")
+    item_type = field.types[1]
+    if item_type == GGUFValueType.STRING:
+        items = [field.parts[i].tobytes() for i in field.data]
+    else:
+        items = field.contents()
+    return _MetadataEntry(field.name, items, value_type, item_type)
+
+
+@functools.lru_cache(maxsize=4)
+def _tokenizer_metadata_cached(path: str, size: int, mtime_ns: int) -> tuple[_MetadataEntry, ...]:
+    from gguf import GGUFReader
+
+    reader = GGUFReader(path)
+    return tuple(
+        _field_to_entry(field)
+        for name, field in reader.fields.items()
+        if name.startswith("tokenizer.")
+    )
+
+
+def _tokenizer_metadata(path: Path) -> tuple[_MetadataEntry, ...]:
+    """All ``tokenizer.*`` keys of a GGUF (cached: parsing a real model takes a while)."""
+    stat = path.stat()
+    entries = _tokenizer_metadata_cached(str(path.resolve()), stat.st_size, stat.st_mtime_ns)
+    if not any(entry.key == "tokenizer.ggml.tokens" for entry in entries):
+        raise ValueError(f"{path} has no tokenizer.ggml.tokens; cannot borrow its vocabulary")
+    return entries
+
+
+def _vocab_size(entries: Sequence[_MetadataEntry]) -> int:
+    tokens = next(entry for entry in entries if entry.key == "tokenizer.ggml.tokens")
+    return len(tokens.value)
+
+
+def _check_tiny_shape(shape: TinyModelShape) -> None:
+    if shape.arch not in _TINY_ARCHS:
+        raise ValueError(
+            f"arch must be one of {SUPPORTED_TINY_ARCHS + REFUSED_TINY_ARCHS}, got {shape.arch!r}"
+        )
+    for field_name in ("n_layer", "n_head", "n_head_kv", "head_dim", "n_ff"):
+        if getattr(shape, field_name) < 1:
+            raise ValueError(f"{field_name} must be positive, got {getattr(shape, field_name)}")
+    if shape.n_head % shape.n_head_kv != 0:
+        raise ValueError(
+            f"n_head ({shape.n_head}) must be a multiple of n_head_kv ({shape.n_head_kv})"
+        )
+    if shape.head_dim % 2 != 0:
+        raise ValueError(f"head_dim must be even for RoPE, got {shape.head_dim}")
+
+
+def _linear(rng: np.random.Generator, n_out: int, n_in: int) -> np.ndarray:
+    # numpy (n_out, n_in) is ggml {n_in, n_out}; 1/sqrt(fan_in) keeps outputs ~unit scale.
+    return rng.standard_normal((n_out, n_in), dtype=np.float32) / np.float32(np.sqrt(n_in))
+
+
+def _normal(rng: np.random.Generator, shape: tuple[int, ...], std: float) -> np.ndarray:
+    return rng.standard_normal(shape, dtype=np.float32) * np.float32(std)
+
+
+def _storage(tensor: np.ndarray) -> np.ndarray:
+    if tensor.ndim >= 2 and tensor.size >= _F16_MIN_ELEMENTS:
+        return tensor.astype(np.float16)
+    return tensor
+
+
+# Layouts. A recipe lists tensors as (name, init, dims): dims name entries of
+# _tiny_sizes in numpy order, (n_out, n_in) for matrices, and init says how
+# _init fills them. Tensors are drawn in table order, so the tables also fix
+# the random stream: reordering them changes every file written.
+_Recipe = tuple[tuple[str, str, tuple[str, ...]], ...]
+
+_EMBED: _Recipe = (("token_embd.weight", "embed", ("vocab", "embd")),)
+_RMS_OUT: _Recipe = (("output_norm.weight", "ones", ("embd",)),)
+_ATTN_NORM: _Recipe = (("attn_norm.weight", "ones", ("embd",)),)
+_QKV: _Recipe = (
+    ("attn_q.weight", "linear", ("embd", "embd")),
+    ("attn_k.weight", "linear", ("embd_kv", "embd")),
+    ("attn_v.weight", "linear", ("embd_kv", "embd")),
+)
+_QKV_BIAS: _Recipe = (
+    ("attn_q.bias", "bias", ("embd",)),
+    ("attn_k.bias", "bias", ("embd_kv",)),
+    ("attn_v.bias", "bias", ("embd_kv",)),
+)
+_QK_NORM: _Recipe = (("attn_q_norm.weight", "ones", ("head",)), ("attn_k_norm.weight", "ones", ("head",)))
+_ATTN_OUT: _Recipe = (("attn_output.weight", "linear", ("embd", "embd")),)
+_SWIGLU: _Recipe = (
+    ("ffn_norm.weight", "ones", ("embd",)),
+    ("ffn_gate.weight", "linear", ("ff", "embd")),
+    ("ffn_up.weight", "linear", ("ff", "embd")),
+    ("ffn_down.weight", "linear", ("embd", "ff")),
+)
+_MAMBA: _Recipe = (
+    ("ssm_in.weight", "linear", ("2*inner", "embd")),
+    ("ssm_conv1d.weight", "linear", ("inner", "conv")),
+    ("ssm_conv1d.bias", "bias", ("inner",)),
+    ("ssm_x.weight", "linear", ("x_db", "inner")),
+    ("ssm_dt.weight", "linear", ("inner", "dt_rank")),
+    ("ssm_dt.bias", "bias", ("inner",)),
+    ("ssm_a", "ssm_a", ("inner", "state")),
+    ("ssm_d", "ones", ("inner",)),
+    ("ssm_out.weight", "linear", ("embd", "inner")),
+)
+_JAMBA_SSM_NORMS: _Recipe = (
+    ("ssm_dt_norm.weight", "ones", ("dt_rank",)),
+    ("ssm_b_norm.weight", "ones", ("state",)),
+    ("ssm_c_norm.weight", "ones", ("state",)),
+)
+_LN = lambda name: ((f"{name}.weight", "ones", ("embd",)), (f"{name}.bias", "zeros", ("embd",)))  # noqa: E731
+_BLOOM_BLOCK: _Recipe = (
+    *_LN("attn_norm"),
+    ("attn_qkv.weight", "linear", ("qkv", "embd")),
+    ("attn_qkv.bias", "bias", ("qkv",)),
+    ("attn_output.weight", "linear", ("embd", "embd")),
+    ("attn_output.bias", "bias", ("embd",)),
+    *_LN("ffn_norm"),
+    ("ffn_up.weight", "linear", ("ff", "embd")),
+    ("ffn_up.bias", "bias", ("ff",)),
+    ("ffn_down.weight", "linear", ("embd", "ff")),
+    ("ffn_down.bias", "bias", ("embd",)),
+)
+
+
+def _ssm_keys(writer: Any, shape: TinyModelShape) -> None:
+    writer.add_ssm_conv_kernel(_SSM_CONV_KERNEL)
+    writer.add_ssm_inner_size(shape.ssm_d_inner)
+    writer.add_ssm_state_size(_SSM_STATE_SIZE)
+    writer.add_ssm_time_step_rank(shape.ssm_dt_rank)
+
+
+def _mrope_sections(shape: TinyModelShape) -> list[int]:
+    # Qwen2-VL splits head_dim / 2 rotary pairs 2:3:3 over time, height and width.
+    half = shape.head_dim // 2
+    return [half - 2 * (3 * half // 8), 3 * half // 8, 3 * half // 8, 0]
+
+
+@dataclass(frozen=True)
+class _TinyArch:
+    """How to write one architecture: tensors, and metadata beyond the common keys."""
+
+    top: _Recipe  # global tensors; none is output.weight, so the embedding is tied
+    blocks: tuple[_Recipe, ...]  # block i follows blocks[i % len(blocks)]
+    attention: tuple[bool, ...] = (True,)  # per entry of blocks: attention (else a Mamba mixer)
+    keys: Any = None  # callable(writer, shape) adding arch-specific metadata
+
+
+_TINY_ARCHS: dict[str, _TinyArch] = {
+    "llama": _TinyArch(_EMBED + _RMS_OUT, (_ATTN_NORM + _QKV + _ATTN_OUT + _SWIGLU,)),
+    "qwen2": _TinyArch(_EMBED + _RMS_OUT, (_ATTN_NORM + _QKV + _QKV_BIAS + _ATTN_OUT + _SWIGLU,)),
+    "qwen3": _TinyArch(_EMBED + _RMS_OUT, (_ATTN_NORM + _QKV + _QK_NORM + _ATTN_OUT + _SWIGLU,)),
+    # Refused by the engine. gemma2: interleaved sliding-window attention (iSWA cache).
+    "gemma2": _TinyArch(
+        _EMBED + _RMS_OUT,
+        (_ATTN_NORM + _QKV + _ATTN_OUT + (("post_attention_norm.weight", "ones", ("embd",)),)
+         + _SWIGLU + (("post_ffw_norm.weight", "ones", ("embd",)),),),
+        keys=lambda writer, shape: writer.add_sliding_window(_SLIDING_WINDOW),
+    ),
+    # mamba: recurrent state, no KV cache at all.
+    "mamba": _TinyArch(_EMBED + _RMS_OUT, (_ATTN_NORM + _MAMBA,), attention=(False,), keys=_ssm_keys),
+    # jamba: hybrid, Mamba blocks alternating with attention blocks.
+    "jamba": _TinyArch(
+        _EMBED + _RMS_OUT,
+        (_ATTN_NORM + _MAMBA + _JAMBA_SSM_NORMS + _SWIGLU, _ATTN_NORM + _QKV + _ATTN_OUT + _SWIGLU),
+        attention=(False, True),
+        keys=_ssm_keys,
+    ),
+    # bloom: ALiBi biases instead of positions in K (plain KV cache).
+    "bloom": _TinyArch(
+        _EMBED + _LN("token_embd_norm") + _LN("output_norm"),
+        (_BLOOM_BLOCK,),
+        keys=lambda writer, shape: writer.add_layer_norm_eps(_LAYER_NORM_EPS),
+    ),
+    # qwen2vl: multi-axis positions (M-RoPE), otherwise qwen2.
+    "qwen2vl": _TinyArch(
+        _EMBED + _RMS_OUT,
+        (_ATTN_NORM + _QKV + _QKV_BIAS + _ATTN_OUT + _SWIGLU,),
+        keys=lambda writer, shape: writer.add_rope_dimension_sections(_mrope_sections(shape)),
+    ),
+}
+
+
+def _tiny_sizes(shape: TinyModelShape, n_vocab: int) -> dict[str, int]:
+    inner, dt_rank = shape.ssm_d_inner, shape.ssm_dt_rank
+    return {
+        "vocab": n_vocab, "embd": shape.n_embd, "embd_kv": shape.n_embd_kv, "head": shape.head_dim,
+        "ff": shape.n_ff, "qkv": shape.n_embd + 2 * shape.n_embd_kv, "inner": inner, "2*inner": 2 * inner,
+        "conv": _SSM_CONV_KERNEL, "state": _SSM_STATE_SIZE, "dt_rank": dt_rank,
+        "x_db": dt_rank + 2 * _SSM_STATE_SIZE,
+    }
+
+
+def _init(kind: str, rng: np.random.Generator, dims: tuple[int, ...]) -> np.ndarray:
+    if kind == "embed":
+        return _normal(rng, dims, _EMBEDDING_STD)
+    if kind == "linear":
+        return _linear(rng, *dims)
+    if kind == "bias":
+        return _normal(rng, dims, _BIAS_STD)
+    if kind == "ones":  # norms start as identity
+        return np.ones(dims, dtype=np.float32)
+    if kind == "zeros":
+        return np.zeros(dims, dtype=np.float32)
+    if kind == "ssm_a":  # Mamba's S4D-real init: A[:, n] = -(n + 1), a stable decay
+        return -np.broadcast_to(np.arange(1, dims[1] + 1, dtype=np.float32), dims).copy()
+    raise AssertionError(f"unknown init {kind!r}")
+
+
+def _tiny_tensors(
+    shape: TinyModelShape, n_vocab: int, rng: np.random.Generator
+) -> list[tuple[str, np.ndarray]]:
+    """All tensors in table order (the order also fixes the random stream)."""
+    spec = _TINY_ARCHS[shape.arch]
+    sizes = _tiny_sizes(shape, n_vocab)
+    named = [(name, recipe) for name, *recipe in spec.top]
+    for i in range(shape.n_layer):
+        named += [(f"blk.{i}.{name}", recipe) for name, *recipe in spec.blocks[i % len(spec.blocks)]]
+    return [
+        (name, _storage(_init(kind, rng, tuple(sizes[d] for d in dims)))) for name, (kind, dims) in named
+    ]
+
+
+def _add_hparams(writer: Any, shape: TinyModelShape, n_vocab: int, n_ctx_train: int) -> None:
+    spec = _TINY_ARCHS[shape.arch]
+    attention = [spec.attention[i % len(spec.attention)] for i in range(shape.n_layer)]
+    writer.add_name(f"rkv-local tiny {shape.arch}")
+    writer.add_block_count(shape.n_layer)
+    writer.add_context_length(n_ctx_train)
+    writer.add_embedding_length(shape.n_embd)
+    writer.add_feed_forward_length(shape.n_ff)
+    if any(attention):
+        writer.add_head_count(shape.n_head)
+        kv_heads = [shape.n_head_kv if a else 0 for a in attention]  # 0: a recurrent block
+        writer.add_head_count_kv(shape.n_head_kv if all(attention) else kv_heads)
+        writer.add_key_length(shape.head_dim)
+        writer.add_value_length(shape.head_dim)
+        writer.add_rope_dimension_count(shape.head_dim)
+        writer.add_rope_freq_base(_ROPE_FREQ_BASE)
+    else:
+        writer.add_head_count(0)
+        writer.add_head_count_kv(0)
+    writer.add_layer_norm_rms_eps(_RMS_NORM_EPS)
+    writer.add_vocab_size(n_vocab)
+    if spec.keys is not None:
+        spec.keys(writer, shape)
+
+
+def make_tiny_model(
+    path: str | os.PathLike[str],
+    arch: str = "llama",
+    n_layer: int = 2,
+    n_head: int = 4,
+    n_head_kv: int = 2,
+    head_dim: int = 32,
+    n_ff: int | None = None,
+    n_ctx_train: int = 4096,
+    seed: int = 0,
+    vocab_from: str | os.PathLike[str] | None = None,
+) -> Path:
+    """Write a random-weight GGUF that llama.cpp can load; return its path.
+
+    ``n_embd = n_head * head_dim``; ``n_ff`` defaults to ``4 * n_embd``.  The
+    tokenizer (every ``tokenizer.*`` key) is copied from ``vocab_from``, a GGUF
+    path or known model name (default: smollm2-135m, fetched if needed).
+    Same arguments give a byte-identical file.
+
+    ``arch`` is one of ``SUPPORTED_TINY_ARCHS`` or, for refusal tests only, of
+    ``REFUSED_TINY_ARCHS``: gemma2 (sliding window), mamba (recurrent), jamba
+    (hybrid: Mamba blocks alternate with attention), bloom (ALiBi), qwen2vl
+    (M-RoPE).  Mamba blocks ignore the attention sizes and use
+    ``d_inner = 2 * n_embd``.
+    """
+    from gguf import GGUFWriter
+
+    shape = TinyModelShape(
+        arch=arch,
+        n_layer=n_layer,
+        n_head=n_head,
+        n_head_kv=n_head_kv,
+        head_dim=head_dim,
+        n_ff=n_ff if n_ff is not None else 4 * n_head * head_dim,
+    )
+    _check_tiny_shape(shape)
+    vocab_source = resolve_model(vocab_from if vocab_from is not None else _DEFAULT_VOCAB_MODEL)
+    tokenizer = _tokenizer_metadata(vocab_source)
+    n_vocab = _vocab_size(tokenizer)
+
+    writer = GGUFWriter(None, arch)
+    _add_hparams(writer, shape, n_vocab, n_ctx_train)
+    for entry in tokenizer:
+        writer.add_key_value(entry.key, entry.value, entry.value_type, entry.item_type)
+    for name, tensor in _tiny_tensors(shape, n_vocab, np.random.default_rng(seed)):
+        writer.add_tensor(name, tensor)
+
+    # Write beside the destination and rename, so a reader never sees half a file.
+    destination = Path(path)
+    destination.parent.mkdir(parents=True, exist_ok=True)
+    # (Not mkstemp: its 0600 mode would carry over to the final file.)
+    partial = destination.with_name(f".{destination.name}.{os.getpid()}.{uuid.uuid4().hex}.tmp")
+    try:
+        writer.write_header_to_file(partial)
+        writer.write_kv_data_to_file()
+        writer.write_tensors_to_file()
+        writer.close()
+        os.replace(partial, destination)
+    except BaseException:
+        writer.close()
+        partial.unlink(missing_ok=True)
+        raise
+    return destination
