@@ -16,6 +16,8 @@ from __future__ import annotations
 
 import argparse
 import os
+from contextlib import closing
+import re
 import shutil
 import sys
 import time
@@ -95,6 +97,42 @@ def _add_ignore_eos(p: argparse.ArgumentParser) -> None:
                    help="never stop at an end-of-generation token: always produce --max-tokens")
 
 
+class IntermixedParser(argparse.ArgumentParser):
+    """A command's parser: options and positionals in any order (`generate MODEL --kv-budget 256 "prompt"`)."""
+
+    _parsing = False
+
+    def parse_known_args(self, args=None, namespace=None):
+        # a parser with subcommands cannot parse intermixed; the guard stops the recursion through
+        # parse_known_intermixed_args, which calls parse_known_args itself on older Pythons
+        if self._subparsers is not None or self._parsing:
+            return super().parse_known_args(args, namespace)
+        self._parsing = True
+        try:
+            return self.parse_known_intermixed_args(args, namespace)
+        finally:
+            self._parsing = False
+
+
+class _ExampleFormatter(argparse.HelpFormatter):
+    """Wraps descriptions as usual and keeps the example epilog's lines as written."""
+
+    def _fill_text(self, text: str, width: int, indent: str) -> str:
+        if text.startswith("example:"):
+            return "".join(indent + line for line in text.splitlines(keepends=True))
+        return super()._fill_text(text, width, indent)
+
+
+def _add_command(sub: argparse._SubParsersAction, name: str, handler: Callable[[argparse.Namespace], int], *,
+                 help: str, description: str, example: str) -> argparse.ArgumentParser:
+    """A command on a MODEL, with one example in its --help."""
+    p = sub.add_parser(name, help=help, description=description, epilog=f"example:\n  {PROG} {name} {example}\n",
+                       formatter_class=_ExampleFormatter)
+    _add_model_args(p)
+    p.set_defaults(handler=handler)
+    return p
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog=PROG,
@@ -102,36 +140,34 @@ def build_parser() -> argparse.ArgumentParser:
                     "with a KV cache of at most --kv-budget + --kv-buffer cells.",
         epilog="Run `rkv-local COMMAND --help` for a command's options.",
     )
-    sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True, parser_class=IntermixedParser)
 
-    p = sub.add_parser("generate", help="answer a prompt, streaming tokens to stdout",
-                       description="Answer PROMPT (or stdin), streaming the tokens to stdout: through the model's "
-                                   "chat template when it has one, as plain text with --raw. A status line on "
-                                   "stderr shows tokens, KV cells in use, compressions and speed (live when stderr "
-                                   "is a terminal, else one summary line at the end).")
-    _add_model_args(p)
+    p = _add_command(sub, "generate", cmd_generate, help="answer a prompt, streaming tokens to stdout",
+                     description="Answer PROMPT (or stdin), streaming the tokens to stdout: through the model's "
+                                 "chat template when it has one, as plain text with --raw. A status line on "
+                                 "stderr shows tokens, KV cells in use, compressions and speed (live when stderr "
+                                 "is a terminal, else one summary line at the end).",
+                     example='smollm2-135m "Why is the sky blue?" --kv-budget 256 --max-tokens 4000')
     p.add_argument("prompt", metavar="PROMPT", nargs="?", default=None,
                    help="the prompt (default: read stdin; an empty prompt starts from the BOS token)")
     _add_sampling_args(p, max_tokens=256)
     _add_prompt_format_args(p)
     p.add_argument("--system", default=None, metavar="TEXT", help="a system message (not with --raw)")
     _add_ignore_eos(p)
-    p.set_defaults(handler=cmd_generate)
 
-    p = sub.add_parser("chat", help="interactive chat with the model's chat template",
-                       description="Interactive chat: each line read from stdin is a user message; the answer "
-                                   "streams to stdout. The conversation is kept, so the compressed cache is reused "
-                                   "between turns. `/exit`, `/quit` or end of input ends it; `/reset` starts over.")
-    _add_model_args(p)
+    p = _add_command(sub, "chat", cmd_chat, help="interactive chat with the model's chat template",
+                     description="Interactive chat: each line read from stdin is a user message; the answer "
+                                 "streams to stdout. The conversation is kept, so the compressed cache is reused "
+                                 "between turns. `/exit`, `/quit` or end of input ends it; `/reset` starts over.",
+                     example="qwen2.5-coder-0.5b --kv-budget 512")
     _add_sampling_args(p, max_tokens=512)
     p.add_argument("--system", default=None, metavar="TEXT", help="a system message")
-    p.set_defaults(handler=cmd_chat)
 
-    p = sub.add_parser("inspect", help="show which tokens each layer and KV head kept",
-                       description="Generate --max-tokens tokens after PROMPT with the budget, then show which "
-                                   "tokens each layer and KV head still holds: coloured in the terminal for one "
-                                   "layer, and for every layer and head in a standalone HTML file.")
-    _add_model_args(p)
+    p = _add_command(sub, "inspect", cmd_inspect, help="show which tokens each layer and KV head kept",
+                     description="Generate --max-tokens tokens after PROMPT with the budget, then show which "
+                                 "tokens each layer and KV head still holds: coloured in the terminal for one "
+                                 "layer, and for every layer and head in a standalone HTML file.",
+                     example='smollm2-135m "The capital of France" --kv-budget 32 --kv-buffer 16 --html kept.html')
     p.add_argument("prompt", metavar="PROMPT", help="the prompt")
     _add_sampling_args(p, max_tokens=64)
     _add_prompt_format_args(p)
@@ -145,13 +181,12 @@ def build_parser() -> argparse.ArgumentParser:
                    help="compress to the budget once more after generating, so every head holds exactly --kv-budget tokens")
     p.add_argument("--color", choices=("auto", "always", "never"), default="auto",
                    help="ANSI colours in the terminal (default auto: when stdout is a terminal and NO_COLOR is unset)")
-    p.set_defaults(handler=cmd_inspect)
 
-    p = sub.add_parser("serve", help="OpenAI-compatible HTTP server (llama-cpp-python's server app)",
-                       description="Serve MODEL over llama-cpp-python's OpenAI-compatible API (/v1/completions, "
-                                   "/v1/chat/completions, /v1/models, ...) with the budgeted KV cache. Needs the "
-                                   "server extras: pip install 'rkv-local[server]'.")
-    _add_model_args(p)
+    p = _add_command(sub, "serve", cmd_serve, help="OpenAI-compatible HTTP server (llama-cpp-python's server app)",
+                     description="Serve MODEL over llama-cpp-python's OpenAI-compatible API (/v1/completions, "
+                                 "/v1/chat/completions, /v1/models, ...) with the budgeted KV cache. Needs the "
+                                 "server extras: pip install 'rkv-local[server]'.",
+                     example="smollm2-135m --kv-budget 1024 --port 8000")
     p.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1)")
     p.add_argument("--port", type=int, default=8000, help="port (default 8000)")
     p.add_argument("--model-alias", default=None, metavar="NAME", help="the model's name in the API (default: MODEL as given)")
@@ -159,27 +194,11 @@ def build_parser() -> argparse.ArgumentParser:
                    help="llama-cpp-python chat format (default: the model's own template)")
     p.add_argument("--api-key", default=None, metavar="KEY", help="require this bearer token")
     p.add_argument("--seed", type=int, default=None, metavar="S", help="random seed")
-    p.set_defaults(handler=cmd_serve)
 
-    _add_evidence_commands(sub)
+    from .evals import add_commands  # the evaluation commands; the runtime itself never imports evals
+
+    add_commands(sub, IntermixedParser)
     return parser
-
-
-def _add_evidence_commands(sub: argparse._SubParsersAction) -> None:
-    """`bench` and `eval fidelity|tasks`: each lives in its own module (imported lazily)."""
-    from . import bench, fidelity, tasks
-
-    def add(parent: argparse._SubParsersAction, name: str, module: Any) -> None:
-        p = parent.add_parser(name, help=module.HELP, description=module.__doc__,
-                              formatter_class=argparse.RawDescriptionHelpFormatter)
-        module.add_arguments(p)
-        p.set_defaults(handler=module.run)
-
-    add(sub, "bench", bench)
-    evaluate = sub.add_parser("eval", help="fidelity and task accuracy against the full cache")
-    what = evaluate.add_subparsers(dest="eval_command", metavar="WHAT", required=True)
-    add(what, "fidelity", fidelity)
-    add(what, "tasks", tasks)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -195,16 +214,18 @@ def _kv_kwargs(args: argparse.Namespace) -> Dict[str, Any]:
 
 
 def _check_kv_args(args: argparse.Namespace) -> None:
+    """The settings ``Llama`` would refuse, refused before the model loads, named as options."""
     if args.n_ctx < 0:
         raise CliError(f"--n-ctx must not be negative, got {args.n_ctx}")
     if args.kv_budget is None:
         return
-    if args.kv_window < 1:
-        raise CliError(f"--kv-window must be at least 1, got {args.kv_window}")
-    if args.kv_budget <= args.kv_window:
-        raise CliError(f"--kv-budget ({args.kv_budget}) must exceed --kv-window ({args.kv_window})")
-    if args.kv_buffer < 1:
-        raise CliError(f"--kv-buffer must be at least 1, got {args.kv_buffer}")
+    from ._native import CompressionConfig
+
+    try:
+        CompressionConfig(**{name[len("kv_"):].replace("lambda", "lam"): value
+                             for name, value in _kv_kwargs(args).items()})
+    except ValueError as exc:
+        raise CliError(re.sub(r"\bkv_(\w+)", lambda m: "--kv-" + m.group(1).replace("_", "-"), str(exc))) from None
 
 
 def _resolve(model: str) -> Path:
@@ -458,8 +479,7 @@ def _start_stream(llm: Any, args: argparse.Namespace, prompt: str, sampling: Dic
 def cmd_generate(args: argparse.Namespace) -> int:
     sampling = _sampling(args)
     prompt = _read_prompt(args)
-    llm = _load(args)
-    try:
+    with closing(_load(args)) as llm:
         if args.ignore_eos:
             sampling["logit_bias"] = _eog_bias(llm)
         chunks, piece, n_prompt = _start_stream(llm, args, prompt, sampling)
@@ -470,19 +490,16 @@ def cmd_generate(args: argparse.Namespace) -> int:
         sys.stdout.flush()
         print(_summary(llm, result), file=sys.stderr)
         return 0
-    finally:
-        llm.close()
 
 
 def cmd_chat(args: argparse.Namespace) -> int:
     sampling = _sampling(args)
-    llm = _load(args)
     interactive = _isatty(sys.stdin)
     system = [{"role": "system", "content": args.system}] if args.system else []
     history: List[Dict[str, str]] = list(system)
-    if interactive:
-        sys.stderr.write(f"{PROG} chat: {args.model}; /exit or Ctrl-D quits, /reset forgets the conversation\n")
-    try:
+    with closing(_load(args)) as llm:
+        if interactive:
+            sys.stderr.write(f"{PROG} chat: {args.model}; /exit or Ctrl-D quits, /reset forgets the conversation\n")
         while True:
             try:
                 line = input("> ") if interactive else sys.stdin.readline()
@@ -508,8 +525,6 @@ def cmd_chat(args: argparse.Namespace) -> int:
         if interactive:
             sys.stderr.write("\n")
         return 0
-    finally:
-        llm.close()
 
 
 def cmd_inspect(args: argparse.Namespace) -> int:
@@ -518,8 +533,7 @@ def cmd_inspect(args: argparse.Namespace) -> int:
     from .inspect_view import collect, render_html, render_terminal
 
     sampling = _sampling(args)
-    llm = _load(args)
-    try:
+    with closing(_load(args)) as llm:
         if args.ignore_eos:
             sampling["logit_bias"] = _eog_bias(llm)
         n_layer = int(llama_cpp.llama_model_n_layer(llm.model))
@@ -549,8 +563,6 @@ def cmd_inspect(args: argparse.Namespace) -> int:
             Path(args.html).write_text(render_html(data), encoding="utf-8")
             print(f"{PROG}: wrote {args.html} ({n_layer} layers x {n_head_kv} KV heads)", file=sys.stderr)
         return 0
-    finally:
-        llm.close()
 
 
 class _NullWriter:

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import inspect
+import os
 from dataclasses import dataclass
 from typing import Any, Generator, Optional, Sequence
 
@@ -62,7 +63,7 @@ class Llama(llama_cpp.Llama):
 
     def __init__(
         self,
-        model_path: str,
+        model_path: str | os.PathLike[str],
         *,
         kv_budget: Optional[int] = None,
         kv_buffer: int = 128,
@@ -71,6 +72,7 @@ class Llama(llama_cpp.Llama):
         kv_lambda: float = 0.1,
         **kwargs: Any,
     ) -> None:
+        model_path = os.fspath(model_path)  # llama-cpp-python takes str only
         self._kv_config: Optional[CompressionConfig] = None
         self._n_ctx_logical: Optional[int] = None
         self._tokens_evaluated = 0

@@ -51,6 +51,22 @@ def test_help_lists_the_commands() -> None:
         assert option in result.stdout
 
 
+@pytest.mark.parametrize("command", ["generate", "chat", "inspect", "serve", "bench", "eval fidelity", "eval tasks"])
+def test_each_command_help_shows_an_example(command: str) -> None:
+    result = run_cli(*command.split(), "--help")
+    assert result.returncode == 0
+    assert f"example:\n  rkv-local {command} " in result.stdout
+
+
+def test_options_may_come_before_the_prompt(tiny_model) -> None:
+    model = tiny_model(arch="llama")
+    options = ["--kv-budget", "32", "--kv-buffer", "16", "--max-tokens", "40", "--ignore-eos"]
+    after = run_cli("generate", model, "Once upon a time", *options)
+    before = run_cli("generate", model, *options, "Once upon a time")
+    assert after.returncode == 0 and before.returncode == 0, before.stderr
+    assert before.stdout == after.stdout != ""
+
+
 def test_generate_streams_far_beyond_the_budget(tiny_model) -> None:
     model = tiny_model(arch="llama")
     proc = subprocess.Popen(

@@ -76,6 +76,15 @@ def test_the_bound_library_is_ours_and_exports_the_engine() -> None:
     assert not missing, f"{loaded} lacks {missing}"
 
 
+def test_the_runtime_never_imports_the_evaluation_tools() -> None:
+    runtime = ["rkv_local", "rkv_local.llama", "rkv_local.models", "rkv_local.reference", "rkv_local.server",
+               "rkv_local.testing", "rkv_local.inspect_view", "rkv_local.demo"]
+    result = run_python(f"import importlib, sys\nfor m in {runtime!r}: importlib.import_module(m)\n"
+                        "print([m for m in sys.modules if m.startswith('rkv_local.evals')])")
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.strip() == "[]"
+
+
 def test_ggml_amx_path_is_left_out_unless_the_build_asked_for_it() -> None:
     """ggml's AMX matmul segfaults on some AMX CPUs (llama.cpp #20824): off by default."""
     info = _library.build_info()
@@ -111,6 +120,18 @@ def test_llama_cpp_bound_to_our_library_first_is_accepted() -> None:
 # ---------------------------------------------------------------------------
 # tiny models of each arch
 # ---------------------------------------------------------------------------
+
+@pytest.mark.parametrize("budget", [None, 32])
+def test_a_path_object_is_a_model_path(tiny_model, budget) -> None:
+    path = tiny_model(arch="llama", **ARCHS["llama"])
+    assert isinstance(path, Path)
+    llm = Llama(path, n_ctx=256, n_threads=1, verbose=False, kv_budget=budget, kv_buffer=16)
+    try:
+        assert llm.model_path == str(path)
+        assert llm.create_completion(PROMPT, max_tokens=4, temperature=0.0)["usage"]["completion_tokens"] >= 1
+    finally:
+        llm.close()
+
 
 @pytest.mark.parametrize("arch", sorted(ARCHS))
 def test_tiny_model_greedy_without_budget_is_deterministic(tiny_model, arch: str) -> None:
