@@ -90,6 +90,10 @@ def serve_and_ask(argv: List[str], cwd: Path) -> str:
         proc.wait(timeout=30)
 
 
+def readme_python() -> List[str]:
+    return re.findall(r"```python\n(.*?)```", README.read_text(encoding="utf-8"), flags=re.S)
+
+
 def test_the_readme_shows_each_command() -> None:
     shown = {shortened(c)[0] for c in readme_commands()}
     assert {"generate", "chat", "inspect", "serve", "bench", "eval"} <= shown
@@ -106,3 +110,13 @@ def test_readme_command_answers(command: str, tmp_path: Path) -> None:
     assert result.stdout.strip(), f"{argv} printed nothing\nstderr: {result.stderr[-2000:]}"
     if argv[0] == "generate":
         assert not re.search(r"tokens 0 \(prompt", result.stderr), result.stderr
+
+
+@pytest.mark.parametrize("code", readme_python())
+def test_readme_python_answers(code: str, tmp_path: Path) -> None:
+    code = re.sub(r"max_tokens=\d+", "max_tokens=16", code)
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=TIMEOUT_S,
+                            cwd=tmp_path)
+    assert result.returncode == 0, result.stderr[-2000:]
+    answer, stats = result.stdout.strip().splitlines()[0], result.stdout.strip().splitlines()[-1]
+    assert answer.strip() and stats.startswith("KVStats(")
