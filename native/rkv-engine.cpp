@@ -112,9 +112,11 @@ std::string rkv_engine::check(const llama_kv_cache & kv, const llama_context & l
         return "the cache holds " + std::to_string(kv.get_size()) + " cells per sequence but budget + buffer = " +
                std::to_string(need) + ": create the context with n_ctx >= " + std::to_string(need);
     }
-    if (cp.n_batch > (uint32_t) p.buffer) {
+    // batch_fits holds each sequence to `buffer` tokens per decode call; several streams share a call
+    if (cp.n_batch > (uint32_t) p.buffer * kv.n_stream) {
         return "n_batch (" + std::to_string(cp.n_batch) + ") exceeds the buffer (" + std::to_string(p.buffer) +
-               "): one decode call may carry at most `buffer` tokens; create the context with n_batch = n_ubatch <= buffer";
+               ") times the streams (" + std::to_string(kv.n_stream) + "): one decode call may carry at most `buffer` "
+               "tokens of a sequence; create the context with n_batch = n_ubatch <= buffer per sequence";
     }
     for (const auto & layer : kv.layers) {
         if (hp.n_head_kv(layer.il) != hp.n_head_kv(kv.layers[0].il)) {

@@ -1,0 +1,465 @@
+"""``BatchedLlama``: many sequences decoded together in one context, each with its own budget.
+
+Each request gets a sequence of its own (one KV stream, compressed on its own) and runs
+llama-cpp-python's own ``create_completion`` / ``create_chat_completion`` on a per-sequence view
+of the model, so prompts, chat templates, sampling, stop strings, end-of-generation handling and
+the OpenAI-shaped results are exactly those of ``Llama``. Only evaluation differs: a view hands
+its tokens to one scheduler thread, which packs every waiting sequence into the next
+``llama_decode`` (continuous batching: one token per decoding sequence, prompts in chunks of at
+most ``kv_buffer`` tokens beside them) and samples each sequence's next token with that
+sequence's own sampler right after the decode. A finished request frees its stream for the next.
+"""
+from __future__ import annotations
+
+import itertools
+import os
+import queue
+import threading
+import time
+from concurrent.futures import ThreadPoolExecutor
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from typing import Any, Dict, Iterator, List, Optional, Sequence, Tuple, Union
+
+import llama_cpp
+import numpy as np
+from llama_cpp import _internals as internals
+
+from . import _native
+from .llama import CACHE_PAD, KVStats, Llama
+
+Prompt = Union[str, List[int], List[Dict[str, Any]]]   # text, tokens, or chat messages
+
+# how long the scheduler waits for the sequences of the last decode to hand in their next token,
+# so that they decode together; a sequence whose reader is slower than this waits for the next call
+GATHER_TIMEOUT_S = 0.05
+
+
+class RequestCancelled(Exception):
+    """The request was cancelled (a client went away) while it waited for the scheduler."""
+
+
+@dataclass(eq=False)
+class _Submission:
+    """Tokens one sequence hands to the scheduler; answered with its next token."""
+
+    view: "_SequenceView"
+    tokens: List[int]
+    done: threading.Event = field(default_factory=threading.Event)
+    token: Optional[int] = None
+    error: Optional[BaseException] = None
+
+
+class _SequenceView(Llama):
+    """One request's view of the model: ``Llama``'s completion code on sequence ``seq_id``.
+
+    A shallow copy of the prototype ``Llama`` (same model, tokenizer, chat handler, settings) with
+    its own token history; ``eval`` goes through the scheduler, and ``sample`` returns the token
+    the scheduler drew with this view's sampler right after the decode.
+    """
+
+    _owner: "BatchedLlama"
+    _seq_id: int
+    _next_token: Optional[int]
+    cancelled: bool
+
+    def eval(self, tokens: Sequence[int]) -> None:
+        tokens = list(tokens)
+        if self.n_tokens + len(tokens) > self._n_ctx:
+            raise ValueError(f"evaluating {len(tokens)} tokens after {self.n_tokens} would exceed the context "
+                             f"(n_ctx = {self._n_ctx})")
+        chunk = self._owner.chunk_size
+        for start in range(0, len(tokens), chunk):
+            part = tokens[start:start + chunk]
+            self._next_token = self._owner._submit(self, part)
+            self.input_ids[self.n_tokens:self.n_tokens + len(part)] = part
+            self.n_tokens += len(part)
+            self._tokens_evaluated += len(part)
+
+    def sample(self, *args: Any, **kwargs: Any) -> int:
+        if self._next_token is None:
+            raise RuntimeError("sample() before eval(): a sequence view samples what its last decode produced")
+        token, self._next_token = self._next_token, None
+        return token
+
+    def reset(self) -> None:
+        self.n_tokens = 0  # a view starts from an empty sequence; the scheduler frees it at the end
+
+    def n_ctx(self) -> int:
+        return self._n_ctx
+
+    def _create_completion(self, *args: Any, **kwargs: Any) -> Any:
+        try:
+            return (yield from llama_cpp.Llama._create_completion(self, *args, **kwargs))
+        except ValueError as exc:
+            if str(exc).startswith("Requested tokens ("):  # llama-cpp-python names the whole batched context
+                n = str(exc)[len("Requested tokens ("):].split(")", 1)[0]
+                raise ValueError(f"Requested tokens ({n}) exceed the context window of {self._n_ctx} tokens "
+                                 f"of one sequence") from None
+            raise
+
+    def kv_stats(self) -> KVStats:
+        return self._owner.kv_stats(self._seq_id, n_tokens=self.n_tokens)
+
+    def close(self) -> None:
+        pass  # the model and the context belong to the BatchedLlama
+
+    def __del__(self) -> None:
+        pass
+
+
+class BatchedLlama:
+    """Up to ``n_seq_max`` requests decoded together, each in its own KV stream.
+
+    ``kv_budget`` and the other ``kv_*`` settings are those of ``Llama`` and apply to every
+    sequence; without ``kv_budget`` each sequence has a full cache of ``n_ctx`` cells. Other
+    keyword arguments go to ``Llama`` (``n_threads``, ``n_gpu_layers``, ``flash_attn``, ...).
+
+    ``create_completion`` and ``create_chat_completion`` take the arguments of ``Llama``'s and
+    may be called from many threads at once: the calls decode together, and a call beyond
+    ``n_seq_max`` waits for a free sequence. ``generate_batch`` and ``stream_batch`` run a list
+    of requests that way.
+    """
+
+    def __init__(
+        self,
+        model_path: Union[str, "os.PathLike[str]"],
+        *,
+        n_seq_max: int = 4,
+        kv_budget: Optional[int] = None,
+        kv_buffer: int = 128,
+        kv_method: str = "rkv",
+        kv_window: int = 8,
+        kv_lambda: float = 0.1,
+        n_ctx: int = 0,
+        n_batch: int = 512,
+        verbose: bool = False,
+        **kwargs: Any,
+    ) -> None:
+        max_seq = int(llama_cpp.llama_max_parallel_sequences())
+        if not 1 <= n_seq_max <= max_seq:
+            raise ValueError(f"n_seq_max must be between 1 and {max_seq} (llama.cpp's limit), got {n_seq_max}")
+        for name in ("logits_all", "embedding", "draft_model"):
+            if kwargs.get(name):
+                raise ValueError(f"{name} is not supported by BatchedLlama")
+        if n_ctx < 0:
+            raise ValueError(f"n_ctx must be positive (or 0: the model's training context), got {n_ctx}")
+        self._closed = False
+        self.n_seq_max = n_seq_max
+        budget = dict(kv_budget=kv_budget, kv_buffer=kv_buffer, kv_method=kv_method, kv_window=kv_window,
+                      kv_lambda=kv_lambda) if kv_budget is not None else {}
+        # The prototype holds the model and everything per-request views share; its own small
+        # context is replaced by the batched one below.
+        proto_ctx = dict(n_ctx=n_ctx) if kv_budget is not None else dict(n_ctx=CACHE_PAD, n_batch=CACHE_PAD)
+        self._proto = Llama(os.fspath(model_path), verbose=verbose, **proto_ctx, **budget, **kwargs)
+        try:
+            self._setup(n_ctx, n_batch, verbose)
+        except BaseException:
+            self._proto.close()
+            raise
+        self._free = list(range(n_seq_max))
+        self._slots = threading.Semaphore(n_seq_max)
+        self._lock = threading.Condition()
+        self._pending: List[_Submission] = []
+        self._active: Dict[int, _SequenceView] = {}
+        self._to_free: List[int] = []
+        self._last_batch: set = set()
+        self._ctx_lock = threading.Lock()   # llama_decode and anything else that touches the context
+        self._ids = itertools.count()
+        self._scheduler = threading.Thread(target=self._run, name="rkv-batch-scheduler", daemon=True)
+        self._scheduler.start()
+
+    def _setup(self, n_ctx: int, n_batch: int, verbose: bool) -> None:
+        proto = self._proto
+        self.kv_config = proto.kv_config
+        if self.kv_config is not None:
+            cells = proto._ctx.n_ctx()                      # budget + buffer, padded
+            self.n_ctx_seq = proto.n_ctx()                  # the logical context
+            self.chunk_size = self.kv_config.buffer
+            per_call = self.n_seq_max + self.kv_config.buffer
+        else:
+            self.n_ctx_seq = n_ctx or proto._model.n_ctx_train()
+            cells = -(-self.n_ctx_seq // CACHE_PAD) * CACHE_PAD
+            self.chunk_size = n_batch
+            per_call = self.n_seq_max + n_batch
+        self.cells_per_seq = cells
+        self.n_batch = per_call
+        params = llama_cpp.llama_context_params.from_buffer_copy(proto.context_params)
+        params.n_ctx = cells * self.n_seq_max
+        params.n_seq_max = self.n_seq_max
+        params.kv_unified = False          # one stream per sequence: each is compressed on its own
+        params.n_batch = params.n_ubatch = per_call
+        proto._ctx.close()
+        try:
+            self._ctx = internals.LlamaContext(model=proto._model, params=params, verbose=verbose)
+        except ValueError as exc:
+            raise ValueError(
+                f"cannot create a context of {self.n_seq_max} sequences x {cells} KV cells "
+                f"({self.n_seq_max * cells} cells): not enough memory? Lower n_seq_max, kv_budget or n_ctx"
+            ) from exc
+        proto._ctx = self._ctx
+        proto.context_params = params
+        if self.kv_config is not None:
+            try:
+                _native.enable(self._ctx.ctx, self.kv_config)
+            except _native.RkvError as exc:
+                raise ValueError(f"cannot compress this model's KV cache: {exc}") from exc
+        self._batch = internals.LlamaBatch(n_tokens=per_call, embd=0, n_seq_max=1, verbose=verbose)
+        self._n_vocab = proto.n_vocab()
+
+    # ------------------------------------------------------------------
+    # requests
+    # ------------------------------------------------------------------
+
+    @contextmanager
+    def sequence(self) -> Iterator[_SequenceView]:
+        """A view of the model on a free sequence (waits for one), freed when the block ends."""
+        self._check_open()
+        self._slots.acquire()
+        try:
+            with self._lock:
+                seq_id = self._free.pop(0)
+                # a shallow copy (copy.copy would go through Llama's pickling, which reloads the model)
+                view = _SequenceView.__new__(_SequenceView)
+                view.__dict__.update(self._proto.__dict__)
+                view._owner, view._seq_id, view._next_token, view.cancelled = self, seq_id, None, False
+                view._sampler, view.n_tokens, view._tokens_evaluated = None, 0, 0
+                view._n_ctx = self.n_ctx_seq
+                view.input_ids = np.zeros((self.n_ctx_seq,), dtype=np.intc)
+                self._active[seq_id] = view
+            yield view
+        finally:
+            with self._lock:
+                if self._active.get(seq_id) is view:
+                    del self._active[seq_id]
+                    self._to_free.append(seq_id)
+                    self._lock.notify_all()
+
+    def create_completion(self, prompt: Union[str, List[int]], **kwargs: Any) -> Any:
+        """``Llama.create_completion`` on a sequence of its own; with ``stream=True`` an iterator."""
+        return self._run_request("create_completion", dict(prompt=prompt, **kwargs))
+
+    def create_chat_completion(self, messages: List[Dict[str, Any]], **kwargs: Any) -> Any:
+        """``Llama.create_chat_completion`` on a sequence of its own; with ``stream=True`` an iterator."""
+        return self._run_request("create_chat_completion", dict(messages=messages, **kwargs))
+
+    def _run_request(self, method: str, kwargs: Dict[str, Any]) -> Any:
+        if not kwargs.get("stream"):
+            with self.sequence() as view:
+                return getattr(view, method)(**kwargs)
+        return self._stream(method, kwargs)
+
+    def _stream(self, method: str, kwargs: Dict[str, Any]) -> Iterator[Dict[str, Any]]:
+        with self.sequence() as view:
+            chunks = getattr(view, method)(**kwargs)
+            try:
+                yield from chunks
+            finally:
+                view.cancelled = True   # a reader that stops early frees the sequence
+                chunks.close()
+
+    def generate_batch(self, prompts: Sequence[Prompt], **kwargs: Any) -> List[Any]:
+        """Completions of every prompt (text or tokens) or chat (a list of messages), in order.
+
+        Keyword arguments are those of ``create_completion`` / ``create_chat_completion`` for all
+        requests; a list of dicts in ``settings`` gives per-request ones. A request that fails
+        gives its exception in its place.
+        """
+        settings = self._settings(prompts, kwargs)
+        with ThreadPoolExecutor(max_workers=len(prompts) or 1, thread_name_prefix="rkv-request") as pool:
+            futures = [pool.submit(self._one, prompt, s) for prompt, s in zip(prompts, settings)]
+            return [f.exception() or f.result() for f in futures]
+
+    def stream_batch(self, prompts: Sequence[Prompt], **kwargs: Any) -> Iterator[Tuple[int, Any]]:
+        """``(index, chunk)`` of every request as its pieces come; a failed request yields
+        ``(index, exception)`` once."""
+        settings = self._settings(prompts, kwargs)
+        out: "queue.Queue[Tuple[int, Any]]" = queue.Queue()
+        finished = object()
+
+        def run(i: int, prompt: Prompt, s: Dict[str, Any]) -> None:
+            try:
+                for chunk in self._one(prompt, dict(s, stream=True)):
+                    out.put((i, chunk))
+            except Exception as exc:  # noqa: BLE001 - handed to the reader
+                out.put((i, exc))
+            out.put((i, finished))
+
+        with ThreadPoolExecutor(max_workers=len(prompts) or 1, thread_name_prefix="rkv-request") as pool:
+            for i, (prompt, s) in enumerate(zip(prompts, settings)):
+                pool.submit(run, i, prompt, s)
+            remaining = len(prompts)
+            while remaining:
+                i, item = out.get()
+                if item is finished:
+                    remaining -= 1
+                else:
+                    yield i, item
+
+    @staticmethod
+    def _settings(prompts: Sequence[Prompt], kwargs: Dict[str, Any]) -> List[Dict[str, Any]]:
+        per_request = kwargs.pop("settings", None) or [{} for _ in prompts]
+        if len(per_request) != len(prompts):
+            raise ValueError(f"settings has {len(per_request)} entries for {len(prompts)} prompts")
+        return [dict(kwargs, **s) for s in per_request]
+
+    def _one(self, prompt: Prompt, settings: Dict[str, Any]) -> Any:
+        if isinstance(prompt, list) and prompt and isinstance(prompt[0], dict):
+            return self.create_chat_completion(prompt, **settings)
+        return self.create_completion(prompt, **settings)
+
+    # ------------------------------------------------------------------
+    # the scheduler
+    # ------------------------------------------------------------------
+
+    def _submit(self, view: _SequenceView, tokens: List[int]) -> int:
+        if view.cancelled:
+            raise RequestCancelled("the request was cancelled")
+        sub = _Submission(view, tokens)
+        with self._lock:
+            if self._closed:
+                raise RuntimeError("this BatchedLlama is closed")
+            self._pending.append(sub)
+            self._lock.notify_all()
+        sub.done.wait()
+        if sub.error is not None:
+            raise sub.error
+        assert sub.token is not None
+        return sub.token
+
+    def _run(self) -> None:
+        while True:
+            with self._lock:
+                batch = self._gather()
+                if batch is None:
+                    return
+            self._free_finished()
+            if batch:
+                self._decode(batch)
+
+    def _gather(self) -> Optional[List[_Submission]]:
+        """The submissions of the next decode (called with the lock held); None once closed."""
+        while not (self._pending or self._to_free or self._closed):
+            self._lock.wait()
+        if self._closed:
+            for sub in self._pending:
+                sub.error = RuntimeError("this BatchedLlama was closed")
+                sub.done.set()
+            self._pending.clear()
+            return None
+        # give the sequences of the last decode a moment to hand in their next tokens
+        deadline = time.monotonic() + GATHER_TIMEOUT_S
+        while self._pending and not self._closed:
+            waiting = {sub.view._seq_id for sub in self._pending}
+            expected = {s for s in self._last_batch if s in self._active}
+            left = deadline - time.monotonic()
+            if expected <= waiting or left <= 0:
+                break
+            self._lock.wait(left)
+        batch, room = [], self.n_batch
+        for sub in list(self._pending):
+            if len(sub.tokens) <= room:
+                batch.append(sub)
+                room -= len(sub.tokens)
+                self._pending.remove(sub)
+        self._last_batch = {sub.view._seq_id for sub in batch}
+        return batch
+
+    def _free_finished(self) -> None:
+        with self._lock:
+            seqs, self._to_free = self._to_free, []
+        if not seqs:
+            return
+        with self._ctx_lock:
+            memory = llama_cpp.llama_get_memory(self._ctx.ctx)
+            for seq_id in seqs:
+                # the whole sequence goes, so a compressed stream starts afresh too
+                llama_cpp.llama_memory_seq_rm(memory, seq_id, -1, -1)
+        with self._lock:
+            self._free.extend(seqs)
+        for _ in seqs:
+            self._slots.release()
+
+    def _decode(self, batch: List[_Submission]) -> None:
+        b = self._batch.batch
+        n = 0
+        last: Dict[int, int] = {}
+        for sub in batch:
+            view = sub.view
+            for k, token in enumerate(sub.tokens):
+                b.token[n] = token
+                b.pos[n] = view.n_tokens + k
+                b.n_seq_id[n] = 1
+                b.seq_id[n][0] = view._seq_id
+                b.logits[n] = k == len(sub.tokens) - 1
+                n += 1
+            last[id(sub)] = n - 1
+        b.n_tokens = n
+        with self._ctx_lock:
+            rc = llama_cpp.llama_decode(self._ctx.ctx, b)
+            if rc != 0:
+                error = RuntimeError(f"llama_decode returned {rc} for a batch of {n} tokens of "
+                                     f"{len(batch)} sequences")
+                for sub in batch:
+                    sub.error = error
+            else:
+                for sub in batch:
+                    try:
+                        sub.token = sub.view._sampler.sample(self._ctx, last[id(sub)])
+                    except Exception as exc:  # noqa: BLE001 - handed to the request
+                        sub.error = exc
+        for sub in batch:
+            sub.done.set()
+
+    # ------------------------------------------------------------------
+    # figures and lifetime
+    # ------------------------------------------------------------------
+
+    def kv_stats(self, seq_id: Optional[int] = None, *, n_tokens: Optional[int] = None) -> KVStats:
+        """One sequence's figures, or (``seq_id`` None) the sums over all sequences, with
+        ``cells_max`` the cells of the whole context."""
+        if seq_id is None:
+            parts = [self.kv_stats(s) for s in range(self.n_seq_max)]
+            total = lambda name: sum(getattr(p, name) for p in parts)  # noqa: E731
+            first = parts[0]
+            return KVStats(first.method, first.budget, first.buffer, total("compressions"), total("evicted_tokens"),
+                           total("cells_used"), total("cells_peak"), total("kv_bytes_used"), total("kv_bytes_full"),
+                           total("n_tokens"), total("compress_seconds"), n_ctx=self.n_ctx_seq,
+                           cells_max=self.cells_per_seq * self.n_seq_max)
+        cfg = self.kv_config
+        with self._ctx_lock:
+            if cfg is not None:
+                s = _native.seq_stats(self._ctx.ctx, seq_id)
+                return KVStats(cfg.method, cfg.budget, cfg.buffer, s.n_compressions, s.n_evicted, s.cells_used,
+                               s.cells_peak, s.kv_bytes_used, s.kv_bytes_full, s.n_tokens, s.compress_seconds,
+                               pos_compacted=s.pos_compacted, n_ctx=self.n_ctx_seq,
+                               cells_max=cfg.budget + cfg.buffer)
+            memory = llama_cpp.llama_get_memory(self._ctx.ctx)
+            n = int(llama_cpp.llama_memory_seq_pos_max(memory, seq_id)) + 1 if n_tokens is None else n_tokens
+            per_cell = _native.bytes_per_cell(self._ctx.ctx)
+        return KVStats("full", None, None, 0, 0, n, n, n * per_cell, n * per_cell, n, 0.0,
+                       n_ctx=self.n_ctx_seq, cells_max=self.cells_per_seq)
+
+    def _check_open(self) -> None:
+        if self._closed:
+            raise RuntimeError("this BatchedLlama is closed")
+
+    def close(self) -> None:
+        """Stop the scheduler (waiting requests fail) and free the context and the model."""
+        if getattr(self, "_closed", True):
+            return
+        with self._lock:
+            self._closed = True
+            self._lock.notify_all()
+        self._scheduler.join()
+        self._batch.close()
+        self._proto.close()
+
+    def __enter__(self) -> "BatchedLlama":
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self.close()
+
+    def __del__(self) -> None:
+        self.close()
