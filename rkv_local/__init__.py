@@ -11,6 +11,7 @@ llama_cpp = load_bindings()
 
 from ._native import CompressionConfig, RkvError  # noqa: E402
 from .llama import KVStats, Llama  # noqa: E402
+from .batched import BatchedLlama  # noqa: E402
 
-__all__ = ["CompressionConfig", "KVStats", "Llama", "RkvError", "llama_cpp"]
+__all__ = ["BatchedLlama", "CompressionConfig", "KVStats", "Llama", "RkvError", "llama_cpp"]
 __version__ = "0.1.0"

@@ -35,6 +35,18 @@ Prompt = Union[str, List[int], List[Dict[str, Any]]]   # text, tokens, or chat m
 GATHER_TIMEOUT_S = 0.05
 
 
+def _available_memory() -> Optional[int]:
+    """MemAvailable of /proc/meminfo in bytes; None where there is none."""
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return None
+
+
 class RequestCancelled(Exception):
     """The request was cancelled (a client went away) while it waited for the scheduler."""
 
@@ -144,7 +156,7 @@ class BatchedLlama:
                 raise ValueError(f"{name} is not supported by BatchedLlama")
         if n_ctx < 0:
             raise ValueError(f"n_ctx must be positive (or 0: the model's training context), got {n_ctx}")
-        self._closed = False
+        self._closed = True   # until the scheduler runs
         self.n_seq_max = n_seq_max
         budget = dict(kv_budget=kv_budget, kv_buffer=kv_buffer, kv_method=kv_method, kv_window=kv_window,
                       kv_lambda=kv_lambda) if kv_budget is not None else {}
@@ -167,6 +179,7 @@ class BatchedLlama:
         self._ctx_lock = threading.Lock()   # llama_decode and anything else that touches the context
         self._ids = itertools.count()
         self._scheduler = threading.Thread(target=self._run, name="rkv-batch-scheduler", daemon=True)
+        self._closed = False
         self._scheduler.start()
 
     def _setup(self, n_ctx: int, n_batch: int, verbose: bool) -> None:
@@ -176,7 +189,8 @@ class BatchedLlama:
             cells = proto._ctx.n_ctx()                      # budget + buffer, padded
             self.n_ctx_seq = proto.n_ctx()                  # the logical context
             self.chunk_size = self.kv_config.buffer
-            per_call = self.n_seq_max + self.kv_config.buffer
+            # the decodes of all sequences plus a prompt chunk; the engine takes `buffer` tokens per sequence
+            per_call = min(self.n_seq_max + self.kv_config.buffer, self.n_seq_max * self.kv_config.buffer)
         else:
             self.n_ctx_seq = n_ctx or proto._model.n_ctx_train()
             cells = -(-self.n_ctx_seq // CACHE_PAD) * CACHE_PAD
@@ -189,6 +203,7 @@ class BatchedLlama:
         params.n_seq_max = self.n_seq_max
         params.kv_unified = False          # one stream per sequence: each is compressed on its own
         params.n_batch = params.n_ubatch = per_call
+        self._check_memory(_native.bytes_per_cell(proto._ctx.ctx) * cells * self.n_seq_max, cells)
         proto._ctx.close()
         try:
             self._ctx = internals.LlamaContext(model=proto._model, params=params, verbose=verbose)
@@ -206,6 +221,17 @@ class BatchedLlama:
                 raise ValueError(f"cannot compress this model's KV cache: {exc}") from exc
         self._batch = internals.LlamaBatch(n_tokens=per_call, embd=0, n_seq_max=1, verbose=verbose)
         self._n_vocab = proto.n_vocab()
+
+    def _check_memory(self, kv_bytes: int, cells: int) -> None:
+        """Refuse a host-memory cache larger than the memory available: llama.cpp clears the cache
+        buffer when it creates it, so an overcommitted allocation would end in the OOM killer."""
+        on_host = self._proto.model_params.n_gpu_layers == 0 or not self._proto.context_params.offload_kqv
+        available = _available_memory()
+        if on_host and available is not None and kv_bytes > available:
+            raise ValueError(
+                f"cannot create a context of {self.n_seq_max} sequences x {cells} KV cells: its K/V would take "
+                f"{kv_bytes / 2**30:.1f} GiB and {available / 2**30:.1f} GiB of memory are available; "
+                f"lower n_seq_max, kv_budget or n_ctx")
 
     # ------------------------------------------------------------------
     # requests

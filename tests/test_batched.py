@@ -1,0 +1,156 @@
+"""``BatchedLlama``: many requests in one context, each in its own KV stream with its own budget.
+
+The rule the tests hold: a request gives the same greedy text whether it runs alone (``Llama``)
+or decoded together with others, with and without a budget, streamed or not.
+"""
+from __future__ import annotations
+
+import threading
+from pathlib import Path
+from typing import Any, Dict, List
+
+import pytest
+
+from rkv_local import BatchedLlama, Llama
+
+QUESTIONS = ["Why is the sky blue?", "What is 2+2?", "Name three fruits.", "Tell me about cats.",
+             "What is the capital of France?", "Explain gravity.", "How do birds fly?", "Write a haiku."]
+CHATS = [[{"role": "user", "content": q}] for q in QUESTIONS]
+BUDGET = dict(kv_budget=32, kv_buffer=16)
+GREEDY = dict(max_tokens=48, temperature=0.0)
+
+
+def chat_text(response: Dict[str, Any]) -> str:
+    return response["choices"][0]["message"]["content"]
+
+
+def alone(model: Path, chats: List[List[Dict[str, str]]], **kwargs: Any) -> List[str]:
+    llm = Llama(model, n_threads=2, verbose=False, **kwargs)
+    try:
+        return [chat_text(llm.create_chat_completion(chat, **GREEDY)) for chat in chats]
+    finally:
+        llm.close()
+
+
+@pytest.fixture(scope="module")
+def alone_with_budget(smollm2_path: Path) -> List[str]:
+    return alone(smollm2_path, CHATS, **BUDGET)
+
+
+def test_a_batch_of_8_gives_each_request_its_text_alone(smollm2_path: Path, alone_with_budget: List[str]) -> None:
+    with BatchedLlama(smollm2_path, n_seq_max=8, n_threads=2, **BUDGET) as batch:
+        results = batch.generate_batch(CHATS, **GREEDY)
+    assert [chat_text(r) for r in results] == alone_with_budget
+    assert all(r["object"] == "chat.completion" and r["usage"]["completion_tokens"] > 0 for r in results)
+    # prompt and answer exceed budget + buffer: most sequences were compressed on their way
+    assert sum(r["usage"]["total_tokens"] > 32 + 16 for r in results) >= 6
+
+
+def test_full_caches_in_a_batch_equal_alone(smollm2_path: Path) -> None:
+    expected = alone(smollm2_path, CHATS[:4], n_ctx=512)
+    with BatchedLlama(smollm2_path, n_seq_max=4, n_ctx=512, n_threads=2) as batch:
+        assert batch.kv_config is None
+        texts = [chat_text(r) for r in batch.generate_batch(CHATS[:4], **GREEDY)]
+    assert texts == expected
+
+
+def test_streams_come_piece_by_piece_and_each_ends_with_a_finish_reason(
+        smollm2_path: Path, alone_with_budget: List[str]) -> None:
+    pieces: Dict[int, List[str]] = {i: [] for i in range(4)}
+    finish: Dict[int, Any] = {}
+    with BatchedLlama(smollm2_path, n_seq_max=4, n_threads=2, **BUDGET) as batch:
+        for i, chunk in batch.stream_batch(CHATS[:4], stream=True, **GREEDY):
+            assert not isinstance(chunk, Exception), chunk
+            choice = chunk["choices"][0]
+            pieces[i].append(choice["delta"].get("content") or "")
+            if choice["finish_reason"]:
+                finish[i] = choice["finish_reason"]
+    assert ["".join(pieces[i]) for i in range(4)] == alone_with_budget[:4]
+    assert all(len(p) > 3 for p in pieces.values())
+    assert sorted(finish) == [0, 1, 2, 3] and set(finish.values()) <= {"stop", "length"}
+
+
+def test_more_requests_than_sequences_wait_for_a_free_one(
+        smollm2_path: Path, alone_with_budget: List[str]) -> None:
+    with BatchedLlama(smollm2_path, n_seq_max=2, n_threads=2, **BUDGET) as batch:
+        results = batch.generate_batch(CHATS[:5], **GREEDY)
+        stats = batch.kv_stats()
+    assert [chat_text(r) for r in results] == alone_with_budget[:5]
+    # every finished request gave its stream back, emptied
+    assert stats.cells_used == 0 and stats.cells_max == 2 * 256
+
+
+def test_a_prompt_past_the_logical_context_fails_alone(smollm2_path: Path) -> None:
+    long_prompt = "tell me more " * 60
+    with BatchedLlama(smollm2_path, n_seq_max=2, n_ctx=96, n_threads=2, **BUDGET) as batch:
+        short, failed = batch.generate_batch(["The capital of France is", long_prompt], max_tokens=8, temperature=0.0)
+    assert isinstance(failed, ValueError) and "96" in str(failed)
+    assert short["choices"][0]["text"] and short["choices"][0]["finish_reason"] == "length"
+
+
+def test_per_request_settings_and_a_seeded_sample_reproduce(smollm2_path: Path) -> None:
+    prompts = ["Once upon a time"] * 3
+    settings = [dict(temperature=0.9, seed=7), dict(temperature=0.9, seed=7), dict(temperature=0.0)]
+    with BatchedLlama(smollm2_path, n_seq_max=3, n_threads=2, **BUDGET) as batch:
+        a, b, greedy = batch.generate_batch(prompts, max_tokens=24, settings=settings)
+    assert a["choices"][0]["text"] == b["choices"][0]["text"]
+    single = Llama(smollm2_path, n_threads=2, verbose=False, **BUDGET)
+    try:
+        assert greedy["choices"][0]["text"] == single.create_completion(prompts[0], max_tokens=24,
+                                                                         temperature=0.0)["choices"][0]["text"]
+    finally:
+        single.close()
+
+
+def test_a_reader_that_stops_early_frees_its_sequence(smollm2_path: Path) -> None:
+    with BatchedLlama(smollm2_path, n_seq_max=1, n_threads=2, **BUDGET) as batch:
+        stream = batch.create_completion("Once upon a time", max_tokens=200, temperature=0.0, stream=True)
+        for _ in zip(range(3), stream):
+            pass
+        stream.close()
+        done = threading.Event()
+        result: Dict[str, Any] = {}
+
+        def second() -> None:
+            result.update(batch.create_completion("The capital of France is", max_tokens=4, temperature=0.0))
+            done.set()
+
+        threading.Thread(target=second, daemon=True).start()
+        assert done.wait(60), "the sequence of the abandoned stream was not freed"
+        assert result["choices"][0]["finish_reason"] == "length"
+
+
+def test_kv_stats_per_sequence_and_for_the_context(smollm2_path: Path) -> None:
+    with BatchedLlama(smollm2_path, n_seq_max=2, n_threads=2, **BUDGET) as batch:
+        with batch.sequence() as first, batch.sequence() as second:
+            first.create_completion("Once upon a time " * 20, max_tokens=40, temperature=0.0)
+            second.create_completion("Hello", max_tokens=4, temperature=0.0)
+            one, two, total = first.kv_stats(), second.kv_stats(), batch.kv_stats()
+    assert (one.method, one.budget, one.buffer, one.cells_max) == ("rkv", 32, 16, 48)
+    assert one.compressions > 0 and one.cells_used <= 48 and one.n_tokens > 48
+    assert two.compressions == 0 and 0 < two.cells_used < 16
+    assert total.cells_used == one.cells_used + two.cells_used
+    assert total.compressions == one.compressions and total.cells_max == 2 * 256
+
+
+@pytest.mark.parametrize("kwargs, message", [
+    (dict(n_seq_max=0), "n_seq_max"),
+    (dict(n_seq_max=10**6), "n_seq_max"),
+    (dict(n_seq_max=2, kv_budget=8, kv_window=8), "kv_budget"),
+    (dict(n_seq_max=2, logits_all=True), "logits_all"),
+])
+def test_bad_settings_are_refused(tiny_model, kwargs: Dict[str, Any], message: str) -> None:
+    with pytest.raises(ValueError, match=message):
+        BatchedLlama(tiny_model(arch="llama"), verbose=False, **kwargs)
+
+
+def test_a_context_too_large_to_allocate_is_a_clear_error(tiny_model) -> None:
+    with pytest.raises(ValueError, match="cannot create a context of 64 sequences"):
+        BatchedLlama(tiny_model(arch="llama", n_ctx_train=1 << 20), n_seq_max=64, n_ctx=1 << 24, verbose=False)
+
+
+def test_a_closed_batch_refuses_requests(tiny_model) -> None:
+    batch = BatchedLlama(tiny_model(arch="llama"), n_seq_max=2, verbose=False)
+    batch.close()
+    with pytest.raises(RuntimeError, match="closed"):
+        batch.create_completion("hello", max_tokens=2)
