@@ -182,18 +182,23 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--color", choices=("auto", "always", "never"), default="auto",
                    help="ANSI colours in the terminal (default auto: when stdout is a terminal and NO_COLOR is unset)")
 
-    p = _add_command(sub, "serve", cmd_serve, help="OpenAI-compatible HTTP server (llama-cpp-python's server app)",
-                     description="Serve MODEL over llama-cpp-python's OpenAI-compatible API (/v1/completions, "
-                                 "/v1/chat/completions, /v1/models, ...) with the budgeted KV cache. Needs the "
-                                 "server extras: pip install 'rkv-local[server]'.",
-                     example="smollm2-135m --kv-budget 1024 --port 8000")
+    p = _add_command(sub, "serve", cmd_serve, help="OpenAI-compatible HTTP server, concurrent requests batched",
+                     description="Serve MODEL over an OpenAI-compatible API (/v1/completions, /v1/chat/completions, "
+                                 "streamed or not, /v1/models) with the budgeted KV cache, plus GET /rkv/stats. Up "
+                                 "to --parallel requests decode together, each in a KV stream (and budget) of its "
+                                 "own; more wait for a free one. Needs the server extras: "
+                                 "pip install 'rkv-local[server]'.",
+                     example="smollm2-135m --kv-budget 1024 --parallel 4 --port 8000")
     p.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1)")
     p.add_argument("--port", type=int, default=8000, help="port (default 8000)")
+    p.add_argument("--parallel", type=_positive_int, default=1, metavar="S",
+                   help="requests decoded together, each with its own KV stream of at most BUDGET+BUFFER cells "
+                        "(or --n-ctx without a budget); more requests wait (default 1)")
     p.add_argument("--model-alias", default=None, metavar="NAME", help="the model's name in the API (default: MODEL as given)")
     p.add_argument("--chat-format", default=None, metavar="NAME",
                    help="llama-cpp-python chat format (default: the model's own template)")
     p.add_argument("--api-key", default=None, metavar="KEY", help="require this bearer token")
-    p.add_argument("--seed", type=int, default=None, metavar="S", help="random seed")
+    p.add_argument("--seed", type=int, default=None, metavar="S", help="random seed (requests may give their own)")
 
     from .evals import add_commands  # the evaluation commands; the runtime itself never imports evals
 
@@ -581,28 +586,40 @@ def cmd_serve(args: argparse.Namespace) -> int:
         raise CliError(str(exc), status=1) from None
     import uvicorn
 
+    from . import BatchedLlama
+
     path = _resolve(args.model)
-    settings = dict(
-        model=str(path), model_alias=args.model_alias or args.model, n_ctx=args.n_ctx,
-        n_gpu_layers=args.n_gpu_layers, flash_attn=args.flash_attn, verbose=args.verbose,
-        logits_all=False, chat_format=args.chat_format, **_kv_kwargs(args),
-    )
+    kwargs: Dict[str, Any] = dict(n_seq_max=args.parallel, n_ctx=args.n_ctx, n_gpu_layers=args.n_gpu_layers,
+                                  flash_attn=args.flash_attn, verbose=args.verbose, **_kv_kwargs(args))
+    if args.chat_format is not None:
+        from llama_cpp.llama_chat_format import (LlamaChatCompletionHandlerNotFoundException,
+                                                 get_chat_completion_handler)
+
+        try:
+            get_chat_completion_handler(args.chat_format)
+        except LlamaChatCompletionHandlerNotFoundException as exc:
+            raise CliError(str(exc)) from None
+        kwargs["chat_format"] = args.chat_format
     if args.n_threads is not None:
-        settings.update(n_threads=args.n_threads, n_threads_batch=args.n_threads)
+        kwargs.update(n_threads=args.n_threads, n_threads_batch=args.n_threads)
     if args.seed is not None:
-        settings["seed"] = args.seed
+        kwargs["seed"] = args.seed
     try:
-        app = server.create_app(
-            server.RkvModelSettings(**settings),
-            server.ServerSettings(host=args.host, port=args.port, api_key=args.api_key),
-        )
-    except ValueError as exc:  # also pydantic's ValidationError
-        raise CliError(str(exc).splitlines()[0]) from None
+        llm = BatchedLlama(str(path), **kwargs)
+    except ValueError as exc:
+        raise CliError(str(exc).splitlines()[0] if str(exc) else repr(exc)) from None
+    alias = args.model_alias or args.model
+    app = server.create_app(llm, model_alias=alias, api_key=args.api_key)
     budget = (f"kv budget {args.kv_budget} + buffer {args.kv_buffer} ({args.kv_method})"
               if args.kv_budget is not None else "full KV cache")
-    print(f"{PROG}: serving {settings['model_alias']} with {budget} on http://{args.host}:{args.port}/v1",
-          file=sys.stderr, flush=True)
-    uvicorn.run(app, host=args.host, port=args.port, log_level="info" if args.verbose else "warning")
+    print(f"{PROG}: serving {alias} with {budget}, {args.parallel} request(s) at a time, "
+          f"on http://{args.host}:{args.port}/v1", file=sys.stderr, flush=True)
+    try:
+        uvicorn.run(app, host=args.host, port=args.port, log_level="info" if args.verbose else "warning",
+                    timeout_graceful_shutdown=5)
+    finally:
+        if server.drain(app):  # a request thread still inside the model would crash on a closed one
+            llm.close()
     return 0
 
 

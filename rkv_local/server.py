@@ -1,28 +1,35 @@
-"""``rkv-local serve``: llama-cpp-python's OpenAI-compatible server driving ``rkv_local.Llama``.
+"""``rkv-local serve``: an OpenAI-compatible HTTP server on one ``BatchedLlama``.
 
-llama-cpp-python's server (``llama_cpp.server``, the ``server`` extra) builds its model in
-``LlamaProxy.load_llama_from_model_settings`` by calling ``llama_cpp.Llama(...)`` with every
-field of a ``ModelSettings``. We keep all of that (chat formats, caches, LoRA, ...) and only
-change which class it constructs:
+Every request runs on a thread of its own: it waits for a free sequence of the ``BatchedLlama``
+(so requests beyond ``n_seq_max`` queue), then runs llama-cpp-python's ``create_completion`` /
+``create_chat_completion`` on that sequence's view; the batch scheduler decodes all running
+requests together. The event loop only moves results: a thread hands its chunks to the loop,
+which sends them as server-sent events (``data: {...}``, then ``data: [DONE]``).
 
-* ``RkvModelSettings`` is ``ModelSettings`` plus the ``kv_*`` fields;
-* ``RkvLlamaProxy.load_llama_from_model_settings`` runs the stock loader while
-  ``llama_cpp.Llama`` names a subclass of ``rkv_local.Llama`` bound to those ``kv_*`` settings;
-* ``create_app`` runs the stock ``create_app`` with ``RkvLlamaProxy`` as its proxy class.
+* A client that goes away cancels its request: the view is marked cancelled, its next decode
+  step raises ``RequestCancelled``, and the sequence goes back to the scheduler, which frees it.
+* Errors before the first piece of an answer (a prompt longer than the context, a bad setting)
+  are HTTP errors with OpenAI's error JSON (``{"error": {"message", "type", "param", "code"}}``);
+  an error after a stream started is sent as an ``error`` event, then ``[DONE]``.
+* Request and response shapes are llama-cpp-python's (``llama_cpp.server.types``); fields a
+  sequence view cannot honour (``n`` > 1, ``best_of`` > 1, ``logprobs``) are refused with a 400.
 
-Both substitutions last only for the call that needs them (under a lock) and are undone
-afterwards.
+Unlike llama-cpp-python's own server app there is no global lock: concurrent requests run
+together, and a new request never interrupts a running stream.
 """
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import dataclasses
+import hmac
+import json
+import re
 import threading
-from typing import Any, Iterator, Optional
+import time
+from typing import Any, AsyncIterator, Dict, List, Optional, Set, Tuple
 
-from . import Llama
-
-__all__ = ["ServerExtrasMissing", "create_app", "RkvLlamaProxy", "RkvModelSettings", "SERVER_EXTRAS"]
+__all__ = ["SERVER_EXTRAS", "ServerExtrasMissing", "create_app", "drain"]
 
 # what llama-cpp-python 0.3.36 declares for its own `server` extra; pyproject.toml repeats it
 SERVER_EXTRAS = (
@@ -36,106 +43,361 @@ SERVER_EXTRAS = (
 
 
 class ServerExtrasMissing(ImportError):
-    """The packages llama-cpp-python's server needs are not installed."""
+    """The packages the server needs (FastAPI, sse-starlette, uvicorn) are not installed."""
 
 
 try:
-    import llama_cpp
-    import llama_cpp.server.app as _app_module
-    from llama_cpp.server.model import LlamaProxy
-    from llama_cpp.server.settings import ModelSettings, ServerSettings
-    from pydantic import Field
+    from fastapi import Depends, FastAPI, Request
+    from fastapi.exceptions import RequestValidationError
+    from fastapi.responses import JSONResponse, Response
+    from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
+    from llama_cpp.server.types import CreateChatCompletionRequest, CreateCompletionRequest
+    from sse_starlette.sse import EventSourceResponse
+    from starlette.concurrency import run_in_threadpool
+    from starlette.exceptions import HTTPException as StarletteHTTPException
 except ImportError as exc:  # pragma: no cover - depends on the installed extras
     raise ServerExtrasMissing(
-        f"`rkv-local serve` needs llama-cpp-python's server packages ({exc}); install them with "
+        f"`rkv-local serve` needs the server packages ({exc}); install them with "
         f"pip install 'rkv-local[server]'  (or: pip install {' '.join(repr(r) for r in SERVER_EXTRAS)})"
     ) from exc
 
-_PATCH_LOCK = threading.RLock()
+import llama_cpp
+
+from .batched import BatchedLlama, RequestCancelled
+
+# how often a request that waits (for a sequence, or for its answer) checks that its client is still there
+DISCONNECT_POLL_S = 0.25
 
 
-@contextlib.contextmanager
-def _substituted(owner: Any, name: str, value: Any) -> Iterator[None]:
-    with _PATCH_LOCK:
-        original = getattr(owner, name)
-        setattr(owner, name, value)
+class APIError(Exception):
+    """An error answered with an HTTP status and OpenAI's error JSON."""
+
+    def __init__(self, status: int, message: str, type: str = "invalid_request_error",
+                 param: Optional[str] = None, code: Optional[str] = None) -> None:
+        super().__init__(message)
+        self.status, self.message, self.type, self.param, self.code = status, message, type, param, code
+
+    def body(self) -> Dict[str, Any]:
+        return {"error": {"message": self.message, "type": self.type, "param": self.param, "code": self.code}}
+
+    def response(self) -> JSONResponse:
+        return JSONResponse(self.body(), status_code=self.status)
+
+
+def _api_error(exc: BaseException) -> APIError:
+    """What a failure inside a request becomes: a bad request (ValueError) or a server error."""
+    if isinstance(exc, APIError):
+        return exc
+    if isinstance(exc, ValueError):
+        message = str(exc) or repr(exc)
+        code = "context_length_exceeded" if re.search(r"exceeds? (the )?context window", message) else None
+        return APIError(400, message, code=code)
+    return APIError(500, f"{type(exc).__name__}: {exc}", type="server_error")
+
+
+class _ClientGone(Exception):
+    """The client closed the connection while its request waited."""
+
+
+class _Job:
+    """One request on a thread of its own: wait for a sequence, run the completion on its view,
+    and hand ``("result" | "chunk" | "error" | "end", value)`` items to the event loop."""
+
+    def __init__(self, served: "_Served", method: str, kwargs: Dict[str, Any]) -> None:
+        self._served = served
+        self._method = method
+        self._kwargs = kwargs
+        self._stream = bool(kwargs.get("stream"))
+        self._loop = asyncio.get_running_loop()
+        self.items: "asyncio.Queue[Tuple[str, Any]]" = asyncio.Queue()
+        self._cancelled = threading.Event()
+        self._lock = threading.Lock()
+        self._view: Any = None
+        self.seq_id: Optional[int] = None
+        self.thread = threading.Thread(target=self._run, name="rkv-request", daemon=True)
+
+    def start(self) -> None:
+        self._served.add(self)
+        self.thread.start()
+
+    def cancel(self) -> None:
+        """Stop the request: a waiting one never starts, a running one stops at its next decode."""
+        with self._lock:
+            self._cancelled.set()
+            if self._view is not None:
+                self._view.cancelled = True
+
+    def _put(self, kind: str, value: Any) -> None:
         try:
-            yield
+            self._loop.call_soon_threadsafe(self.items.put_nowait, (kind, value))
+        except RuntimeError:  # the event loop is closed: nobody is listening any more
+            pass
+
+    def _run(self) -> None:
+        try:
+            with self._served.llm.sequence() as view:
+                with self._lock:
+                    self._view, self.seq_id = view, view._seq_id
+                    view.cancelled = self._cancelled.is_set()
+                if view.cancelled:
+                    return
+                try:
+                    result = getattr(view, self._method)(**self._served.prepare(view, self._kwargs))
+                    if not self._stream:
+                        self._put("result", result)
+                        return
+                    try:
+                        for chunk in result:
+                            self._put("chunk", chunk)
+                            if self._cancelled.is_set():
+                                break
+                    finally:
+                        view.cancelled = True  # whatever is left of the generators may not decode any more
+                        result.close()
+                finally:
+                    self._served.finished(view)
+        except RequestCancelled:
+            pass
+        except BaseException as exc:  # noqa: BLE001 - handed to the client
+            self._put("error", exc)
         finally:
-            setattr(owner, name, original)
+            self._served.remove(self)
+            self._put("end", None)
 
 
-class RkvModelSettings(ModelSettings):
-    """llama-cpp-python's model settings plus rkv-local's KV-cache compression."""
+class _Served:
+    """The model, its name and the requests in flight."""
 
-    kv_budget: Optional[int] = Field(default=None, ge=1, description="KV tokens kept per layer and head (None: full cache)")
-    kv_buffer: int = Field(default=128, ge=1, description="tokens decoded between two compressions")
-    kv_method: str = Field(default="rkv", description="rkv, snapkv, h2o or streamingllm")
-    kv_window: int = Field(default=8, ge=1, description="recent tokens always kept; their queries score the rest")
-    kv_lambda: float = Field(default=0.1, description="R-KV weight of importance against redundancy")
+    def __init__(self, llm: BatchedLlama, model_alias: str, api_key: Optional[str]) -> None:
+        self.llm = llm
+        self.model_alias = model_alias
+        self.api_key = api_key
+        self.created = int(time.time())
+        self._lock = threading.Lock()
+        self._jobs: Set[_Job] = set()
+        self.n_finished = 0
+        self.last_finished: Optional[Dict[str, Any]] = None   # kv_stats of the last request, as it ended
+
+    def finished(self, view: Any) -> None:
+        try:
+            stats = dict(seq_id=view._seq_id, **dataclasses.asdict(view.kv_stats()))
+        except Exception:  # noqa: BLE001 - figures only; the request itself is done
+            stats = None
+        with self._lock:
+            self.n_finished += 1
+            self.last_finished = stats
+
+    def add(self, job: _Job) -> None:
+        with self._lock:
+            self._jobs.add(job)
+
+    def remove(self, job: _Job) -> None:
+        with self._lock:
+            self._jobs.discard(job)
+
+    def counts(self) -> Tuple[List[int], int]:
+        """(sequences of the running requests, number of requests waiting for a sequence)."""
+        with self._lock:
+            running = sorted(j.seq_id for j in self._jobs if j.seq_id is not None)
+            return running, len(self._jobs) - len(running)
+
+    def drain(self, timeout_s: float) -> bool:
+        """Cancel every request and wait for their threads; True once none is left."""
+        with self._lock:
+            jobs = list(self._jobs)
+        for job in jobs:
+            job.cancel()
+        deadline = time.monotonic() + timeout_s
+        for job in jobs:
+            job.thread.join(max(0.0, deadline - time.monotonic()))
+        return not any(job.thread.is_alive() for job in jobs)
+
+    def prepare(self, view: Any, kwargs: Dict[str, Any]) -> Dict[str, Any]:
+        """The request's arguments for the view (what llama-cpp-python's app does per request)."""
+        kwargs = dict(kwargs)
+        min_tokens = kwargs.pop("min_tokens", 0) or 0
+        bias_type = kwargs.pop("logit_bias_type", None)
+        if kwargs.get("logit_bias") and bias_type == "tokens":
+            bias: Dict[str, float] = {}
+            for text, score in kwargs["logit_bias"].items():
+                for token in view.tokenize(text.encode("utf-8"), add_bos=False, special=True):
+                    bias[str(token)] = score
+            kwargs["logit_bias"] = bias
+        if kwargs.get("grammar") is not None:
+            kwargs["grammar"] = llama_cpp.LlamaGrammar.from_string(kwargs["grammar"], verbose=False)
+        if min_tokens > 0:
+            kwargs["logits_processor"] = llama_cpp.LogitsProcessorList(
+                [llama_cpp.MinTokensLogitsProcessor(min_tokens, view.token_eos())])
+        kwargs["model"] = self.model_alias
+        return kwargs
 
 
-def _bound_llama_class(settings: ModelSettings) -> type:
-    """A subclass of ``rkv_local.Llama`` whose constructor adds ``settings``' kv_* arguments."""
-    kv = {}
-    if isinstance(settings, RkvModelSettings) and settings.kv_budget is not None:
-        kv = dict(
-            kv_budget=settings.kv_budget,
-            kv_buffer=settings.kv_buffer,
-            kv_method=settings.kv_method,
-            kv_window=settings.kv_window,
-            kv_lambda=settings.kv_lambda,
-        )
-
-    class ServedLlama(Llama):
-        def __init__(self, *args: Any, **kwargs: Any) -> None:
-            super().__init__(*args, **{**kwargs, **kv})
-
-    ServedLlama.__qualname__ = ServedLlama.__name__ = "Llama"
-    return ServedLlama
+async def _next_item(job: _Job, request: Request) -> Tuple[str, Any]:
+    """The job's next item; raises ``_ClientGone`` if the client leaves meanwhile."""
+    getter = asyncio.ensure_future(job.items.get())
+    try:
+        while True:
+            done, _ = await asyncio.wait({getter}, timeout=DISCONNECT_POLL_S)
+            if done:
+                return getter.result()
+            if await request.is_disconnected():
+                raise _ClientGone
+    finally:
+        getter.cancel()  # a no-op once it has its item; an item not taken stays in the queue
 
 
-class RkvLlamaProxy(LlamaProxy):
-    """``LlamaProxy`` whose models are ``rkv_local.Llama`` instances."""
-
-    @staticmethod
-    def load_llama_from_model_settings(settings: ModelSettings) -> llama_cpp.Llama:
-        with _substituted(llama_cpp, "Llama", _bound_llama_class(settings)):
-            return LlamaProxy.load_llama_from_model_settings(settings)
+def _has_finish_reason(chunk: Any) -> bool:
+    try:
+        return any(choice.get("finish_reason") for choice in chunk["choices"])
+    except (KeyError, TypeError, AttributeError):
+        return False
 
 
-def create_app(
-    model_settings: RkvModelSettings,
-    server_settings: Optional[ServerSettings] = None,
-) -> Any:
-    """The FastAPI app of llama-cpp-python's server, serving ``model_settings`` with rkv-local.
+async def _respond(served: _Served, request: Request, method: str, kwargs: Dict[str, Any]) -> Response:
+    job = _Job(served, method, kwargs)
+    job.start()
+    try:
+        kind, first = await _next_item(job, request)
+    except _ClientGone:
+        job.cancel()
+        return Response(status_code=499)  # nobody reads it
+    except BaseException:  # cancelled: the server is stopping
+        job.cancel()
+        raise
+    if kind == "error":
+        return _api_error(first).response()
+    if kind == "end":
+        return APIError(500, "the request ended without an answer", type="server_error").response()
+    if kind == "result":
+        return JSONResponse(first)
 
-    Loads the model now, so bad settings raise here (``ValueError``) before any socket opens.
+    async def events() -> AsyncIterator[Dict[str, str]]:
+        finished = _has_finish_reason(first)
+        try:
+            yield {"data": json.dumps(first)}
+            while True:
+                kind, value = await job.items.get()
+                if kind == "chunk":
+                    finished = finished or _has_finish_reason(value)
+                    yield {"data": json.dumps(value)}
+                elif kind == "error":
+                    finished = True
+                    yield {"event": "error", "data": json.dumps(_api_error(value).body())}
+                elif kind == "end":
+                    break
+            if not finished:  # never a stream that silently stops without a reason
+                error = APIError(500, "the stream ended without a finish_reason", type="server_error")
+                yield {"event": "error", "data": json.dumps(error.body())}
+            yield {"data": "[DONE]"}
+        finally:
+            job.cancel()  # a client that went away frees its sequence
+
+    return EventSourceResponse(events())
+
+
+def _unsupported(name: str, why: str) -> APIError:
+    return APIError(400, f"{name} is not supported by rkv-local serve: {why}", param=name, code="unsupported_parameter")
+
+
+def create_app(llm: BatchedLlama, *, model_alias: str, api_key: Optional[str] = None) -> FastAPI:
+    """The FastAPI app serving ``llm`` under the name ``model_alias``.
+
+    ``/v1/completions``, ``/v1/chat/completions`` (streamed or not), ``/v1/models``, ``/health``
+    and ``GET /rkv/stats`` (KV figures of the whole context and of each sequence). With
+    ``api_key`` every route but ``/health`` wants ``Authorization: Bearer <api_key>``. The caller
+    keeps ``llm``: close it after the server stopped, once ``drain(app)`` returned True.
     """
-    if model_settings.kv_budget is not None:
-        # one decode call may carry at most kv_buffer tokens; logits of every position would not fit a budget
-        model_settings = model_settings.model_copy(update=dict(
-            n_batch=min(model_settings.n_batch, model_settings.kv_buffer),
-            n_ubatch=min(model_settings.n_ubatch, model_settings.kv_buffer),
-            logits_all=False,
-        ))
-    server_settings = server_settings or ServerSettings()
-    with _substituted(_app_module, "LlamaProxy", RkvLlamaProxy):
-        app = _app_module.create_app(server_settings=server_settings, model_settings=[model_settings])
-    _add_stats_route(app)
+    served = _Served(llm, model_alias, api_key)
+
+    @contextlib.asynccontextmanager
+    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        yield
+        await run_in_threadpool(served.drain, 5.0)
+
+    app = FastAPI(title="rkv-local", version="0.1.0", lifespan=lifespan)
+    app.state.rkv = served
+    bearer = HTTPBearer(auto_error=False)
+
+    async def authenticate(credentials: Optional[HTTPAuthorizationCredentials] = Depends(bearer)) -> None:  # noqa: B008
+        if served.api_key is None:
+            return
+        if credentials is None or not hmac.compare_digest(credentials.credentials.encode(), served.api_key.encode()):
+            raise APIError(401, "Invalid API key", code="invalid_api_key")
+
+    @app.exception_handler(APIError)
+    async def on_api_error(request: Request, exc: APIError) -> JSONResponse:
+        return exc.response()
+
+    @app.exception_handler(RequestValidationError)
+    async def on_invalid_request(request: Request, exc: RequestValidationError) -> JSONResponse:
+        errors = exc.errors()
+        first = errors[0] if errors else {}
+        if first.get("type") == "json_invalid":
+            where = ""
+            message = f"the request body is not valid JSON ({first.get('ctx', {}).get('error', 'JSON decode error')})"
+        else:
+            where = ".".join(str(p) for p in first.get("loc", ()) if p != "body")
+            message = f"{where}: {first.get('msg', 'invalid request')}" if where else first.get("msg", "invalid request")
+        if len(errors) > 1:
+            message += f" (and {len(errors) - 1} more)"
+        return APIError(400, message, param=where or None).response()
+
+    @app.exception_handler(StarletteHTTPException)
+    async def on_http_error(request: Request, exc: StarletteHTTPException) -> JSONResponse:
+        return APIError(exc.status_code, str(exc.detail)).response()
+
+    auth = [Depends(authenticate)]
+
+    @app.post("/v1/completions", dependencies=auth, tags=["OpenAI V1"], summary="Completion")
+    async def completions(request: Request, body: CreateCompletionRequest) -> Response:
+        if isinstance(body.prompt, list):
+            if len(body.prompt) > 1:
+                raise _unsupported("prompt", f"one prompt per request, got {len(body.prompt)}")
+            body.prompt = body.prompt[0] if body.prompt else ""
+        if (body.n or 1) != 1:
+            raise _unsupported("n", "one choice per request")
+        if (body.best_of or 1) != 1:
+            raise _unsupported("best_of", "one candidate per request")
+        if body.logprobs is not None:
+            raise _unsupported("logprobs", "a batched sequence keeps the logits of its last token only")
+        kwargs = body.model_dump(exclude={"model", "n", "best_of", "user", "logprobs"})
+        return await _respond(served, request, "create_completion", kwargs)
+
+    @app.post("/v1/chat/completions", dependencies=auth, tags=["OpenAI V1"], summary="Chat")
+    async def chat_completions(request: Request, body: CreateChatCompletionRequest) -> Response:
+        if (body.n or 1) != 1:
+            raise _unsupported("n", "one choice per request")
+        if body.logprobs or body.top_logprobs is not None:
+            raise _unsupported("logprobs", "a batched sequence keeps the logits of its last token only")
+        kwargs = body.model_dump(exclude={"model", "n", "user", "logprobs", "top_logprobs"})
+        return await _respond(served, request, "create_chat_completion", kwargs)
+
+    @app.get("/v1/models", dependencies=auth, tags=["OpenAI V1"], summary="Models")
+    async def models() -> Dict[str, Any]:
+        return {"object": "list", "data": [{"id": served.model_alias, "object": "model", "created": served.created,
+                                            "owned_by": "rkv-local", "permissions": []}]}
+
+    @app.get("/health", tags=["rkv-local"], summary="Liveness")
+    async def health() -> Dict[str, str]:
+        return {"status": "ok"}
+
+    @app.get("/rkv/stats", dependencies=auth, tags=["rkv-local"], summary="KV-cache statistics")
+    async def stats() -> Dict[str, Any]:
+        def collect() -> Dict[str, Any]:
+            running, waiting = served.counts()
+            sequences = [dict(seq_id=s, busy=s in running, **dataclasses.asdict(llm.kv_stats(s)))
+                         for s in range(llm.n_seq_max)]
+            return {"model": served.model_alias, "parallel": llm.n_seq_max, "requests_running": len(running),
+                    "requests_waiting": waiting, "requests_finished": served.n_finished,
+                    "context": dataclasses.asdict(llm.kv_stats()), "sequences": sequences,
+                    "last_finished": served.last_finished}
+
+        return await run_in_threadpool(collect)
+
     return app
 
 
-def _add_stats_route(app: Any) -> None:
-    """``GET /rkv/stats``: the served model's ``kv_stats()`` as JSON (waits for a running request)."""
-    from fastapi import Depends
-
-    get_proxy = _app_module.get_llama_proxy
-    authenticate = _app_module.authenticate
-
-    async def kv_stats(proxy=Depends(get_proxy)):  # noqa: B008 - FastAPI's dependency style
-        llm = proxy(None)
-        return dataclasses.asdict(llm.kv_stats())
-
-    app.add_api_route("/rkv/stats", kv_stats, methods=["GET"], tags=["rkv-local"],
-                      dependencies=[Depends(authenticate)], summary="KV-cache statistics of the served model")
+def drain(app: FastAPI, timeout_s: float = 5.0) -> bool:
+    """Cancel the app's requests and wait for their threads; True when none is left, so that
+    closing the ``BatchedLlama`` is safe."""
+    return app.state.rkv.drain(timeout_s)

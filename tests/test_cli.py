@@ -1,19 +1,14 @@
 """The ``rkv-local`` command, run as a subprocess (``python -m rkv_local.cli``).
 
 Tiny random models keep the mechanics fast; SmolLM2-135M is used where the text must make
-sense (chat) and for the HTTP server.
+sense (chat); the HTTP server has tests/test_server.py.
 """
 from __future__ import annotations
 
-import json
 import os
 import re
-import socket
 import subprocess
 import sys
-import time
-import urllib.error
-import urllib.request
 from pathlib import Path
 from typing import Any, Dict, List, Optional
 
@@ -190,84 +185,3 @@ def test_inspect_rejects_a_missing_layer(tiny_model, tmp_path: Path) -> None:
     result = run_cli("inspect", tiny_model(arch="llama"), "Hello", "--layer", "7", "--max-tokens", "2", cwd=tmp_path)
     assert result.returncode == 2 and "--layer 7" in result.stderr
     assert not (tmp_path / "rkv-inspect.html").exists()
-
-
-# ---------------------------------------------------------------------------------------------
-# serve
-# ---------------------------------------------------------------------------------------------
-
-
-def _free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def _wait_ready(proc: subprocess.Popen, base: str, timeout_s: float = 60.0) -> None:
-    deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline:
-        if proc.poll() is not None:
-            raise AssertionError(f"server exited with {proc.returncode}: {proc.stderr.read()}")
-        try:
-            with urllib.request.urlopen(base + "/v1/models", timeout=2) as response:
-                if response.status == 200:
-                    return
-        except (urllib.error.URLError, ConnectionError, TimeoutError):
-            time.sleep(0.2)
-    raise AssertionError(f"server not ready after {timeout_s} s")
-
-
-def _post(url: str, body: Dict[str, Any]):
-    request = urllib.request.Request(url, data=json.dumps(body).encode(), headers={"Content-Type": "application/json"})
-    return urllib.request.urlopen(request, timeout=TIMEOUT_S)
-
-
-def test_serve_answers_openai_chat_requests(smollm2_path: Path) -> None:
-    pytest.importorskip("fastapi")
-    pytest.importorskip("uvicorn")
-    port = _free_port()
-    base = f"http://127.0.0.1:{port}"
-    proc = subprocess.Popen(
-        CLI + ["serve", str(smollm2_path), "--port", str(port), "--kv-budget", "16", "--kv-buffer", "8",
-               "--model-alias", "smol"],
-        stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
-    )
-    try:
-        _wait_ready(proc, base)
-        with urllib.request.urlopen(base + "/v1/models", timeout=10) as response:
-            assert [m["id"] for m in json.load(response)["data"]] == ["smol"]
-
-        messages = [{"role": "user", "content": "What is the capital of Germany?"}]
-        with _post(base + "/v1/chat/completions", {"messages": messages, "max_tokens": 40, "temperature": 0}) as response:
-            reply = json.load(response)
-        assert reply["object"] == "chat.completion"
-        choice = reply["choices"][0]
-        assert choice["message"]["role"] == "assistant" and choice["message"]["content"].strip()
-        assert choice["finish_reason"] in ("stop", "length")
-        assert reply["usage"]["completion_tokens"] > 0
-
-        # the served model is rkv_local.Llama with the budget: the prompt alone overflows 16 + 8 cells
-        with urllib.request.urlopen(base + "/rkv/stats", timeout=10) as response:
-            stats = json.load(response)
-        assert (stats["method"], stats["budget"], stats["buffer"]) == ("rkv", 16, 8)
-        assert stats["n_tokens"] > 24 and stats["compressions"] > 0 and stats["cells_peak"] <= 24
-
-        body = {"messages": messages, "max_tokens": 16, "temperature": 0, "stream": True}
-        with _post(base + "/v1/chat/completions", body) as response:
-            assert response.headers["Content-Type"].startswith("text/event-stream")
-            events = [line[len("data: "):].strip() for line in response.read().decode().splitlines()
-                      if line.startswith("data: ")]
-        assert events[-1] == "[DONE]"
-        chunks = [json.loads(e) for e in events[:-1]]
-        assert all(c["object"] == "chat.completion.chunk" for c in chunks)
-        assert chunks[0]["choices"][0]["delta"].get("role") == "assistant"
-        streamed = "".join(c["choices"][0]["delta"].get("content") or "" for c in chunks)
-        assert streamed.strip()
-        assert chunks[-1]["choices"][0]["finish_reason"] in ("stop", "length")
-    finally:
-        proc.terminate()
-        try:
-            proc.wait(timeout=15)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()

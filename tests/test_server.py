@@ -1,0 +1,383 @@
+"""``rkv-local serve``: the OpenAI-compatible server on one ``BatchedLlama``, driven by the real
+``openai`` client against the server run as a subprocess on a free loopback port.
+
+SmolLM2-135M with a budget of 32 + 16 cells, so every answer is compressed on its way.
+"""
+from __future__ import annotations
+
+import json
+import socket
+import subprocess
+import sys
+import threading
+import time
+import urllib.error
+import urllib.request
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any, Dict, Iterator, List, Optional
+
+import pytest
+
+pytest.importorskip("fastapi")
+pytest.importorskip("uvicorn")
+pytest.importorskip("sse_starlette")
+openai = pytest.importorskip("openai")
+
+CLI = [sys.executable, "-m", "rkv_local.cli"]
+BUDGET = ["--kv-budget", "32", "--kv-buffer", "16", "--n-threads", "2"]
+START_TIMEOUT_S = 120
+TIMEOUT_S = 120
+QUESTIONS = ["What is 2+2?", "Name three fruits.", "Why is the sky blue?", "What is the capital of France?",
+             "Tell me about cats.", "How do birds fly?"]
+
+# SmolLM2's end-of-generation tokens (<|endoftext|>, <|im_end|>) ruled out: an answer that runs to max_tokens
+NO_END = {"0": -100.0, "2": -100.0}
+
+
+def chat(question: str) -> List[Dict[str, str]]:
+    return [{"role": "user", "content": question}]
+
+
+class Server:
+    def __init__(self, proc: subprocess.Popen, port: int, log: Path) -> None:
+        self.proc, self.port, self.log = proc, port, log
+        self.base = f"http://127.0.0.1:{port}"
+
+    def client(self, api_key: str = "none", timeout: float = TIMEOUT_S) -> "openai.OpenAI":
+        return openai.OpenAI(base_url=self.base + "/v1", api_key=api_key, max_retries=0, timeout=timeout)
+
+    def get(self, path: str, api_key: Optional[str] = None) -> Dict[str, Any]:
+        headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
+        with urllib.request.urlopen(urllib.request.Request(self.base + path, headers=headers), timeout=10) as r:
+            return json.load(r)
+
+
+def _free_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@contextmanager
+def serve(model: Path, tmp_path: Path, *options: str) -> Iterator[Server]:
+    port = _free_port()
+    log = tmp_path / f"serve-{port}.log"
+    with open(log, "w") as err:
+        proc = subprocess.Popen(CLI + ["serve", str(model), "--port", str(port), *options],
+                                stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=err)
+    server = Server(proc, port, log)
+    try:
+        deadline = time.monotonic() + START_TIMEOUT_S
+        while True:
+            assert proc.poll() is None, f"the server exited with {proc.returncode}: {log.read_text()[-3000:]}"
+            try:
+                server.get("/health")
+                break
+            except (OSError, urllib.error.URLError):
+                assert time.monotonic() < deadline, f"the server did not start: {log.read_text()[-3000:]}"
+                time.sleep(0.2)
+        yield server
+        assert proc.poll() is None, f"the server died: {log.read_text()[-3000:]}"
+    finally:
+        proc.terminate()
+        try:
+            proc.wait(timeout=20)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+
+
+@pytest.fixture(scope="module")
+def server4(smollm2_path: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Server]:
+    with serve(smollm2_path, tmp_path_factory.mktemp("server4"), *BUDGET, "--parallel", "4",
+               "--model-alias", "smol") as server:
+        yield server
+
+
+def _stream_chat(client: "openai.OpenAI", messages: List[Dict[str, str]], max_tokens: int) -> Dict[str, Any]:
+    out: Dict[str, Any] = {"text": "", "finish": None, "role": None, "times": []}
+    stream = client.chat.completions.create(model="smol", messages=messages, max_tokens=max_tokens,
+                                            temperature=0, stream=True)
+    for chunk in stream:
+        out["times"].append(time.monotonic())
+        choice = chunk.choices[0]
+        out["role"] = out["role"] or choice.delta.role
+        out["text"] += choice.delta.content or ""
+        if choice.finish_reason:
+            assert out["finish"] is None, "two chunks with a finish_reason"
+            out["finish"] = choice.finish_reason
+    return out
+
+
+def _in_threads(fn, args: List[Any]) -> List[Any]:
+    results: List[Any] = [None] * len(args)
+
+    def run(i: int) -> None:
+        try:
+            results[i] = fn(args[i])
+        except BaseException as exc:  # noqa: BLE001 - checked by the caller
+            results[i] = exc
+
+    threads = [threading.Thread(target=run, args=(i,)) for i in range(len(args))]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(TIMEOUT_S)
+    assert not any(t.is_alive() for t in threads), "a request never finished"
+    return results
+
+
+# ---------------------------------------------------------------------------------------------
+
+
+def test_concurrent_streams_each_get_their_answer_alone(server4: Server) -> None:
+    client = server4.client()
+    questions = QUESTIONS[:4]
+    alone = []
+    for q in questions:
+        reply = client.chat.completions.create(model="smol", messages=chat(q), max_tokens=32, temperature=0)
+        assert reply.choices[0].finish_reason in ("stop", "length")
+        alone.append(reply.choices[0].message.content)
+    assert all(a.strip() for a in alone)
+
+    streams = _in_threads(lambda q: _stream_chat(client, chat(q), 32), questions)
+    for q, s, expected in zip(questions, streams, alone):
+        assert not isinstance(s, BaseException), s
+        assert s["role"] == "assistant"
+        assert s["finish"] in ("stop", "length"), (q, s)
+        assert s["text"] == expected, q
+    # they ran together: every stream had started before the first one ended
+    assert max(s["times"][0] for s in streams) < min(s["times"][-1] for s in streams)
+
+
+def test_completions_chat_and_models_without_streaming(server4: Server) -> None:
+    client = server4.client()
+    assert [m.id for m in client.models.list().data] == ["smol"]
+
+    completion = client.completions.create(model="smol", prompt="The capital of France is", max_tokens=16,
+                                           temperature=0)
+    assert completion.object == "text_completion" and completion.model == "smol"
+    assert completion.choices[0].text.strip() and completion.choices[0].finish_reason in ("stop", "length")
+    assert completion.usage.completion_tokens > 0
+
+    reply = client.chat.completions.create(model="smol", messages=chat("Why is the sky blue?"),
+                                           max_tokens=24, temperature=0)
+    assert reply.object == "chat.completion"
+    assert reply.choices[0].message.role == "assistant" and reply.choices[0].message.content.strip()
+    assert reply.usage.prompt_tokens + reply.usage.completion_tokens > 48
+
+    # the chat went through a budgeted sequence: prompt and answer overflow 32 + 16 cells
+    stats = server4.get("/rkv/stats")
+    last = stats["last_finished"]
+    assert (last["method"], last["budget"], last["buffer"]) == ("rkv", 32, 16)
+    assert last["compressions"] > 0 and last["cells_peak"] <= 48
+    assert stats["parallel"] == 4 and len(stats["sequences"]) == 4
+    assert all(s["cells_max"] == 48 and not s["busy"] for s in stats["sequences"])
+
+    # per-request sampling settings reach the sequence: no end-of-generation token, so max_tokens
+    long = client.completions.create(model="smol", prompt="Hello.", max_tokens=24, temperature=0, logit_bias=NO_END)
+    assert (long.usage.completion_tokens, long.choices[0].finish_reason) == (24, "length")
+
+    # what a sequence view cannot do is refused, clearly
+    with pytest.raises(openai.BadRequestError, match="n is not supported"):
+        client.chat.completions.create(model="smol", messages=chat("Hi"), max_tokens=4, n=2)
+    with pytest.raises(openai.BadRequestError, match="logprobs"):
+        client.completions.create(model="smol", prompt="Hi", max_tokens=4, logprobs=2)
+
+
+def test_malformed_requests_get_a_4xx_and_the_server_goes_on(server4: Server) -> None:
+    def post(body: bytes) -> urllib.error.HTTPError:
+        request = urllib.request.Request(server4.base + "/v1/chat/completions", data=body,
+                                         headers={"Content-Type": "application/json"})
+        with pytest.raises(urllib.error.HTTPError) as info:
+            urllib.request.urlopen(request, timeout=10)
+        return info.value
+
+    for body in (b'{"messages": [', b"not json at all", b'{"messages": [], "max_tokens": "many"}'):
+        error = post(body)
+        assert 400 <= error.code < 500
+        assert json.load(error)["error"]["message"]
+    assert server4.get("/v1/models")["data"][0]["id"] == "smol"
+
+
+def test_serve_listens_on_loopback_by_default(server4: Server) -> None:
+    """No --host given: the listening socket is bound to 127.0.0.1 only."""
+    table = Path("/proc/net/tcp")
+    if not table.exists():
+        pytest.skip("needs Linux's /proc/net/tcp")
+    listening = []
+    for line in table.read_text().splitlines()[1:]:
+        local, state = line.split()[1], line.split()[3]
+        address, port = local.split(":")
+        if state == "0A" and int(port, 16) == server4.port:  # 0A: LISTEN
+            listening.append(socket.inet_ntoa(bytes.fromhex(address)[::-1]))
+    assert listening == ["127.0.0.1"]
+    assert f"http://127.0.0.1:{server4.port}/v1" in server4.log.read_text()
+
+
+def test_more_requests_than_sequences_wait_their_turn(smollm2_path: Path, tmp_path: Path) -> None:
+    with serve(smollm2_path, tmp_path, *BUDGET, "--parallel", "2") as server:
+        client = server.client()
+        seen = {"running": 0, "waiting": 0}
+        done = threading.Event()
+
+        def watch() -> None:
+            while not done.is_set():
+                stats = server.get("/rkv/stats")
+                seen["running"] = max(seen["running"], stats["requests_running"])
+                seen["waiting"] = max(seen["waiting"], stats["requests_waiting"])
+                time.sleep(0.05)
+
+        watcher = threading.Thread(target=watch)
+        watcher.start()
+        try:
+            replies = _in_threads(lambda q: client.chat.completions.create(
+                model="any", messages=chat(q), max_tokens=16, temperature=0), QUESTIONS)
+        finally:
+            done.set()
+            watcher.join()
+        for reply in replies:
+            assert not isinstance(reply, BaseException), reply
+            assert reply.choices[0].message.content.strip()
+            assert reply.choices[0].finish_reason in ("stop", "length")
+        assert seen["running"] <= 2 and seen["waiting"] > 0, seen
+        assert server.get("/rkv/stats")["requests_finished"] == len(QUESTIONS)
+
+
+def test_a_prompt_beyond_the_context_is_a_400_while_others_go_on(smollm2_path: Path, tmp_path: Path) -> None:
+    with serve(smollm2_path, tmp_path, *BUDGET, "--parallel", "2", "--n-ctx", "64") as server:
+        client = server.client()
+        normal: Dict[str, Any] = {}
+        worker = threading.Thread(target=lambda: normal.update(_stream_chat(client, chat("What is 2+2?"), 24)))
+        worker.start()
+        too_long = chat("Please repeat: " + "apple banana cherry " * 30)
+        try:
+            with pytest.raises(openai.BadRequestError) as info:
+                client.chat.completions.create(model="smol", messages=too_long, max_tokens=8)
+            assert info.value.code == "context_length_exceeded" and "64" in info.value.message
+            with pytest.raises(openai.BadRequestError):  # a stream too: refused before it starts
+                client.chat.completions.create(model="smol", messages=too_long, max_tokens=8, stream=True)
+        finally:
+            worker.join(TIMEOUT_S)
+        assert normal["text"].strip() and normal["finish"] in ("stop", "length")
+        reply = client.completions.create(model="smol", prompt="One, two,", max_tokens=8, temperature=0)
+        assert reply.choices[0].text
+
+
+def test_a_client_that_disconnects_frees_its_sequence(smollm2_path: Path, tmp_path: Path) -> None:
+    with serve(smollm2_path, tmp_path, *BUDGET, "--parallel", "1", "--api-key", "secret") as server:
+        with pytest.raises(openai.AuthenticationError):
+            server.client(api_key="wrong").models.list()
+        client = server.client(api_key="secret")
+        stream = client.completions.create(model="smol", prompt="1, 2, 3, 4, 5, 6,", max_tokens=4000,
+                                           temperature=0, stream=True, logit_bias=NO_END)
+        pieces = 0
+        for chunk in stream:
+            assert chunk.choices[0].finish_reason is None
+            pieces += 1
+            if pieces == 5:
+                break
+        # meanwhile a second request waits for the only sequence, and its client gives up
+        with pytest.raises(openai.APITimeoutError):
+            server.client(api_key="secret", timeout=1.0).chat.completions.create(
+                model="smol", messages=chat("What is 2+2?"), max_tokens=16)
+        assert server.get("/rkv/stats", api_key="secret")["requests_running"] == 1
+        time.sleep(0.5)  # the server notices the second client is gone
+        stream.close()
+        closed = time.monotonic()
+
+        deadline = closed + 30
+        while True:
+            stats = server.get("/rkv/stats", api_key="secret")
+            if (stats["requests_running"], stats["requests_waiting"], stats["context"]["cells_used"]) == (0, 0, 0):
+                break
+            assert time.monotonic() < deadline, f"the sequence was never freed: {stats}"
+            time.sleep(0.1)
+        # the abandoned request stopped long before its 4000 tokens; the one whose client left
+        # while it waited never ran
+        assert stats["requests_finished"] == 1 and stats["last_finished"]["n_tokens"] < 1000
+        assert not any(s["busy"] for s in stats["sequences"])
+
+        # the only sequence serves the next request
+        reply = client.chat.completions.create(model="smol", messages=chat("What is 2+2?"), max_tokens=16,
+                                               temperature=0)
+        assert reply.choices[0].message.content.strip()
+
+
+# ---------------------------------------------------------------------------------------------
+# failures inside a stream, with a stand-in for the model (the app runs in this process)
+# ---------------------------------------------------------------------------------------------
+
+
+class _FailingView:
+    """A sequence view whose completion streams two pieces and then breaks (or just stops)."""
+
+    _seq_id = 0
+    cancelled = False
+
+    def __init__(self, ending: str) -> None:
+        self.ending = ending
+
+    def create_completion(self, **kwargs: Any) -> Iterator[Dict[str, Any]]:
+        for text in ("Hello", " world"):
+            yield {"id": "cmpl-1", "object": "text_completion", "created": 0, "model": kwargs["model"],
+                   "choices": [{"text": text, "index": 0, "logprobs": None, "finish_reason": None}]}
+        if self.ending == "error":
+            raise RuntimeError("the decoder broke")
+
+    def kv_stats(self) -> Any:
+        raise RuntimeError("no figures")
+
+
+class _FailingModel:
+    n_seq_max = 1
+
+    def __init__(self, ending: str) -> None:
+        self.ending = ending
+
+    @contextmanager
+    def sequence(self) -> Iterator[_FailingView]:
+        yield _FailingView(self.ending)
+
+
+@contextmanager
+def serve_in_process(app: Any) -> Iterator[str]:
+    import uvicorn
+
+    port = _free_port()
+    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning"))
+    thread = threading.Thread(target=server.run, daemon=True)
+    thread.start()
+    try:
+        deadline = time.monotonic() + 30
+        while not server.started:
+            assert thread.is_alive() and time.monotonic() < deadline, "the in-process server did not start"
+            time.sleep(0.05)
+        yield f"http://127.0.0.1:{port}"
+    finally:
+        server.should_exit = True
+        thread.join(30)
+
+
+@pytest.mark.parametrize("ending", ["error", "no finish_reason"])
+def test_a_stream_that_breaks_after_it_started_ends_with_an_error_event(ending: str) -> None:
+    from rkv_local import server
+
+    app = server.create_app(_FailingModel(ending), model_alias="stub")
+    with serve_in_process(app) as base:
+        request = urllib.request.Request(base + "/v1/completions", headers={"Content-Type": "application/json"},
+                                         data=json.dumps({"prompt": "Hi", "stream": True}).encode())
+        with urllib.request.urlopen(request, timeout=30) as response:
+            assert response.status == 200
+            events = response.read().decode().replace("\r\n", "\n").strip().split("\n\n")
+        assert [e for e in events if e.startswith("data: {\"id\"")][-1].count("world") == 1
+        assert events[-2].startswith("event: error\ndata: ") and "\"error\"" in events[-2]
+        assert events[-1] == "data: [DONE]"
+
+        client = openai.OpenAI(base_url=base + "/v1", api_key="none", max_retries=0, timeout=30)
+        pieces = []
+        with pytest.raises(openai.APIError, match="the decoder broke" if ending == "error" else "finish_reason"):
+            for chunk in client.completions.create(model="stub", prompt="Hi", stream=True):
+                pieces.append(chunk.choices[0].text)
+        assert pieces == ["Hello", " world"]
