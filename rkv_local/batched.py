@@ -16,6 +16,7 @@ import os
 import queue
 import threading
 import time
+import warnings
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -57,6 +58,7 @@ class _Submission:
 
     view: "_SequenceView"
     tokens: List[int]
+    sample: bool
     done: threading.Event = field(default_factory=threading.Event)
     token: Optional[int] = None
     error: Optional[BaseException] = None
@@ -83,7 +85,8 @@ class _SequenceView(Llama):
         chunk = self._owner.chunk_size
         for start in range(0, len(tokens), chunk):
             part = tokens[start:start + chunk]
-            self._next_token = self._owner._submit(self, part)
+            # only the last chunk's logits are sampled, as Llama.generate samples after eval
+            self._next_token = self._owner._submit(self, part, sample=start + chunk >= len(tokens))
             self.input_ids[self.n_tokens:self.n_tokens + len(part)] = part
             self.n_tokens += len(part)
             self._tokens_evaluated += len(part)
@@ -125,7 +128,13 @@ class BatchedLlama:
 
     ``kv_budget`` and the other ``kv_*`` settings are those of ``Llama`` and apply to every
     sequence; without ``kv_budget`` each sequence has a full cache of ``n_ctx`` cells. Other
-    keyword arguments go to ``Llama`` (``n_threads``, ``n_gpu_layers``, ``flash_attn``, ...).
+    keyword arguments go to ``Llama`` (``n_threads``, ``n_gpu_layers``, ...).
+
+    Flash attention is on by default: in the pinned llama.cpp, attention without it gives a
+    sequence slightly different logits when another sequence's tokens share its decode call
+    (the call is split into ubatches of equal tokens per stream), so greedy texts could part from
+    what the request gives alone. With it, a request in a batch is bitwise what it is alone under
+    ``Llama(..., flash_attn=True)``.
 
     ``create_completion`` and ``create_chat_completion`` take the arguments of ``Llama``'s and
     may be called from many threads at once: the calls decode together, and a call beyond
@@ -156,6 +165,9 @@ class BatchedLlama:
                 raise ValueError(f"{name} is not supported by BatchedLlama")
         if n_ctx < 0:
             raise ValueError(f"n_ctx must be positive (or 0: the model's training context), got {n_ctx}")
+        if not kwargs.setdefault("flash_attn", True) and n_seq_max > 1:
+            warnings.warn("BatchedLlama without flash attention: in llama.cpp, a sequence's logits then depend "
+                          "on the other sequences in its decode calls", RuntimeWarning, stacklevel=2)
         self._closed = True   # until the scheduler runs
         self.n_seq_max = n_seq_max
         budget = dict(kv_budget=kv_budget, kv_buffer=kv_buffer, kv_method=kv_method, kv_window=kv_window,
@@ -189,8 +201,10 @@ class BatchedLlama:
             cells = proto._ctx.n_ctx()                      # budget + buffer, padded
             self.n_ctx_seq = proto.n_ctx()                  # the logical context
             self.chunk_size = self.kv_config.buffer
-            # the decodes of all sequences plus a prompt chunk; the engine takes `buffer` tokens per sequence
-            per_call = min(self.n_seq_max + self.kv_config.buffer, self.n_seq_max * self.kv_config.buffer)
+            # the decodes of all sequences plus prompt chunks (llama.cpp's default batch of 512 unless the
+            # buffer is larger); the engine takes at most `buffer` tokens of a sequence per call
+            buffer = self.kv_config.buffer
+            per_call = min(self.n_seq_max * buffer, max(self.n_seq_max + buffer, 512))
         else:
             self.n_ctx_seq = n_ctx or proto._model.n_ctx_train()
             cells = -(-self.n_ctx_seq // CACHE_PAD) * CACHE_PAD
@@ -338,10 +352,11 @@ class BatchedLlama:
     # the scheduler
     # ------------------------------------------------------------------
 
-    def _submit(self, view: _SequenceView, tokens: List[int]) -> int:
+    def _submit(self, view: _SequenceView, tokens: List[int], sample: bool) -> Optional[int]:
+        """Decode ``tokens`` of ``view``'s sequence in the next call; the token sampled after them."""
         if view.cancelled:
             raise RequestCancelled("the request was cancelled")
-        sub = _Submission(view, tokens)
+        sub = _Submission(view, tokens, sample)
         with self._lock:
             if self._closed:
                 raise RuntimeError("this BatchedLlama is closed")
@@ -350,7 +365,6 @@ class BatchedLlama:
         sub.done.wait()
         if sub.error is not None:
             raise sub.error
-        assert sub.token is not None
         return sub.token
 
     def _run(self) -> None:
@@ -417,7 +431,7 @@ class BatchedLlama:
                 b.pos[n] = view.n_tokens + k
                 b.n_seq_id[n] = 1
                 b.seq_id[n][0] = view._seq_id
-                b.logits[n] = k == len(sub.tokens) - 1
+                b.logits[n] = sub.sample and k == len(sub.tokens) - 1
                 n += 1
             last[id(sub)] = n - 1
         b.n_tokens = n
@@ -429,7 +443,7 @@ class BatchedLlama:
                 for sub in batch:
                     sub.error = error
             else:
-                for sub in batch:
+                for sub in filter(lambda sub: sub.sample, batch):
                     try:
                         sub.token = sub.view._sampler.sample(self._ctx, last[id(sub)])
                     except Exception as exc:  # noqa: BLE001 - handed to the request

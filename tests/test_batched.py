@@ -25,7 +25,7 @@ def chat_text(response: Dict[str, Any]) -> str:
 
 
 def alone(model: Path, chats: List[List[Dict[str, str]]], **kwargs: Any) -> List[str]:
-    llm = Llama(model, n_threads=2, verbose=False, **kwargs)
+    llm = Llama(model, n_threads=2, flash_attn=True, verbose=False, **kwargs)
     try:
         return [chat_text(llm.create_chat_completion(chat, **GREEDY)) for chat in chats]
     finally:
@@ -94,7 +94,7 @@ def test_per_request_settings_and_a_seeded_sample_reproduce(smollm2_path: Path) 
     with BatchedLlama(smollm2_path, n_seq_max=3, n_threads=2, **BUDGET) as batch:
         a, b, greedy = batch.generate_batch(prompts, max_tokens=24, settings=settings)
     assert a["choices"][0]["text"] == b["choices"][0]["text"]
-    single = Llama(smollm2_path, n_threads=2, verbose=False, **BUDGET)
+    single = Llama(smollm2_path, n_threads=2, flash_attn=True, verbose=False, **BUDGET)
     try:
         assert greedy["choices"][0]["text"] == single.create_completion(prompts[0], max_tokens=24,
                                                                          temperature=0.0)["choices"][0]["text"]

@@ -8,7 +8,7 @@ built with llama.cpp's low-level API.
 from __future__ import annotations
 
 import contextlib
-from pathlib import Path
+import itertools
 from typing import Iterator, Sequence
 
 import numpy as np
@@ -90,9 +90,11 @@ def llama_model(tiny_model) -> Iterator[llama_cpp.llama_model_p]:
 
 @contextlib.contextmanager
 def low_level_context(
-    model, *, n_ctx: int, n_seq_max: int = 1, kv_unified: bool = False, n_batch: int = BUFFER
+    model, *, n_ctx: int, n_seq_max: int = 1, kv_unified: bool = False, n_batch: int = BUFFER,
+    flash_attn: int = llama_cpp.LLAMA_FLASH_ATTN_TYPE_AUTO,
 ) -> Iterator[llama_cpp.llama_context_p]:
     params = llama_cpp.llama_context_default_params()
+    params.flash_attn_type = flash_attn
     params.n_ctx = n_ctx
     params.n_batch = params.n_ubatch = n_batch
     params.n_seq_max = n_seq_max
@@ -217,3 +219,42 @@ def test_two_sequences_sharing_decode_calls_both_stay_within_budget(llama_model)
             assert s.n_tokens == half * steps
             assert s.n_compressions > 0
             assert s.cells_used <= BUDGET + BUFFER
+
+
+@pytest.mark.parametrize("flash_attn", [llama_cpp.LLAMA_FLASH_ATTN_TYPE_ENABLED, llama_cpp.LLAMA_FLASH_ATTN_TYPE_DISABLED])
+def test_sequences_sharing_decode_calls_keep_what_each_keeps_alone(llama_model, flash_attn: int) -> None:
+    # A prompt chunk of one sequence beside single tokens of the other, as a batched server decodes
+    lengths = {0: 6 * BUFFER, 1: 6 * BUFFER}
+    tokens = {seq: random_tokens(lengths[seq], seed=30 + seq) for seq in (0, 1)}
+    # the same cadence first (both compress in one memory update), then different ones
+    chunks = {0: [BUFFER // 2] * 12, 1: [BUFFER // 2] * 4 + [1] * 40 + [BUFFER] * 3 + [24]}
+    plan = {seq: list(itertools.accumulate([0] + chunks[seq])) for seq in (0, 1)}
+
+    def run(seqs) -> tuple:
+        """Kept positions of every head, and the logits after every call, of each sequence."""
+        logits: dict = {seq: [] for seq in seqs}
+        with low_level_context(llama_model, n_ctx=256 * len(seqs), n_seq_max=len(seqs), n_batch=BUFFER * len(seqs),
+                               flash_attn=flash_attn) as ctx:
+            _native.enable(ctx, config())
+            n_vocab = llama_cpp.llama_vocab_n_tokens(llama_cpp.llama_model_get_vocab(llama_model))
+            for step in range(max(len(chunks[s]) for s in seqs)):
+                parts = []
+                for slot, seq in enumerate(seqs):
+                    if step < len(chunks[seq]):
+                        a, b = plan[seq][step], plan[seq][step + 1]
+                        parts.append((slot, tokens[seq][a:b], a))
+                decode(ctx, parts)
+                ends = itertools.accumulate(len(t) for _, t, _ in parts)
+                for (slot, _, _), end in zip(parts, ends):
+                    row = llama_cpp.llama_get_logits_ith(ctx, end - 1)
+                    logits[seqs[slot]].append(np.ctypeslib.as_array(row, shape=(n_vocab,)).copy())
+            return {seq: kept_sets(ctx, slot) for slot, seq in enumerate(seqs)}, logits
+
+    kept_together, logits_together = run([0, 1])
+    for seq in (0, 1):
+        kept_alone, logits_alone = run([seq])
+        for alone, shared in zip(kept_alone[seq], kept_together[seq]):
+            np.testing.assert_array_equal(alone, shared)
+        # batched matmuls may round differently in the last bits; a wrong K/V row moves logits far more
+        for step, (alone, shared) in enumerate(zip(logits_alone[seq], logits_together[seq])):
+            np.testing.assert_allclose(shared, alone, rtol=0, atol=5e-3, err_msg=f"sequence {seq}, call {step}")
