@@ -212,3 +212,21 @@ def test_tasks_resume(smollm2_path, tmp_path):
         assert row["n"] == 3 and 0.0 <= row["accuracy"] <= 1.0
     assert_png(out / "tasks_accuracy.png")
     assert "rkv@32" in (out / "tasks.md").read_text()
+
+
+def test_tasks_in_parallel_answer_as_one_at_a_time_and_resume(smollm2_path, tmp_path):
+    data = copy_items("gsm8k.jsonl", 3, tmp_path)
+    base = [str(smollm2_path), *COMMON, "--data", str(data), "--methods", "rkv", "--budgets", "32",
+            "--kv-buffer", "16", "--max-tokens", "48"]
+
+    def answers_in(out):
+        return {(r["config"], r["index"]): r["text"]
+                for r in map(json.loads, (out / "tasks_results.jsonl").read_text().splitlines())}
+
+    assert invoke(tasks, base + ["--limit", "3", "--out", str(tmp_path / "one")]) == 0
+    parallel = tmp_path / "parallel"
+    assert invoke(tasks, base + ["--limit", "2", "--parallel", "3", "--out", str(parallel)]) == 0
+    assert len(answers_in(parallel)) == 4
+    assert invoke(tasks, base + ["--limit", "3", "--parallel", "3", "--out", str(parallel)]) == 0
+    assert json.loads((parallel / "tasks.json").read_text())["settings"]["skipped"] == 4
+    assert answers_in(parallel) == answers_in(tmp_path / "one") and len(answers_in(parallel)) == 6

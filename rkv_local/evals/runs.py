@@ -8,7 +8,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any, Optional, Sequence
 
-from .. import Llama, llama_cpp
+from .. import BatchedLlama, Llama, llama_cpp
 from .._native import METHOD_IDS
 from ..models import resolve_model
 
@@ -116,16 +116,23 @@ def configs_from_args(args: argparse.Namespace, *, include_full: bool = True) ->
 
 
 def open_llama(model_path: Path, config: RunConfig, *, n_ctx: int, threads: int, n_gpu_layers: int = 0,
-               n_batch: Optional[int] = None, seed: int = 0) -> Llama:
+               n_batch: Optional[int] = None, seed: int = 0, flash_attn: bool = False) -> Llama:
     """A ``Llama`` for one configuration. ``n_ctx`` is the physical context of ``full`` and the
     logical one of a budgeted cache; a budgeted cache takes ``n_batch = kv_buffer`` unless smaller."""
     kwargs: dict[str, Any] = dict(n_threads=threads, n_threads_batch=threads, n_gpu_layers=n_gpu_layers,
-                                  seed=seed, verbose=False, n_ctx=int(n_ctx))
+                                  seed=seed, verbose=False, n_ctx=int(n_ctx), flash_attn=flash_attn)
     if config.method == "full":
         kwargs["n_batch"] = int(n_batch or 512)
     elif n_batch:
         kwargs["n_batch"] = min(int(n_batch), config.buffer)
     return Llama(str(model_path), **kwargs, **config.llama_kwargs())
+
+
+def open_batched(model_path: Path, config: RunConfig, *, n_ctx: int, threads: int, n_gpu_layers: int = 0,
+                 n_seq_max: int) -> BatchedLlama:
+    """A ``BatchedLlama`` of ``n_seq_max`` sequences for one configuration (``n_ctx`` per sequence)."""
+    return BatchedLlama(model_path, n_seq_max=n_seq_max, n_ctx=int(n_ctx), n_threads=threads,
+                        n_threads_batch=threads, n_gpu_layers=n_gpu_layers, verbose=False, **config.llama_kwargs())
 
 
 def n_ctx_train(model_path: Path) -> int:

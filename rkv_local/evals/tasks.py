@@ -24,14 +24,17 @@ import json
 import os
 import time
 from pathlib import Path
-from typing import Any
+from concurrent.futures import ThreadPoolExecutor, as_completed
+from typing import Any, Callable
 
 from .answers import extract_answer, gold_answer, is_equivalent
 from .datasets import DATASETS, data_path, read_jsonl
 from .decoding import ChatTemplate, clear_cache
 from .measure import machine_info
 from .report import file_digest, log, markdown_table, progress_bar, write_results
-from .runs import RunConfig, add_kv_arguments, add_model_arguments, configs_from_args, open_llama, resolve
+from .runs import (
+    RunConfig, add_kv_arguments, add_model_arguments, configs_from_args, open_batched, open_llama, resolve,
+)
 
 HELP = "accuracy on GSM8K / MATH-500 / AIME for each method x budget (resumable)"
 EXAMPLE = "example:\n  rkv-local eval tasks qwen2.5-coder-0.5b --data gsm8k --limit 100 --budgets 128,256 --kv-buffer 32"
@@ -88,6 +91,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--seed", type=int, metavar="N", default=0, help="base seed; problem i uses seed + i (default: 0)")
     parser.add_argument("--prompt", metavar="TEXT", default=PROMPT_SUFFIX,
                         help="instruction appended to each problem (default: the paper's)")
+    parser.add_argument("--parallel", type=int, metavar="S", default=1,
+                        help="problems answered at once, decoded together in one context (each with its own "
+                             "KV cache and budget); greedy answers equal those of a one-at-a-time run "
+                             "(default: %(default)s, one at a time)")
     parser.add_argument("--out", type=Path, metavar="DIR", default=Path("tasks-out"), help="output folder (default: %(default)s)")
 
 
@@ -167,6 +174,40 @@ def render_markdown(result: dict[str, Any]) -> str:
     return head + markdown_table(headers, rows)
 
 
+def answer_one_at_a_time(model_path: Path, todo: list[tuple[int, dict[str, Any], RunConfig]], answer: Callable,
+                         keep: Callable, llm_settings: dict[str, Any]) -> None:
+    """Problems in the outer loop, configurations inside: a partial run compares them all."""
+    instances: dict[str, Any] = {}
+    try:
+        for i, row, cfg in todo:
+            llm = instances.get(cfg.label)
+            if llm is None:
+                llm = instances[cfg.label] = open_llama(model_path, cfg, **llm_settings)
+            clear_cache(llm)
+            keep(answer(llm, i, row, cfg))
+    finally:
+        for llm in instances.values():
+            llm.close()
+
+
+def answer_in_parallel(model_path: Path, todo: list[tuple[int, dict[str, Any], RunConfig]],
+                       configs: list[RunConfig], answer: Callable, keep: Callable, parallel: int,
+                       llm_settings: dict[str, Any]) -> None:
+    """One configuration at a time, its problems `parallel` at once in one batched context."""
+    for cfg in configs:
+        mine = [(i, row) for i, row, c in todo if c == cfg]
+        if not mine:
+            continue
+        with open_batched(model_path, cfg, n_seq_max=min(parallel, len(mine)), **llm_settings) as batch:
+            def one(i: int, row: dict[str, Any]) -> dict[str, Any]:
+                with batch.sequence() as view:
+                    return answer(view, i, row, cfg)
+
+            with ThreadPoolExecutor(max_workers=batch.n_seq_max, thread_name_prefix="rkv-task") as pool:
+                for future in as_completed([pool.submit(one, i, row) for i, row in mine]):
+                    keep(future.result())
+
+
 def run(args: argparse.Namespace) -> int:
     model_path = resolve(args.model)
     if not args.data.exists():
@@ -178,6 +219,8 @@ def run(args: argparse.Namespace) -> int:
         items = items[:args.limit]
     if not items:
         raise SystemExit("error: no problems selected")
+    if args.parallel < 1:
+        raise SystemExit(f"error: --parallel must be at least 1, got {args.parallel}")
     if args.paper_sampling:
         args.temperature, args.top_p = 0.6, 0.95
     max_tokens = args.max_tokens or DEFAULT_MAX_TOKENS[task]
@@ -201,7 +244,7 @@ def run(args: argparse.Namespace) -> int:
 
     run_settings = {
         "model": model_path.name, "model_digest": file_digest(model_path), "data": args.data.name, "task": task,
-        "max_tokens": max_tokens, "temperature": args.temperature,
+        "max_tokens": max_tokens, "temperature": args.temperature, "flash_attn": True,
         "top_p": args.top_p if args.temperature else None, "seed": args.seed, "prompt": args.prompt,
     }
     run_id = hashlib.sha256(json.dumps(run_settings, sort_keys=True).encode()).hexdigest()[:12]
@@ -212,48 +255,51 @@ def run(args: argparse.Namespace) -> int:
     if skipped:
         log(f"tasks: resuming run {run_id}: {skipped} of {len(items) * len(configs)} answers already in {results_path}")
 
-    instances: dict[str, Any] = {}
+    def answer(llm: Any, i: int, row: dict[str, Any], cfg: RunConfig) -> dict[str, Any]:
+        before = llm.kv_stats()
+        t0 = time.perf_counter()
+        response = llm.create_completion(
+            prompt=prompts[i], max_tokens=max_tokens, temperature=args.temperature, top_p=args.top_p,
+            top_k=0, min_p=0.0, repeat_penalty=1.0, seed=args.seed + i,
+        )
+        seconds = time.perf_counter() - t0
+        stats = llm.kv_stats()
+        choice = response["choices"][0]
+        text = choice["text"]
+        prediction = extract_answer(text, task)
+        gold = gold_answer(row, task)
+        return {
+            "run_id": run_id, "config": cfg.label, "method": cfg.method, "budget": cfg.budget,
+            "buffer": cfg.buffer if cfg.method != "full" else None, "item": keys[i], "index": i,
+            "id": row.get("unique_id", row.get("id", i)), "gold": gold, "prediction": prediction,
+            "correct": is_equivalent(prediction, gold), "finish_reason": choice.get("finish_reason"),
+            "prompt_tokens": response["usage"]["prompt_tokens"],
+            "completion_tokens": response["usage"]["completion_tokens"], "seconds": seconds,
+            "compressions": stats.compressions - before.compressions,
+            "compress_seconds": stats.compress_seconds - before.compress_seconds,
+            "cells_peak": stats.cells_peak, "kv_bytes_used": stats.kv_bytes_used,
+            "kv_bytes_full": stats.kv_bytes_full, "text": text,
+        }
+
     progress = progress_bar(len(todo), f"tasks: {task} (answers)")
+
+    def keep(record: dict[str, Any]) -> None:
+        append_record(results_path, record)
+        done[(record["config"], record["item"])] = record
+        progress.set_postfix_str(f"{record['config']} #{record['index']}: "
+                                 f"{'right' if record['correct'] else 'wrong'} ({record['completion_tokens']} tokens)",
+                                 refresh=False)
+        progress.update(1)
+
+    llm_settings = dict(n_ctx=n_ctx, threads=args.threads, n_gpu_layers=args.n_gpu_layers)
     try:
-        for i, row, cfg in todo:
-            llm = instances.get(cfg.label)
-            if llm is None:
-                llm = instances[cfg.label] = open_llama(model_path, cfg, n_ctx=n_ctx, threads=args.threads,
-                                                        n_gpu_layers=args.n_gpu_layers, seed=args.seed)
-            clear_cache(llm)
-            before = llm.kv_stats()
-            t0 = time.perf_counter()
-            response = llm.create_completion(
-                prompt=prompts[i], max_tokens=max_tokens, temperature=args.temperature, top_p=args.top_p,
-                top_k=0, min_p=0.0, repeat_penalty=1.0, seed=args.seed + i,
-            )
-            seconds = time.perf_counter() - t0
-            stats = llm.kv_stats()
-            choice = response["choices"][0]
-            text = choice["text"]
-            prediction = extract_answer(text, task)
-            gold = gold_answer(row, task)
-            record = {
-                "run_id": run_id, "config": cfg.label, "method": cfg.method, "budget": cfg.budget,
-                "buffer": cfg.buffer if cfg.method != "full" else None, "item": keys[i], "index": i,
-                "id": row.get("unique_id", row.get("id", i)), "gold": gold, "prediction": prediction,
-                "correct": is_equivalent(prediction, gold), "finish_reason": choice.get("finish_reason"),
-                "prompt_tokens": response["usage"]["prompt_tokens"],
-                "completion_tokens": response["usage"]["completion_tokens"], "seconds": seconds,
-                "compressions": stats.compressions - before.compressions,
-                "compress_seconds": stats.compress_seconds - before.compress_seconds,
-                "cells_peak": stats.cells_peak, "kv_bytes_used": stats.kv_bytes_used,
-                "kv_bytes_full": stats.kv_bytes_full, "text": text,
-            }
-            append_record(results_path, record)
-            done[(cfg.label, keys[i])] = record
-            progress.set_postfix_str(f"{cfg.label} #{i}: {'right' if record['correct'] else 'wrong'} "
-                                     f"({record['completion_tokens']} tokens)", refresh=False)
-            progress.update(1)
+        if args.parallel > 1:
+            answer_in_parallel(model_path, todo, configs, answer, keep, args.parallel, llm_settings)
+        else:
+            # flash attention, as BatchedLlama uses: the greedy answers of both paths are then the same
+            answer_one_at_a_time(model_path, todo, answer, keep, dict(llm_settings, seed=args.seed, flash_attn=True))
     finally:
         progress.close()
-        for llm in instances.values():
-            llm.close()
 
     selected = set(keys.values())
     records = [r for (label, key), r in done.items() if key in selected]
