@@ -86,10 +86,8 @@ class _SequenceView(Llama):
         for start in range(0, len(tokens), chunk):
             part = tokens[start:start + chunk]
             # only the last chunk's logits are sampled, as Llama.generate samples after eval
+            # the scheduler records the part in input_ids and n_tokens (before it samples)
             self._next_token = self._owner._submit(self, part, sample=start + chunk >= len(tokens))
-            self.input_ids[self.n_tokens:self.n_tokens + len(part)] = part
-            self.n_tokens += len(part)
-            self._tokens_evaluated += len(part)
 
     def sample(self, *args: Any, **kwargs: Any) -> int:
         if self._next_token is None:
@@ -443,6 +441,13 @@ class BatchedLlama:
                 for sub in batch:
                     sub.error = error
             else:
+                # what Llama.eval records, recorded before sampling: logits processors (min_tokens,
+                # ...) read the view's input_ids up to the tokens just decoded, as with Llama
+                for sub in batch:
+                    view = sub.view
+                    view.input_ids[view.n_tokens:view.n_tokens + len(sub.tokens)] = sub.tokens
+                    view.n_tokens += len(sub.tokens)
+                    view._tokens_evaluated += len(sub.tokens)
                 for sub in filter(lambda sub: sub.sample, batch):
                     try:
                         sub.token = sub.view._sampler.sample(self._ctx, last[id(sub)])
