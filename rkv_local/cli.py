@@ -186,7 +186,8 @@ def build_parser() -> argparse.ArgumentParser:
                      description="Serve MODEL over an OpenAI-compatible API (/v1/completions, /v1/chat/completions, "
                                  "streamed or not, /v1/models) with the budgeted KV cache, plus GET /rkv/stats. Up "
                                  "to --parallel requests decode together, each in a KV stream (and budget) of its "
-                                 "own; more wait for a free one. Needs the server extras: "
+                                 "own; more wait for a free one. Flash attention is always on, so that a request "
+                                 "gives the same text alone or beside others. Needs the server extras: "
                                  "pip install 'rkv-local[server]'.",
                      example="smollm2-135m --kv-budget 1024 --parallel 4 --port 8000")
     p.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1)")
@@ -589,8 +590,10 @@ def cmd_serve(args: argparse.Namespace) -> int:
     from . import BatchedLlama
 
     path = _resolve(args.model)
+    # flash attention stays on whatever --flash-attn says (BatchedLlama's default): without it llama.cpp
+    # gives a request other logits when other requests share its decode calls
     kwargs: Dict[str, Any] = dict(n_seq_max=args.parallel, n_ctx=args.n_ctx, n_gpu_layers=args.n_gpu_layers,
-                                  flash_attn=args.flash_attn, verbose=args.verbose, **_kv_kwargs(args))
+                                  verbose=args.verbose, **_kv_kwargs(args))
     if args.chat_format is not None:
         from llama_cpp.llama_chat_format import (LlamaChatCompletionHandlerNotFoundException,
                                                  get_chat_completion_handler)

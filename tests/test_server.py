@@ -179,6 +179,13 @@ def test_completions_chat_and_models_without_streaming(server4: Server) -> None:
     long = client.completions.create(model="smol", prompt="Hello.", max_tokens=24, temperature=0, logit_bias=NO_END)
     assert (long.usage.completion_tokens, long.choices[0].finish_reason) == (24, "length")
 
+    # min_tokens holds the end back (the plain answer is shorter)
+    plain = client.chat.completions.create(model="smol", messages=chat("What is 2+2?"), max_tokens=30, temperature=0)
+    held = client.chat.completions.create(model="smol", messages=chat("What is 2+2?"), max_tokens=30, temperature=0,
+                                          extra_body={"min_tokens": 16})
+    assert plain.usage.completion_tokens < 16 <= held.usage.completion_tokens
+    assert held.choices[0].message.content.startswith(plain.choices[0].message.content)
+
     # what a sequence view cannot do is refused, clearly
     with pytest.raises(openai.BadRequestError, match="n is not supported"):
         client.chat.completions.create(model="smol", messages=chat("Hi"), max_tokens=4, n=2)
