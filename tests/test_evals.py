@@ -230,3 +230,31 @@ def test_tasks_in_parallel_answer_as_one_at_a_time_and_resume(smollm2_path, tmp_
     assert invoke(tasks, base + ["--limit", "3", "--parallel", "3", "--out", str(parallel)]) == 0
     assert json.loads((parallel / "tasks.json").read_text())["settings"]["skipped"] == 4
     assert answers_in(parallel) == answers_in(tmp_path / "one") and len(answers_in(parallel)) == 6
+
+
+def test_bench_parallel_fills_a_fixed_kv_memory(smollm2_path, tmp_path):
+    out = tmp_path / "throughput"
+    argv = [str(smollm2_path), *COMMON, "--parallel", "--lengths", "160", "--budgets", "128", "--kv-buffer", "32",
+            "--prompt-tokens", "40", "--out", str(out)]
+    assert invoke(bench, argv) == 0
+    result = json.loads((out / "throughput.json").read_text())
+    rows = {(r["label"], r["n_seq"]): r for r in result["rows"]}
+    # the memory of one full sequence (prompt + 160 tokens, padded to 256 cells) holds this many of 128 + 32 cells
+    full_cells = -(-(result["settings"]["prompt_tokens"] + 161) // 256) * 256
+    fit = full_cells // 256
+    assert set(rows) == {("full", 1)} | {(label, n) for label in ("rkv@128", "limit@160") for n in range(1, fit + 1)
+                                         if n == fit or n & (n - 1) == 0}
+    assert rows[("full", 1)]["kv_bytes"] == result["rows"][0]["kv_memory"] == fit * rows[("rkv@128", 1)]["kv_bytes"]
+    for r in result["rows"]:
+        assert r["generated"] == r["n_seq"] * (160 if r["label"] != "limit@160" else r["generated_per_seq"])
+        assert r["aggregate_tps"] > 0 and r["per_seq_tps"] == pytest.approx(r["aggregate_tps"] / r["n_seq"])
+    assert rows[("rkv@128", 1)]["share_of_limit"] > 0 and rows[("rkv@128", 1)]["x_full"] > 0
+    assert "limit@160" in (out / "throughput.md").read_text()
+    assert_png(out / "throughput.png")
+
+    # a memory of three budgeted sequences: rkv sweeps 1, 2, 3 and the limit with it
+    per_seq = rows[("rkv@128", 1)]["kv_bytes"]
+    assert invoke(bench, argv + ["--kv-memory", str(3 * per_seq), "--methods", "rkv"]) == 0
+    result = json.loads((out / "throughput.json").read_text())
+    assert sorted(r["n_seq"] for r in result["rows"] if r["label"] == "rkv@128") == [1, 2, 3]
+    assert sorted(r["n_seq"] for r in result["rows"] if r["label"] == "full") == [1]

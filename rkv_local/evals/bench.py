@@ -74,6 +74,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                              "prefills in chunks of --kv-buffer (default: %(default)s)")
     parser.add_argument("--sample-every", type=int, metavar="N", default=256,
                         help="record time and K/V bytes every this many generated tokens (default: %(default)s)")
+    parser.add_argument("--parallel", action="store_true",
+                        help="throughput at a fixed KV memory instead: as many sequences as fit, decoded together "
+                             "(rkv_local.evals.throughput)")
+    parser.add_argument("--kv-memory", type=int, metavar="BYTES", default=0,
+                        help="with --parallel: the KV memory (default: one full-cache sequence of each length)")
     parser.add_argument("--out", type=Path, metavar="DIR", default=Path("bench-out"), help="output folder (default: %(default)s)")
 
 
@@ -265,6 +270,10 @@ def render_markdown(result: dict[str, Any]) -> str:
 
 
 def run(args: argparse.Namespace) -> int:
+    if args.parallel:
+        from . import throughput
+
+        return throughput.run(args)
     model_path = resolve(args.model)
     configs = configs_from_args(args, include_full=True)
     out: Path = args.out

@@ -29,7 +29,8 @@ def write_plots(kind: str, result: dict[str, Any], out: Path) -> list[Path]:
         print("warning: matplotlib is not installed, so no plots were written (pip install matplotlib)",
               file=sys.stderr)
         return []
-    return {"bench": plot_bench, "fidelity": plot_fidelity, "tasks": plot_accuracy}[kind](result, out)
+    plot = {"bench": plot_bench, "fidelity": plot_fidelity, "tasks": plot_accuracy, "throughput": plot_throughput}
+    return plot[kind](result, out)
 
 
 def _pyplot():
@@ -227,3 +228,26 @@ def plot_accuracy(result: dict[str, Any], out: Path) -> list[Path]:
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8)
     return [_save(fig, out / "tasks_accuracy.png")]
+
+
+def plot_throughput(result: dict[str, Any], out: Path) -> list[Path]:
+    """``throughput.png``: aggregate generated tokens/s against the number of sequences, one panel per
+    trace length, one line per configuration (and the short-cache limit)."""
+    plt = _pyplot()
+    rows = result["rows"]
+    lengths = sorted({r["length"] for r in rows})
+    fig, axes = plt.subplots(1, len(lengths), figsize=(5.5 * len(lengths), 4.2), squeeze=False)
+    for ax, length in zip(axes[0], lengths):
+        for label in dict.fromkeys(r["label"] for r in rows if r["length"] == length):
+            pts = sorted((r["n_seq"], r["aggregate_tps"]) for r in rows if r["length"] == length and r["label"] == label)
+            method = "full" if label.startswith(("full", "limit")) else label.split("@")[0]
+            style = _style(label, method, 1 if label.startswith("limit") else 0)
+            ax.plot(*zip(*pts), **style)
+        _log2_axis(ax, [r["n_seq"] for r in rows if r["length"] == length])
+        ax.set_xlabel("sequences decoded together")
+        ax.set_ylabel("generated tokens/s (all sequences)")
+        ax.set_ylim(bottom=0)
+        ax.set_title(f"traces of {length} tokens")
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=8)
+    return [_save(fig, out / "throughput.png", result["settings"]["model"])]

@@ -1,0 +1,160 @@
+"""Throughput at a fixed KV memory: how many sequences fit, and how fast they decode together.
+
+`rkv-local bench MODEL --parallel`: for each generated length L the KV memory is fixed (default:
+what one full-cache sequence of the prompt plus L tokens needs, `--kv-memory` to choose). The full
+cache runs as many sequences as fit in it, and so does each compressed configuration (B + b cells
+a sequence); each point of the sweep runs S = 1, 2, 4, ... up to that count, all S sequences in one
+`BatchedLlama` on the same prompt, every one generating exactly L tokens (end-of-generation
+masked, greedy). Reported per point: aggregate decode tokens/s (all sequences, from the moment
+every prompt is done to the last token; and with the prefill, over the whole wall time),
+per-sequence tokens/s, the K/V bytes the context holds, and the process's peak RSS growth.
+
+The physical limit printed beside each compressed point: the aggregate speed of the same number
+of *short* full-cache sequences (caches of B + b tokens: prompt, then B + b - prompt generated
+tokens), which is the fastest a budgeted cache could decode on this machine; the measured
+aggregate is reported as a share of it.
+
+Outputs in `--out`: `throughput.json`, `throughput.md`, `throughput.png`.
+"""
+from __future__ import annotations
+
+import argparse
+import time
+from pathlib import Path
+from typing import Any
+
+from .. import BatchedLlama, _native
+from .measure import machine_info, proc_status, release_memory, reset_peak_rss
+from .report import log, markdown_table, progress_bar, write_results
+from .runs import RunConfig, configs_from_args, open_llama, resolve
+
+CACHE_PAD = 256
+MIB = 2**20
+
+
+def cells_of(config: RunConfig, prompt: int, length: int) -> int:
+    """KV cells one sequence of ``config`` holds (the context llama.cpp allocates for it)."""
+    need = config.budget + config.buffer if config.method != "full" else prompt + length + 1
+    return -(-need // CACHE_PAD) * CACHE_PAD
+
+
+def sweep(n_max: int) -> list[int]:
+    """1, 2, 4, ... and ``n_max`` itself."""
+    points, s = [], 1
+    while s < n_max:
+        points.append(s)
+        s *= 2
+    return points + [n_max]
+
+
+def run_point(model_path: Path, config: RunConfig, prompt: list[int], length: int, n_seq: int, n_ctx: int,
+              eog: list[int], args) -> dict[str, Any]:
+    """``n_seq`` sequences of ``length`` generated tokens decoded together."""
+    release_memory()
+    base = proc_status().get("VmRSS", 0)
+    reset_peak_rss()
+    batch = BatchedLlama(model_path, n_seq_max=n_seq, n_ctx=n_ctx, n_threads=args.threads,
+                         n_threads_batch=args.threads, n_gpu_layers=args.n_gpu_layers, verbose=False,
+                         **config.llama_kwargs())
+    first: dict[int, float] = {}
+    try:
+        t0 = time.perf_counter()
+        for i, chunk in batch.stream_batch([prompt] * n_seq, max_tokens=length, temperature=0.0,
+                                           logit_bias={t: float("-inf") for t in eog}):
+            if isinstance(chunk, Exception):
+                raise SystemExit(f"error: {config.label} with {n_seq} sequences: {chunk}")
+            first.setdefault(i, time.perf_counter())
+            if chunk["choices"][0]["finish_reason"] not in (None, "length"):
+                raise SystemExit(f"error: a sequence ended early ({chunk['choices'][0]['finish_reason']})")
+        seconds = time.perf_counter() - t0
+        kv_bytes = batch.cells_per_seq * n_seq * _native.bytes_per_cell(batch._ctx.ctx)
+    finally:
+        batch.close()
+    peak = proc_status().get("VmHWM", 0)
+    # decoding proper: from the moment every sequence has its first token (all prompts done) to the end
+    decode_seconds = seconds - (max(first.values()) - t0)
+    decode_tps = n_seq * (length - 1) / decode_seconds
+    return {"label": config.label, "method": config.method, "budget": config.budget, "length": length,
+            "n_seq": n_seq, "generated": n_seq * length, "seconds": seconds,
+            "aggregate_tps": decode_tps, "per_seq_tps": decode_tps / n_seq,
+            "aggregate_tps_with_prefill": n_seq * length / seconds, "kv_bytes": kv_bytes,
+            "peak_rss_delta_bytes": max(peak - base, 0) if peak else None}
+
+
+def run(args: argparse.Namespace) -> int:
+    from .bench import build_prompt
+    from .decoding import eog_tokens
+
+    model_path = resolve(args.model)
+    configs = configs_from_args(args, include_full=True)
+    out: Path = args.out
+    out.mkdir(parents=True, exist_ok=True)
+    probe = open_llama(model_path, RunConfig("full"), n_ctx=CACHE_PAD, threads=args.threads)
+    try:
+        prompt = build_prompt(probe, args.prompt_tokens)
+        eog = [int(t) for t in eog_tokens(probe)]
+        per_cell = _native.bytes_per_cell(probe._ctx.ctx)
+    finally:
+        probe.close()
+
+    points = []
+    for length in args.lengths:
+        memory = args.kv_memory or cells_of(RunConfig("full"), len(prompt), length) * per_cell
+        for config in configs:
+            fit = memory // (cells_of(config, len(prompt), length) * per_cell)
+            if fit < 1:
+                log(f"warning: {config.label} does not fit {memory / MIB:.0f} MiB of KV memory at length {length}")
+            for n_seq in sweep(int(fit)) if fit >= 1 else []:
+                points.append((length, memory, config, n_seq))
+            if config.method != "full":
+                short = RunConfig("full")
+                for n_seq in sweep(int(fit)) if fit >= 1 else []:
+                    points.append((length, memory, short, -n_seq))   # the limit: short full caches
+
+    progress = progress_bar(len(points), "bench --parallel (runs)")
+    rows = []
+    for length, memory, config, n_seq in points:
+        if n_seq > 0:
+            row = run_point(model_path, config, prompt, length, n_seq, len(prompt) + length + 1, eog, args)
+        else:
+            budgeted = next(c for c in configs if c.method != "full")
+            short_len = budgeted.budget + budgeted.buffer - len(prompt) - 1
+            if short_len < 1:
+                raise SystemExit("error: the prompt alone fills budget + buffer; lower --prompt-tokens")
+            row = run_point(model_path, config, prompt, short_len, -n_seq, budgeted.budget + budgeted.buffer, eog, args)
+            row.update(label=f"limit@{budgeted.budget + budgeted.buffer}", length=length, generated_per_seq=short_len)
+        row["kv_memory"] = memory
+        rows.append(row)
+        progress.set_postfix_str(f"{row['label']} x{row['n_seq']}: {row['aggregate_tps']:.1f} tok/s", refresh=False)
+        progress.update(1)
+    progress.close()
+
+    for row in rows:
+        if row["method"] != "full":
+            limit = next((r for r in rows if r["label"].startswith("limit@") and r["n_seq"] == row["n_seq"]
+                          and r["length"] == row["length"]), None)
+            full = next((r for r in rows if r["label"] == "full" and r["length"] == row["length"]), None)
+            row["share_of_limit"] = row["aggregate_tps"] / limit["aggregate_tps"] if limit else None
+            row["x_full"] = row["aggregate_tps"] / full["aggregate_tps"] if full else None
+    result = {"settings": {"model": model_path.name, "prompt_tokens": len(prompt), "lengths": args.lengths,
+                           "configs": [c.to_dict() for c in configs], "threads": args.threads,
+                           "n_gpu_layers": args.n_gpu_layers, "kv_memory": args.kv_memory},
+              "machine": machine_info(args.threads, args.n_gpu_layers), "rows": rows}
+    write_results("throughput", result, render_markdown(result), out)
+    return 0
+
+
+def render_markdown(result: dict[str, Any]) -> str:
+    s = result["settings"]
+    headers = ["length", "config", "sequences", "aggregate tok/s", "per sequence tok/s", "with prefill tok/s",
+               "× full (1 seq)", "share of limit", "K/V MiB", "peak RSS Δ MiB"]
+    rows = [[r["length"], r["label"], r["n_seq"], r["aggregate_tps"], r["per_seq_tps"],
+             r["aggregate_tps_with_prefill"], r.get("x_full"),
+             r.get("share_of_limit"), r["kv_bytes"] / MIB,
+             (r["peak_rss_delta_bytes"] or 0) / MIB] for r in result["rows"]]
+    head = (f"Model `{s['model']}`, prompt {s['prompt_tokens']} tokens, {s['threads']} threads. KV memory fixed "
+            f"per length at one full-cache sequence of prompt + length tokens; each configuration runs 1, 2, 4, "
+            f"... sequences up to as many as fit. `limit@N`: the same number of short full-cache sequences "
+            f"(N cells each, so they generate N - prompt tokens), the fastest a budgeted cache can decode "
+            f"here; `share of limit` is a budgeted row's aggregate speed over the limit's with as many sequences.\n\n")
+    return head + markdown_table(headers, rows)
