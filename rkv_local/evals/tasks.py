@@ -37,7 +37,7 @@ from .runs import (
 )
 
 HELP = "accuracy on GSM8K / MATH-500 / AIME for each method x budget (resumable)"
-EXAMPLE = "example:\n  rkv-local eval tasks qwen2.5-coder-0.5b --data gsm8k --limit 100 --budgets 128,256 --kv-buffer 32"
+EXAMPLE = "example:\n  rkv-local eval tasks qwen2.5-coder-0.5b --data gsm8k --limit 100 --budgets 128,256 --kv-buffer 32 --parallel 8"
 
 PROMPT_SUFFIX = "Please reason step by step, and put your final answer within \\boxed{}."
 TASKS = ("gsm8k", "math", "aime")
