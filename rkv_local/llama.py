@@ -1,6 +1,7 @@
 """``Llama``: llama-cpp-python's ``Llama`` with an optional budgeted KV cache."""
 from __future__ import annotations
 
+import ctypes
 import inspect
 import os
 from dataclasses import dataclass
@@ -8,6 +9,7 @@ from typing import Any, Generator, Optional, Sequence
 
 import llama_cpp
 import numpy as np
+from llama_cpp._utils import suppress_stdout_stderr
 
 from . import _native
 from ._native import CompressionConfig
@@ -45,6 +47,35 @@ class KVStats:
     prompt_tokens_evaluated: int = 0  # how many of them were decoded: the others were reused from the cache
     n_ctx: int = 0                    # the logical context (positions, max_tokens)
     cells_max: int = 0                # most cells the sequence may hold: budget + buffer (n_ctx without a budget)
+
+
+def n_ctx_train(model_path: str | os.PathLike[str], verbose: bool = True) -> int:
+    """The model's training context from the GGUF metadata, without loading weights (0 if unknown)."""
+    params = llama_cpp.llama_model_default_params()
+    params.vocab_only = True   # reads the metadata; hparams such as n_ctx_train stay unset
+    with suppress_stdout_stderr(disable=verbose):
+        model = llama_cpp.llama_model_load_from_file(os.fspath(model_path).encode(), params)
+    if not model:
+        raise ValueError(f"Failed to load model from file: {os.fspath(model_path)}")
+    try:
+        value = ctypes.create_string_buffer(128)
+        llama_cpp.llama_model_meta_val_str(model, b"general.architecture", value, len(value))
+        key = f"{value.value.decode()}.context_length".encode()
+        if llama_cpp.llama_model_meta_val_str(model, key, value, len(value)) < 0:
+            return 0
+        return int(value.value)
+    finally:
+        llama_cpp.llama_model_free(model)
+
+
+class _Closed:
+    """Stands for the model, context and batch of a closed ``Llama``."""
+
+    def __getattr__(self, name: str) -> Any:
+        raise RuntimeError("this Llama was closed; create a new one")
+
+    def close(self) -> None:
+        pass
 
 
 class Llama(llama_cpp.Llama):
@@ -107,6 +138,13 @@ class Llama(llama_cpp.Llama):
         n_ctx_logical = kwargs.pop("n_ctx", None) or 0
         if n_ctx_logical < 0:
             raise ValueError(f"n_ctx must be positive (or 0: the model's training context), got {n_ctx_logical}")
+        # refused before the physical cache of budget + buffer cells is allocated
+        n_ctx_checked = n_ctx_logical or (n_ctx_train(model_path, kwargs.get("verbose", True)) if config.budget + config.buffer > CACHE_PAD else 0)
+        if n_ctx_checked and config.budget + config.buffer > n_ctx_checked:
+            raise ValueError(
+                f"kv_budget + kv_buffer ({config.budget} + {config.buffer}) exceeds the context (n_ctx = "
+                f"{n_ctx_checked}): the cache would never be compressed; use a smaller budget, or no kv_budget "
+                f"for a full cache")
         n_batch = kwargs.pop("n_batch", None) or config.buffer
         n_ubatch = kwargs.pop("n_ubatch", None) or n_batch
         physical = -(-(config.budget + config.buffer) // CACHE_PAD) * CACHE_PAD
@@ -128,6 +166,9 @@ class Llama(llama_cpp.Llama):
         # settings refused before the parent's __init__ leave nothing to close
         if hasattr(self, "_stack"):
             super().close()
+            # llama-cpp-python keeps pointers to the freed model and context: a later call would
+            # crash in llama.cpp, so every use now raises instead
+            self._model = self._ctx = self._batch = self.tokenizer_ = _Closed()
 
     @property
     def kv_config(self) -> Optional[CompressionConfig]:

@@ -571,10 +571,29 @@ def test_kv_stats_fields(tiny: str) -> None:
     (dict(kv_budget=64, embedding=True), "embedding=True is not supported with a kv_budget"),
     (dict(kv_budget=64, draft_model=object()), "draft_model .* not supported with a kv_budget"),
     (dict(kv_budget=64, n_ctx=-5), "n_ctx must be positive"),
+    # a budget the context never reaches would never compress (and would allocate its cells at once)
+    (dict(kv_budget=10**6), r"kv_budget \+ kv_buffer \(1000000 \+ 128\) exceeds the context \(n_ctx = 4096\)"),
+    (dict(kv_budget=200, n_ctx=256), r"\(200 \+ 128\) exceeds the context \(n_ctx = 256\)"),
+    (dict(kv_budget=64, kv_lambda=float("nan")), r"lambda must lie in \[0, 1\], got nan"),
+    (dict(kv_budget=64, kv_lambda=1.5), r"lambda must lie in \[0, 1\]"),
+    (dict(kv_budget=64, kv_window=0), "kv_window must be at least 1, got 0"),
 ])
 def test_bad_settings_are_refused_before_loading(tiny: str, kwargs, message) -> None:
     with pytest.raises(ValueError, match=message):
         Llama(tiny, **THREADS, **kwargs)
+
+
+@pytest.mark.parametrize("budget", [None, 64])
+def test_a_closed_instance_raises_instead_of_crashing(tiny: str, budget) -> None:
+    llm = Llama(tiny, n_ctx=256, kv_budget=budget, kv_buffer=32, **THREADS)
+    llm.create_completion("Hello", max_tokens=2)
+    llm.close()
+    for use in (lambda: llm.create_completion("Hello", max_tokens=2), lambda: llm.tokenize(b"Hello"),
+                lambda: llm.eval([1, 2]), lambda: llm.kv_stats(), lambda: llm.save_state(),
+                lambda: llm.create_chat_completion(messages=[{"role": "user", "content": "Hi"}])):
+        with pytest.raises(RuntimeError, match="closed"):
+            use()
+    llm.close()  # twice is fine
 
 
 def test_an_unsupported_model_is_refused_with_the_reason(tiny_model) -> None:

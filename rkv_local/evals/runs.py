@@ -8,7 +8,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any, Optional, Sequence
 
-from .. import BatchedLlama, Llama, llama_cpp
+from .. import BatchedLlama, Llama
 from .._native import METHOD_IDS
 from ..models import resolve_model
 
@@ -133,19 +133,6 @@ def open_batched(model_path: Path, config: RunConfig, *, n_ctx: int, threads: in
     """A ``BatchedLlama`` of ``n_seq_max`` sequences for one configuration (``n_ctx`` per sequence)."""
     return BatchedLlama(model_path, n_seq_max=n_seq_max, n_ctx=int(n_ctx), n_threads=threads,
                         n_threads_batch=threads, n_gpu_layers=n_gpu_layers, verbose=False, **config.llama_kwargs())
-
-
-def n_ctx_train(model_path: Path) -> int:
-    """The model's training context, read without creating a context."""
-    params = llama_cpp.llama_model_default_params()
-    params.vocab_only = True
-    model = llama_cpp.llama_model_load_from_file(str(model_path).encode(), params)
-    if not model:
-        raise RuntimeError(f"cannot load {model_path}")
-    try:
-        return int(llama_cpp.llama_model_n_ctx_train(model))
-    finally:
-        llama_cpp.llama_model_free(model)
 
 
 def resolve(model: str) -> Path:
