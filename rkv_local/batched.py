@@ -177,6 +177,8 @@ class BatchedLlama:
         try:
             self._setup(n_ctx, n_batch, verbose)
         except BaseException:
+            if getattr(self, "_ctx", None) is not None:
+                self._ctx.close()
             self._proto.close()
             raise
         self._free = list(range(n_seq_max))
@@ -184,7 +186,6 @@ class BatchedLlama:
         self._lock = threading.Condition()
         self._pending: List[_Submission] = []
         self._active: Dict[int, _SequenceView] = {}
-        self._to_free: List[int] = []
         self._last_batch: set = set()
         self._ctx_lock = threading.Lock()   # llama_decode and anything else that touches the context
         self._ids = itertools.count()
@@ -254,24 +255,32 @@ class BatchedLlama:
         """A view of the model on a free sequence (waits for one), freed when the block ends."""
         self._check_open()
         self._slots.acquire()
+        with self._lock:
+            seq_id = self._free.pop(0)
+            # a shallow copy (copy.copy would go through Llama's pickling, which reloads the model)
+            view = _SequenceView.__new__(_SequenceView)
+            view.__dict__.update(self._proto.__dict__)
+            view._owner, view._seq_id, view._next_token, view.cancelled = self, seq_id, None, False
+            view._sampler, view.n_tokens, view._tokens_evaluated = None, 0, 0
+            view._n_ctx = self.n_ctx_seq
+            view.input_ids = np.zeros((self.n_ctx_seq,), dtype=np.intc)
+            self._active[seq_id] = view
         try:
-            with self._lock:
-                seq_id = self._free.pop(0)
-                # a shallow copy (copy.copy would go through Llama's pickling, which reloads the model)
-                view = _SequenceView.__new__(_SequenceView)
-                view.__dict__.update(self._proto.__dict__)
-                view._owner, view._seq_id, view._next_token, view.cancelled = self, seq_id, None, False
-                view._sampler, view.n_tokens, view._tokens_evaluated = None, 0, 0
-                view._n_ctx = self.n_ctx_seq
-                view.input_ids = np.zeros((self.n_ctx_seq,), dtype=np.intc)
-                self._active[seq_id] = view
             yield view
         finally:
-            with self._lock:
-                if self._active.get(seq_id) is view:
-                    del self._active[seq_id]
-                    self._to_free.append(seq_id)
-                    self._lock.notify_all()
+            self._release(seq_id)
+
+    def _release(self, seq_id: int) -> None:
+        """Empty a finished request's stream (a compressed one starts afresh) and give it back."""
+        with self._lock:
+            del self._active[seq_id]
+            self._lock.notify_all()   # the scheduler no longer waits for it
+        with self._ctx_lock:          # not during a decode
+            if not self._closed:
+                llama_cpp.llama_memory_seq_rm(llama_cpp.llama_get_memory(self._ctx.ctx), seq_id, -1, -1)
+        with self._lock:
+            self._free.append(seq_id)
+        self._slots.release()
 
     def create_completion(self, prompt: Union[str, List[int]], **kwargs: Any) -> Any:
         """``Llama.create_completion`` on a sequence of its own; with ``stream=True`` an iterator."""
@@ -371,13 +380,12 @@ class BatchedLlama:
                 batch = self._gather()
                 if batch is None:
                     return
-            self._free_finished()
             if batch:
                 self._decode(batch)
 
     def _gather(self) -> Optional[List[_Submission]]:
         """The submissions of the next decode (called with the lock held); None once closed."""
-        while not (self._pending or self._to_free or self._closed):
+        while not (self._pending or self._closed):
             self._lock.wait()
         if self._closed:
             for sub in self._pending:
@@ -402,21 +410,6 @@ class BatchedLlama:
                 self._pending.remove(sub)
         self._last_batch = {sub.view._seq_id for sub in batch}
         return batch
-
-    def _free_finished(self) -> None:
-        with self._lock:
-            seqs, self._to_free = self._to_free, []
-        if not seqs:
-            return
-        with self._ctx_lock:
-            memory = llama_cpp.llama_get_memory(self._ctx.ctx)
-            for seq_id in seqs:
-                # the whole sequence goes, so a compressed stream starts afresh too
-                llama_cpp.llama_memory_seq_rm(memory, seq_id, -1, -1)
-        with self._lock:
-            self._free.extend(seqs)
-        for _ in seqs:
-            self._slots.release()
 
     def _decode(self, batch: List[_Submission]) -> None:
         b = self._batch.batch
@@ -497,8 +490,10 @@ class BatchedLlama:
             self._closed = True
             self._lock.notify_all()
         self._scheduler.join()
-        self._batch.close()
-        self._proto.close()
+        with self._ctx_lock:   # a request that ends now no longer touches the context
+            self._batch.close()
+            self._ctx.close()      # ours, before the model it uses: the prototype's stack holds the model
+            self._proto.close()
 
     def __enter__(self) -> "BatchedLlama":
         return self
