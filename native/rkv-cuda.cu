@@ -1,10 +1,10 @@
-// The newest near-copy of each key on a CUDA device (see rkv-near-copy.h for the contract).
+// The newest near-copy of each key on a CUDA device (see rkv-fused.h for the contract).
 //
 // A block holds ROWS keys of one head in shared memory and walks tiles of TILE keys from the
 // newest down: each warp owns ROWS/WARPS rows and each lane one key of the tile, so a row's
 // hits in a tile are one ballot and its newest hit the highest set bit. The block stops at the
 // first tile after which all its rows have a hit. Only O(n) results leave the device.
-#include "rkv-near-copy.h"
+#include "rkv-fused.h"
 
 #include <cuda_runtime.h>
 

@@ -89,8 +89,8 @@ std::string rkv_engine::check(const llama_kv_cache & kv, const llama_context & l
     if (!(p.threshold >= 0.0f && p.threshold <= 1.0f)) {
         return "similarity threshold must lie in [0, 1], got " + std::to_string(p.threshold);
     }
-    if (p.scoring != RKV_SCORING_AUTO && p.scoring != RKV_SCORING_PORTABLE) {
-        return "unknown scoring " + std::to_string(p.scoring) + " (0 auto, 1 portable)";
+    if (p.kernels != RKV_KERNELS_AUTO && p.kernels != RKV_KERNELS_PORTABLE) {
+        return "unknown kernels " + std::to_string(p.kernels) + " (0 auto, 1 portable)";
     }
     if (p.method == RKV_METHOD_STREAMINGLLM && (p.sink < 0 || p.sink > p.budget - p.window)) {
         return "sink (" + std::to_string(p.sink) + ") must lie in [0, budget - window]";

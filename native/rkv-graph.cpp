@@ -5,7 +5,7 @@
 // then hands O(n) numbers to the host, which finishes the scores and picks the kept tokens with
 // the tie rule of rkv_local/reference.py.
 #include "rkv-engine.h"
-#include "rkv-near-copy.h"
+#include "rkv-fused.h"
 
 #include "llama-context.h"
 #include "llama-graph.h"
@@ -210,7 +210,7 @@ int32_t rkv_engine::redundancy_path(uint32_t layer) const {
     if (params.method != RKV_METHOD_RKV) {
         return RKV_PATH_NONE;
     }
-    if (params.scoring == RKV_SCORING_PORTABLE) {
+    if (params.kernels == RKV_KERNELS_PORTABLE) {
         return RKV_PATH_PORTABLE;
     }
     ggml_backend_buffer_t buf = kv.layers[layer].k->buffer;
@@ -452,7 +452,27 @@ bool rkv_engine::run_compaction_graphs(uint32_t strm, llama_context * lctx, cons
         l0 = l1;
     }
 
-    // move the kept rows of every layer
+    // move the kept rows of every layer: in place on the CPU when the whole cache lives there, else
+    // with get_rows/set_rows (every backend)
+    bool fused_moves = params.kernels == RKV_KERNELS_AUTO;
+    for (const auto & layer : kv.layers) {
+        fused_moves = fused_moves && ggml_backend_buffer_is_host(layer.k->buffer) &&
+                      (!layer.v || ggml_backend_buffer_is_host(layer.v->buffer));
+    }
+    prof.fused_moves = fused_moves;
+    rkv_compact_cpu_params moves = {};
+    if (fused_moves) {
+        const auto & layer = kv.layers[0]; // every layer has the same head sizes (rkv_engine::check)
+        moves.budget       = budget;
+        moves.n_head       = n_head_kv;
+        moves.k_head_bytes = ggml_row_size(layer.k->type, kv.hparams.n_embd_head_k(layer.il));
+        moves.has_v        = layer.v != nullptr;
+        moves.v_trans      = kv.v_trans;
+        if (layer.v) {
+            moves.v_head_bytes = ggml_row_size(layer.v->type, kv.hparams.n_embd_head_v(layer.il));
+            moves.v_head_dim   = kv.hparams.n_embd_head_v(layer.il);
+        }
+    }
     const size_t moves_per_layer = 16;
     for (uint32_t l0 = 0; l0 < n_layer(); ) {
         ggml_context * ctx;
@@ -472,6 +492,18 @@ bool rkv_engine::run_compaction_graphs(uint32_t strm, llama_context * lctx, cons
                 }
             }
             ggml_tensor * layer_cells = ggml_view_2d(ctx, cells_in, budget, n_head_kv, cells_in->nb[1], (l - l0)*cells_in->nb[2]);
+            if (fused_moves) {
+                ggml_tensor * k = ggml_view_2d(ctx, layer.k, layer.k->ne[0], kv_size, layer.k->nb[1], strm*layer.k->nb[2]);
+                ggml_tensor * v = nullptr;
+                if (layer.v && kv.v_trans) {
+                    const size_t es = ggml_element_size(layer.v);
+                    v = ggml_view_2d(ctx, layer.v, kv_size, layer.v->ne[0], kv_size*es, strm*layer.v->nb[2]);
+                } else if (layer.v) {
+                    v = ggml_view_2d(ctx, layer.v, layer.v->ne[0], kv_size, layer.v->nb[1], strm*layer.v->nb[2]);
+                }
+                ggml_build_forward_expand(gf, rkv_build_compaction_cpu(ctx, k, v, layer_cells, &moves));
+                continue;
+            }
             rkv_build_compaction(ctx, gf, layer.k, false, strm, kv.hparams.n_embd_head_k(layer.il), n_head_kv, kv_size,
                                  layer_cells, slots_in);
             if (layer.v) {

@@ -87,7 +87,7 @@ rkv_params rkv_params_default(void) {
     p.sink      = 4;
     p.lambda    = 0.1f;
     p.threshold = 0.5f;
-    p.scoring   = RKV_SCORING_AUTO;
+    p.kernels   = RKV_KERNELS_AUTO;
     return p;
 }
 

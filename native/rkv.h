@@ -18,11 +18,12 @@ enum rkv_method {
     RKV_METHOD_STREAMINGLLM = 3, // the first `sink` tokens and the most recent ones
 };
 
-// How the rkv redundancy term (each key's newest near-copy) is computed.
-enum rkv_scoring {
-    RKV_SCORING_AUTO     = 0, // the fused near-copy kernel where the cache's backend has one (CPU, CUDA),
-                              // else the portable graph
-    RKV_SCORING_PORTABLE = 1, // always the portable graph of stock ggml ops (n x n matrix, every backend)
+// Which kernels a compression uses. The portable graphs of stock ggml ops run on every backend (Metal
+// and Vulkan always take them); the fused kernels do the same work without the n x n similarity matrix
+// (each key's newest near-copy: CPU custom op, CUDA kernel) and move the kept K/V rows in place (CPU).
+enum rkv_kernels {
+    RKV_KERNELS_AUTO     = 0, // fused where the cache's backend has them, else portable
+    RKV_KERNELS_PORTABLE = 1, // always the portable graphs (for comparisons and tests)
 };
 
 struct rkv_params {
@@ -34,7 +35,7 @@ struct rkv_params {
     int32_t sink;      // streamingllm: first tokens always kept
     float   lambda;    // rkv: weight of importance against redundancy
     float   threshold; // rkv: cosine similarity above which two keys are near-copies
-    int32_t scoring;   // enum rkv_scoring
+    int32_t kernels;   // enum rkv_kernels
 };
 
 struct rkv_seq_stats {
@@ -54,7 +55,7 @@ struct rkv_seq_stats {
 struct rkv_profile {
     int64_t n_compressions;
     int32_t redundancy_path;    // of the last compression: enum rkv_redundancy_path
-    int32_t reserved;
+    int32_t fused_moves;        // of the last compression: 1 when the K/V rows moved in place on the CPU
     double  build_seconds;      // building and allocating the graphs, uploading their inputs
     double  importance_seconds; // computing the importance graphs (Q.K, softmax, mean, pooling)
     double  redundancy_seconds; // computing the redundancy graphs (+ the device kernel and its read-back)

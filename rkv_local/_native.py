@@ -10,11 +10,11 @@ import numpy as np
 from ._library import loaded_library
 
 METHOD_IDS = {"rkv": 0, "snapkv": 1, "h2o": 2, "streamingllm": 3}
-# how the rkv redundancy term is computed: "auto" uses the fused near-copy kernel where the cache's
-# backend has one (CPU, CUDA), "portable" always the graph of stock ggml ops (every backend)
-SCORING_IDS = {"auto": 0, "portable": 1}
+# which kernels compress (enum rkv_kernels): "auto" the fused ones where the cache's backend has them
+# (near-copy scan: CPU, CUDA; in-place K/V moves: CPU), "portable" always the stock ggml graphs
+KERNELS_IDS = {"auto": 0, "portable": 1}
 # CompressionConfig's default, so that any Llama (tests, benchmarks) can be put on the portable path
-SCORING_ENV = "RKV_SCORING"
+KERNELS_ENV = "RKV_KERNELS"
 # enum rkv_redundancy_path
 REDUNDANCY_PATHS = {0: "none", 1: "portable", 2: "cpu", 3: "cuda", 4: "host"}
 
@@ -29,7 +29,7 @@ class RkvParams(ctypes.Structure):
         ("sink", ctypes.c_int32),
         ("lambda_", ctypes.c_float),
         ("threshold", ctypes.c_float),
-        ("scoring", ctypes.c_int32),
+        ("kernels", ctypes.c_int32),
     ]
 
 
@@ -52,7 +52,7 @@ class RkvProfile(ctypes.Structure):
     _fields_ = [
         ("n_compressions", ctypes.c_int64),
         ("redundancy_path", ctypes.c_int32),
-        ("reserved", ctypes.c_int32),
+        ("fused_moves", ctypes.c_int32),
         ("build_seconds", ctypes.c_double),
         ("importance_seconds", ctypes.c_double),
         ("redundancy_seconds", ctypes.c_double),
@@ -78,11 +78,11 @@ class CompressionConfig:
     kernel: int = 7
     threshold: float = 0.5
     sink: int = 4
-    scoring: str = field(default_factory=lambda: os.environ.get(SCORING_ENV, "auto"))
+    kernels: str = field(default_factory=lambda: os.environ.get(KERNELS_ENV, "auto"))
 
     def __post_init__(self) -> None:
-        if self.scoring not in SCORING_IDS:
-            raise ValueError(f"unknown scoring {self.scoring!r} (from ${SCORING_ENV}?); choose one of {', '.join(SCORING_IDS)}")
+        if self.kernels not in KERNELS_IDS:
+            raise ValueError(f"unknown kernels {self.kernels!r} (from ${KERNELS_ENV}?); choose one of {', '.join(KERNELS_IDS)}")
         if self.method not in METHOD_IDS:
             raise ValueError(f"unknown kv_method {self.method!r}; choose one of {', '.join(METHOD_IDS)}")
         if self.window < 1:
@@ -95,7 +95,7 @@ class CompressionConfig:
     def to_struct(self) -> RkvParams:
         return RkvParams(
             METHOD_IDS[self.method], self.budget, self.buffer, self.window, self.kernel, self.sink,
-            self.lam, self.threshold, SCORING_IDS[self.scoring],
+            self.lam, self.threshold, KERNELS_IDS[self.kernels],
         )
 
 

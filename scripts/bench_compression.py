@@ -64,17 +64,17 @@ class Run:
 
     def __init__(self, path, name: str, budget: int, buffer: int, threads: int, n_gpu_layers: int, text: list[int]):
         self.name = name
-        method, _, scoring = name.partition("/")
-        old = os.environ.get(_native.SCORING_ENV)
-        os.environ[_native.SCORING_ENV] = scoring or "auto"
+        method, _, kernels = name.partition("/")
+        old = os.environ.get(_native.KERNELS_ENV)
+        os.environ[_native.KERNELS_ENV] = kernels or "auto"
         try:
             self.llm = Llama(str(path), kv_budget=budget, kv_buffer=buffer, kv_method=method,
                              n_threads=threads, n_threads_batch=threads, n_gpu_layers=n_gpu_layers, verbose=False)
         finally:
             if old is None:
-                os.environ.pop(_native.SCORING_ENV)
+                os.environ.pop(_native.KERNELS_ENV)
             else:
-                os.environ[_native.SCORING_ENV] = old
+                os.environ[_native.KERNELS_ENV] = old
         self.ctx = self.llm._ctx.ctx
         self.llm.eval(text[: budget + buffer - 8])
         assert _native.seq_stats(self.ctx).n_compressions == 0

@@ -44,7 +44,7 @@ RKV_TEST_N_GPU_LAYERS=-1 PYTHONPATH=tests "$BIN/python" -m pytest -q -p gpu_offl
     tests/test_fused.py tests/test_engine.py
 
 step "engine selection tests with the cache on the GPU, portable graph"
-RKV_SCORING=portable RKV_TEST_N_GPU_LAYERS=-1 PYTHONPATH=tests "$BIN/python" -m pytest -q -p gpu_offload \
+RKV_KERNELS=portable RKV_TEST_N_GPU_LAYERS=-1 PYTHONPATH=tests "$BIN/python" -m pytest -q -p gpu_offload \
     tests/test_engine.py -k "selection_equals_reference or logits_after_compaction"
 
 step "compression benchmark, Qwen2.5-Coder-0.5B on the GPU"

@@ -1,7 +1,7 @@
-"""The fused newest-near-copy kernel against the portable graph and the reference.
+"""The fused kernels (newest near-copy scan, in-place K/V moves) against the portable graphs and the reference.
 
 Both paths score the same cache: the fused instance's state is loaded into a portable one
-(RKV_SCORING=portable) before every compression. With RKV_TEST_N_GPU_LAYERS=-1 (scripts/gpu_check.sh)
+(RKV_KERNELS=portable) before every compression. With RKV_TEST_N_GPU_LAYERS=-1 (scripts/gpu_check.sh)
 the caches live on the GPU and the fused path is the CUDA kernel.
 """
 from __future__ import annotations
@@ -23,15 +23,15 @@ N_GPU_LAYERS = int(os.environ.get("RKV_TEST_N_GPU_LAYERS", "0"))
 FUSED_PATH = "cuda" if N_GPU_LAYERS != 0 else "cpu"
 
 
-def make(path, *, scoring, monkeypatch, type_kv="f16", flash_attn=False, budget=BUDGET, buffer=BUFFER) -> Llama:
-    monkeypatch.setenv(_native.SCORING_ENV, scoring)
+def make(path, *, kernels, monkeypatch, type_kv="f16", flash_attn=False, budget=BUDGET, buffer=BUFFER) -> Llama:
+    monkeypatch.setenv(_native.KERNELS_ENV, kernels)
     llm = Llama(
         str(path), kv_budget=budget, kv_buffer=buffer, kv_window=WINDOW,
         type_k=GGML_TYPES[type_kv], type_v=GGML_TYPES[type_kv] if flash_attn else GGML_TYPES["f16"],
         flash_attn=flash_attn, n_threads=2, n_gpu_layers=N_GPU_LAYERS, verbose=False,
     )
-    monkeypatch.delenv(_native.SCORING_ENV)
-    assert llm.kv_config.scoring == scoring
+    monkeypatch.delenv(_native.KERNELS_ENV)
+    assert llm.kv_config.kernels == kernels
     return llm
 
 
@@ -57,21 +57,30 @@ def compress_and_collect(llm: Llama):
     return inputs, kept
 
 
-def compare_paths(fused: Llama, portable: Llama, budget: int, rounds: int) -> tuple[int, int]:
-    """Compress the same cache on both paths `rounds` times; (heads compared, heads kept identically).
+def compare_paths(fused: Llama, portable: Llama, budget: int, rounds: int) -> tuple[int, int, int]:
+    """Compress the same cache on both paths `rounds` times; (heads compared, heads kept identically,
+    rounds whose compacted caches were compared byte for byte).
 
     Heads that differ must both match the reference up to cut-off ties (dot products are summed in
     another order, so the redundancy of a key can differ in the last bits)."""
     params = reference.ScoringParams(budget=budget, window=WINDOW)
-    compared = identical = 0
+    compared = identical = same_caches = 0
     for round_ in range(rounds):
         if round_:
             greedy(fused, fused.kv_config.buffer)
         portable.load_state(fused.save_state())
         inputs, kept_fused = compress_and_collect(fused)
         _, kept_portable = compress_and_collect(portable)
-        assert _native.REDUNDANCY_PATHS[_native.profile(fused._ctx.ctx).redundancy_path] == FUSED_PATH
-        assert _native.REDUNDANCY_PATHS[_native.profile(portable._ctx.ctx).redundancy_path] == "portable"
+        prof_fused, prof_portable = _native.profile(fused._ctx.ctx), _native.profile(portable._ctx.ctx)
+        assert _native.REDUNDANCY_PATHS[prof_fused.redundancy_path] == FUSED_PATH
+        assert _native.REDUNDANCY_PATHS[prof_portable.redundancy_path] == "portable"
+        assert (prof_fused.fused_moves, prof_portable.fused_moves) == (int(FUSED_PATH == "cpu"), 0)
+        same_kept = all(np.array_equal(a, b) for la, lb in zip(kept_fused, kept_portable) for a, b in zip(la, lb))
+        if same_kept:
+            # the same rows kept: the K/V moves (in place on the CPU, get_rows/set_rows in the graph)
+            # must leave byte-identical caches
+            assert fused.save_state().llama_state == portable.save_state().llama_state, round_
+            same_caches += 1
         for layer, (q, k, scale) in enumerate(inputs):
             for h, (a, b) in enumerate(zip(kept_fused[layer], kept_portable[layer])):
                 compared += 1
@@ -82,7 +91,7 @@ def compare_paths(fused: Llama, portable: Llama, budget: int, rounds: int) -> tu
                 for kept in (a, b):
                     one = [kept if i == h else ref[i] for i in range(len(ref))]
                     assert reference.kept_sets_equivalent("rkv", q, k, scale, params, one), (round_, layer, h)
-    return compared, identical
+    return compared, identical, same_caches
 
 
 RKV_CASES = [c[:-1] for c in CASES if c[-1] == "rkv"]
@@ -93,21 +102,22 @@ def test_fused_equals_portable_on_the_same_cache(tiny_model, monkeypatch, arch, 
                                                  type_kv, flash_attn):
     path = tiny_model(arch=arch, n_head=n_head, n_head_kv=n_head_kv, head_dim=head_dim)
     kw = dict(type_kv=type_kv, flash_attn=flash_attn, monkeypatch=monkeypatch)
-    fused = make(path, scoring="auto", **kw)
-    portable = make(path, scoring="portable", **kw)
+    fused = make(path, kernels="auto", **kw)
+    portable = make(path, kernels="portable", **kw)
     fused.eval(random_tokens(BUDGET + BUFFER, seed=1))
-    compared, identical = compare_paths(fused, portable, BUDGET, rounds=4)
+    compared, identical, same_caches = compare_paths(fused, portable, BUDGET, rounds=4)
     assert identical >= 0.9 * compared, (identical, compared)
+    assert same_caches >= 2
 
 
 def test_fused_equals_portable_on_smollm2(smollm2_path, monkeypatch):
     """Real keys: many near-copies, so the scan stops early; n = 160 spans ten tiles."""
     budget, buffer = 128, 32
-    fused = make(smollm2_path, scoring="auto", monkeypatch=monkeypatch, budget=budget, buffer=buffer)
-    portable = make(smollm2_path, scoring="portable", monkeypatch=monkeypatch, budget=budget, buffer=buffer)
+    fused = make(smollm2_path, kernels="auto", monkeypatch=monkeypatch, budget=budget, buffer=buffer)
+    portable = make(smollm2_path, kernels="portable", monkeypatch=monkeypatch, budget=budget, buffer=buffer)
     prompt = fused.tokenize(b"Write a long story about a robot who learns to paint. " * 20)
     fused.eval(prompt[: budget + buffer])
-    compared, identical = compare_paths(fused, portable, budget, rounds=2)
+    compared, identical, _ = compare_paths(fused, portable, budget, rounds=2)
     assert identical >= 0.9 * compared, (identical, compared)
 
 
@@ -116,10 +126,10 @@ def test_near_copy_scan_edge_cases(tiny_model, monkeypatch):
     boundaries, the partial oldest tile and the self-exclusion are covered by the engine cases;
     here one token repeated makes every key's newest near-copy its direct successor or predecessor."""
     path = tiny_model(arch="llama", n_head=4, n_head_kv=2, head_dim=32)
-    fused = make(path, scoring="auto", monkeypatch=monkeypatch)
-    portable = make(path, scoring="portable", monkeypatch=monkeypatch)
+    fused = make(path, kernels="auto", monkeypatch=monkeypatch)
+    portable = make(path, kernels="portable", monkeypatch=monkeypatch)
     fused.eval([1234] * (BUDGET + BUFFER // 2) + random_tokens(BUFFER // 2, seed=4))
-    compared, identical = compare_paths(fused, portable, BUDGET, rounds=2)
+    compared, identical, _ = compare_paths(fused, portable, BUDGET, rounds=2)
     assert identical >= 0.9 * compared, (identical, compared)
 
 
@@ -136,18 +146,18 @@ def test_profile_reports_phases(tiny_model):
     assert prof.total_seconds <= llm.kv_stats().compress_seconds * 1.001
 
 
-def test_scoring_setting_is_checked(tiny_model, monkeypatch):
-    with pytest.raises(ValueError, match="unknown scoring"):
-        _native.CompressionConfig(budget=64, scoring="fast")
-    monkeypatch.setenv(_native.SCORING_ENV, "nope")
-    with pytest.raises(ValueError, match="RKV_SCORING"):
+def test_kernels_setting_is_checked(tiny_model, monkeypatch):
+    with pytest.raises(ValueError, match="unknown kernels"):
+        _native.CompressionConfig(budget=64, kernels="fast")
+    monkeypatch.setenv(_native.KERNELS_ENV, "nope")
+    with pytest.raises(ValueError, match="RKV_KERNELS"):
         _native.CompressionConfig(budget=64)
-    monkeypatch.delenv(_native.SCORING_ENV)
+    monkeypatch.delenv(_native.KERNELS_ENV)
     llm = Llama(str(tiny_model(arch="llama")), n_ctx=256, n_batch=64, n_ubatch=64, verbose=False)
     params = _native.CompressionConfig(budget=100, buffer=64).to_struct()
-    params.scoring = 7
+    params.kernels = 7
     assert _native.lib().rkv_enable(llm._ctx.ctx, params) == -1
-    assert b"unknown scoring" in _native.lib().rkv_last_error()
+    assert b"unknown kernels" in _native.lib().rkv_last_error()
 
 
 def _ggml_include() -> list[str]:

@@ -6,7 +6,7 @@
 // order of the components. A row is done at the first tile holding a hit (its newest hit is the
 // newest there); the block stops when all its rows are done. Real keys find a near-copy within a
 // few tiles, so most rows cost O(d * tile) instead of O(d * n).
-#include "rkv-near-copy.h"
+#include "rkv-fused.h"
 
 #include "ggml.h"
 
@@ -146,7 +146,77 @@ void rkv_near_copy_op(ggml_tensor * dst, int ith, int nth, void * userdata) {
     }
 }
 
+// Gathers n_rows rows of `row_bytes` at src + idx[j]*stride, then writes them to dst + j*stride.
+void rkv_move_rows(uint8_t * base, size_t stride, const int32_t * idx, int64_t n_rows, size_t row_bytes,
+                   std::vector<uint8_t> & tmp) {
+    tmp.resize((size_t) n_rows*row_bytes);
+    for (int64_t j = 0; j < n_rows; ++j) {
+        std::memcpy(tmp.data() + j*row_bytes, base + (size_t) idx[j]*stride, row_bytes);
+    }
+    for (int64_t j = 0; j < n_rows; ++j) {
+        std::memcpy(base + (size_t) j*stride, tmp.data() + j*row_bytes, row_bytes);
+    }
+}
+
+template <typename T>
+void rkv_move_elems(T * row, const int32_t * idx, int64_t n, std::vector<uint8_t> & tmp) {
+    tmp.resize((size_t) n*sizeof(T));
+    T * t = (T *) tmp.data();
+    for (int64_t j = 0; j < n; ++j) {
+        t[j] = row[idx[j]];
+    }
+    std::memcpy(row, t, (size_t) n*sizeof(T));
+}
+
+constexpr int64_t RKV_CHANNELS_PER_TASK = 16;
+
+void rkv_compact_op(ggml_tensor * dst, int ith, int nth, void * userdata) {
+    const rkv_compact_cpu_params & p = *(const rkv_compact_cpu_params *) userdata;
+    ggml_tensor * k = dst->src[0];
+    ggml_tensor * v = p.has_v ? dst->src[1] : nullptr;
+    const ggml_tensor * cells = dst->src[2];
+    const auto cells_of = [&](int64_t h) {
+        return (const int32_t *) ((const char *) cells->data + h*cells->nb[1]);
+    };
+
+    // tasks: the K heads, then the V heads (or groups of channels of a transposed V)
+    const int64_t n_v_channels = p.v_trans ? v->ne[1] : 0;
+    const int64_t n_v_tasks = !p.has_v ? 0 : p.v_trans ? (n_v_channels + RKV_CHANNELS_PER_TASK - 1)/RKV_CHANNELS_PER_TASK : p.n_head;
+    static thread_local std::vector<uint8_t> tmp;
+    for (int64_t t = ith; t < p.n_head + n_v_tasks; t += nth) {
+        if (t < p.n_head) {
+            rkv_move_rows((uint8_t *) k->data + t*p.k_head_bytes, k->nb[1], cells_of(t), p.budget, p.k_head_bytes, tmp);
+        } else if (!p.v_trans) {
+            const int64_t h = t - p.n_head;
+            rkv_move_rows((uint8_t *) v->data + h*p.v_head_bytes, v->nb[1], cells_of(h), p.budget, p.v_head_bytes, tmp);
+        } else {
+            const int64_t c0 = (t - p.n_head)*RKV_CHANNELS_PER_TASK;
+            const int64_t c1 = std::min(n_v_channels, c0 + RKV_CHANNELS_PER_TASK);
+            const size_t es = ggml_element_size(v);
+            for (int64_t c = c0; c < c1; ++c) {
+                uint8_t * row = (uint8_t *) v->data + c*v->nb[1];
+                const int32_t * idx = cells_of(c/p.v_head_dim);
+                if (es == 2) {
+                    rkv_move_elems((uint16_t *) row, idx, p.budget, tmp);
+                } else if (es == 4) {
+                    rkv_move_elems((uint32_t *) row, idx, p.budget, tmp);
+                } else {
+                    rkv_move_rows(row, es, idx, p.budget, es, tmp);
+                }
+            }
+        }
+    }
+}
+
 } // namespace
+
+ggml_tensor * rkv_build_compaction_cpu(ggml_context * ctx, ggml_tensor * k, ggml_tensor * v, ggml_tensor * cells,
+                                       const rkv_compact_cpu_params * p) {
+    GGML_ASSERT(cells->type == GGML_TYPE_I32 && cells->ne[0] == p->budget && cells->ne[1] == p->n_head);
+    ggml_tensor * args[3] = { k, v ? v : k, cells };
+    return ggml_custom_4d(ctx, GGML_TYPE_I32, 1, 1, 1, 1, args, 3, rkv_compact_op, GGML_N_TASKS_MAX,
+                          const_cast<rkv_compact_cpu_params *>(p));
+}
 
 void rkv_near_copy_rows(const float * kn, const float * knt, int64_t n, int64_t d, int64_t i0, int64_t i1,
                         float threshold, int32_t * last, float * sim) {

@@ -1,3 +1,5 @@
+// Fused kernels of a compression (rkv_params.kernels = RKV_KERNELS_AUTO).
+//
 // The newest near-copy of each key, without the n x n similarity matrix.
 //
 // For key i of a head: the largest j != i with cos(k_i, k_j) > threshold, and that cosine; none
@@ -25,6 +27,26 @@ ggml_tensor * rkv_build_near_copy_cpu(ggml_context * ctx, ggml_tensor * kn, cons
 // kn [n_head][n][d] contiguous; last and sim [n_head][n].
 void rkv_near_copy_host(const float * kn, int64_t n, int64_t d, int64_t n_head, float threshold,
                         int32_t * last, float * sim);
+
+// In-place moves of one layer's kept K/V rows on the CPU: head h's cells cells[h][0..budget) go, in
+// order, to cells [0, budget) of the stream, for K and V alike, raw bytes (any type; quantized rows
+// are block-aligned per head). All of the CPU backend's threads, a share of the heads (and of the
+// channels of a transposed V) each.
+struct rkv_compact_cpu_params {
+    int64_t budget;
+    int64_t n_head;
+    size_t  k_head_bytes; // bytes of one head's part of a K row
+    size_t  v_head_bytes; // V not transposed: the same for V
+    int64_t v_head_dim;   // V transposed: channels per head
+    bool    has_v;
+    bool    v_trans;
+};
+
+// k: the stream's K, rows = cells ([row bytes, kv_size] view); v: its V the same way, or transposed
+// ([kv_size, n_embd_v] view, rows = channels), or null; cells: I32 [budget, n_head]. Returns the node
+// to expand (a dummy output; the moves are its side effect). `p` must outlive the graph.
+ggml_tensor * rkv_build_compaction_cpu(ggml_context * ctx, ggml_tensor * k, ggml_tensor * v, ggml_tensor * cells,
+                                       const rkv_compact_cpu_params * p);
 
 #ifdef RKV_HAVE_CUDA
 // native/rkv-cuda.cu: kn is device memory holding F32 [d, n, n_head] with byte strides nb1 (key) and
