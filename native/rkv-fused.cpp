@@ -128,8 +128,24 @@ void rkv_near_copy_op(ggml_tensor * dst, int ith, int nth, void * userdata) {
     const int64_t n_head = kn->ne[2];
     const int64_t blocks = (n + RKV_ROWS - 1)/RKV_ROWS;
 
-    float * idx_out = (float *) dst->data; // plane 0: [n, n_head]
-    float * sim_out = idx_out + n*n_head;  // plane 1
+    float * idx_out = (float *) dst->data;  // plane 0: [n, n_head]
+    float * sim_out = idx_out + n*n_head;   // plane 1
+    float * sum_out = sim_out + n*n_head;   // plane 2
+
+    // the sum of all normalised keys of each head (every thread its own copy: n*d adds per head)
+    static thread_local std::vector<double> total;
+    total.assign((size_t) (n_head*d), 0.0);
+    for (int64_t h = 0; h < n_head; ++h) {
+        for (int64_t c = 0; c < d; ++c) {
+            const float * row = (const float *) ((const char *) knt->data + h*knt->nb[2]) + c*n;
+            double acc = 0.0;
+            for (int64_t j = 0; j < n; ++j) {
+                acc += row[j];
+            }
+            total[h*d + c] = acc;
+        }
+    }
+
     int32_t last[RKV_ROWS];
     float   sim[RKV_ROWS];
     // blocks dealt out in turn: neighbouring rows cost alike, so every thread gets a fair share
@@ -137,11 +153,19 @@ void rkv_near_copy_op(ggml_tensor * dst, int ith, int nth, void * userdata) {
         const int64_t h  = b/blocks;
         const int64_t i0 = (b % blocks)*RKV_ROWS;
         const int nr = (int) std::min<int64_t>(RKV_ROWS, n - i0);
-        rkv_scan_block((const float *) ((const char *) kn->data + h*kn->nb[2]),
-                       (const float *) ((const char *) knt->data + h*knt->nb[2]), n, d, i0, nr, threshold, last, sim);
+        const float * kh = (const float *) ((const char *) kn->data + h*kn->nb[2]);
+        rkv_scan_block(kh, (const float *) ((const char *) knt->data + h*knt->nb[2]), n, d, i0, nr, threshold, last, sim);
         for (int r = 0; r < nr; ++r) {
             idx_out[h*n + i0 + r] = (float) last[r];
             sim_out[h*n + i0 + r] = sim[r];
+            // a key's similarity to all others: its dot with the sum of all keys, minus its own
+            const float * ki = kh + (i0 + r)*d;
+            double dot = 0.0, self = 0.0;
+            for (int64_t c = 0; c < d; ++c) {
+                dot  += total[h*d + c]*ki[c];
+                self += (double) ki[c]*ki[c];
+            }
+            sum_out[h*n + i0 + r] = (float) (dot - self);
         }
     }
 }
@@ -230,7 +254,7 @@ ggml_tensor * rkv_build_near_copy_cpu(ggml_context * ctx, ggml_tensor * kn, cons
     GGML_ASSERT(kn->type == GGML_TYPE_F32 && ggml_is_contiguous(kn));
     ggml_tensor * knt = ggml_cont(ctx, ggml_transpose(ctx, kn)); // [n, d, n_head]
     ggml_tensor * args[2] = { kn, knt };
-    return ggml_custom_4d(ctx, GGML_TYPE_F32, kn->ne[1], kn->ne[2], 2, 1, args, 2, rkv_near_copy_op,
+    return ggml_custom_4d(ctx, GGML_TYPE_F32, kn->ne[1], kn->ne[2], 3, 1, args, 2, rkv_near_copy_op,
                           GGML_N_TASKS_MAX, const_cast<float *>(threshold));
 }
 

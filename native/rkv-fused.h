@@ -18,9 +18,10 @@ struct ggml_tensor;
 void rkv_near_copy_rows(const float * kn, const float * knt, int64_t n, int64_t d, int64_t i0, int64_t i1,
                         float threshold, int32_t * last, float * sim);
 
-// The fused CPU op: kn F32 [d, n, n_head_kv] contiguous -> F32 [n, n_head_kv, 2]: plane 0 the index of
-// each key's newest near-copy (-1: none; exact in f32 for n < 2^24), plane 1 its similarity. Runs on
-// all of the CPU backend's threads, each a share of the row blocks. `threshold` must outlive the graph.
+// The fused CPU op: kn F32 [d, n, n_head_kv] contiguous -> F32 [n, n_head_kv, 3]: plane 0 the index of
+// each key's newest near-copy (-1: none; exact in f32 for n < 2^24), plane 1 its similarity, plane 2
+// the sum of its similarities to all other keys. Runs on all of the CPU backend's threads, each a share
+// of the row blocks. `threshold` must outlive the graph.
 ggml_tensor * rkv_build_near_copy_cpu(ggml_context * ctx, ggml_tensor * kn, const float * threshold);
 
 // The same on the host for keys already read back (the fallback when a device kernel is unavailable):

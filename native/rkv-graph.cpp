@@ -60,7 +60,10 @@ static ggml_tensor * rkv_build_importance(ggml_context * ctx, ggml_tensor * keys
     q = ggml_cont(ctx, ggml_permute(ctx, ggml_reshape_3d(ctx, q, d, n_head, n_q), 0, 2, 1, 3)); // [d, n_q, n_head]
 
     ggml_tensor * k  = ggml_get_rows(ctx, keys, in.cells_cand);                            // [d, n_cand, n_head_kv]
-    ggml_tensor * kq = ggml_scale(ctx, ggml_mul_mat(ctx, k, q), kq_scale);                // [n_cand, n_q, n_head]
+    // one product per KV head with all the queries of its group (query head h*group + g is KV head h's
+    // g-th): the same layout as a broadcast over the query heads, in n_head_kv larger products
+    q = ggml_reshape_3d(ctx, q, d, n_q*group, n_head_kv);
+    ggml_tensor * kq = ggml_scale(ctx, ggml_mul_mat(ctx, k, q), kq_scale);                // [n_cand, n_q*group, n_head_kv]
     if (group > 1) {
         kq = ggml_reshape_3d(ctx, kq, n_cand*n_q, group, n_head_kv);
         kq = ggml_pool_2d(ctx, kq, GGML_OP_POOL_MAX, 1, (int) group, 1, (int) group, 0, 0);
@@ -87,16 +90,17 @@ static void rkv_build_similarity(ggml_context * ctx, ggml_tensor * keys, const r
 
     ggml_tensor * kn = ggml_l2_norm(ctx, ggml_get_rows(ctx, keys, in.cells_all), RKV_NORM_EPS); // [d, n, n_head_kv]
 
+    if (path == RKV_PATH_CPU) {
+        out.near = rkv_build_near_copy_cpu(ctx, kn, threshold); // the similarity sums too
+        return;
+    }
+
     ggml_tensor * total = ggml_sum_rows(ctx, ggml_cont(ctx, ggml_permute(ctx, kn, 1, 0, 2, 3)));   // [1, d, n_head_kv]
     total = ggml_reshape_3d(ctx, total, d, 1, n_head_kv);
     ggml_tensor * dots = ggml_mul_mat(ctx, total, kn);                                       // [1, n, n_head_kv]
     ggml_tensor * self = ggml_sum_rows(ctx, ggml_sqr(ctx, kn));                              // [1, n, n_head_kv]
     out.sim_sum = ggml_reshape_2d(ctx, ggml_sub(ctx, dots, self), n, n_head_kv);
 
-    if (path == RKV_PATH_CPU) {
-        out.near = rkv_build_near_copy_cpu(ctx, kn, threshold);
-        return;
-    }
     if (path == RKV_PATH_CUDA) {
         out.kn = kn;
         return;
@@ -152,7 +156,8 @@ static void rkv_select(const std::vector<double> & score, int64_t m, int64_t n, 
     const int64_t n_cand = (int64_t) score.size();
     std::vector<int32_t> idx(n_cand);
     std::iota(idx.begin(), idx.end(), 0);
-    std::partial_sort(idx.begin(), idx.begin() + m, idx.end(), [&](int32_t a, int32_t b) {
+    // a strict total order (ties to the older token), so the m best are one set whatever the algorithm
+    std::nth_element(idx.begin(), idx.begin() + m, idx.end(), [&](int32_t a, int32_t b) {
         return score[a] != score[b] ? score[a] > score[b] : a < b;
     });
     keep.assign(idx.begin(), idx.begin() + m);
@@ -414,8 +419,9 @@ bool rkv_engine::run_compaction_graphs(uint32_t strm, llama_context * lctx, cons
                         prof.redundancy_path = RKV_PATH_HOST;
                     }
                 } else if (out.near) {
-                    near.resize(2*n*n_head_kv);
+                    near.resize(3*n*n_head_kv);
                     ggml_backend_tensor_get(out.near, near.data(), 0, near.size()*sizeof(float));
+                    sim_sum[l - l0].assign(near.begin() + 2*n*n_head_kv, near.end());
                     for (int64_t i = 0; i < n*n_head_kv; ++i) {
                         lst[i] = (int32_t) near[i];
                         ls[i]  = near[n*n_head_kv + i];
@@ -427,8 +433,10 @@ bool rkv_engine::run_compaction_graphs(uint32_t strm, llama_context * lctx, cons
             }
             clock.lap(prof.redundancy_seconds);
             for (uint32_t l = l0; l < l1; ++l) {
-                sim_sum[l - l0].resize(n*n_head_kv);
-                ggml_backend_tensor_get(outs[l - l0].sim_sum, sim_sum[l - l0].data(), 0, sim_sum[l - l0].size()*sizeof(float));
+                if (outs[l - l0].sim_sum) {
+                    sim_sum[l - l0].resize(n*n_head_kv);
+                    ggml_backend_tensor_get(outs[l - l0].sim_sum, sim_sum[l - l0].data(), 0, sim_sum[l - l0].size()*sizeof(float));
+                }
             }
         }
 
