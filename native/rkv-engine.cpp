@@ -13,6 +13,7 @@
 #include <algorithm>
 #include <array>
 #include <chrono>
+#include <cmath>
 #include <cstring>
 #include <limits>
 #include <map>
@@ -53,7 +54,13 @@ rkv_engine::rkv_engine(llama_kv_cache & kv, const rkv_params & params) : kv(kv),
         }
     }
 
-    kq_scale.assign(rings.size(), 0.0f);
+    // the scale most models use, until the attention graph records the model's own: a state restored
+    // into a fresh context may be compressed before any graph was built
+    kq_scale.clear();
+    for (const auto & layer : kv.layers) {
+        const float f = kv.hparams.f_attention_scale;
+        kq_scale.push_back(f != 0.0f ? f : 1.0f/std::sqrt((float) kv.hparams.n_embd_head_k(layer.il)));
+    }
     streams.resize(kv.n_stream);
 }
 
@@ -81,6 +88,9 @@ std::string rkv_engine::check(const llama_kv_cache & kv, const llama_context & l
     }
     if (!(p.threshold >= 0.0f && p.threshold <= 1.0f)) {
         return "similarity threshold must lie in [0, 1], got " + std::to_string(p.threshold);
+    }
+    if (p.kernels != RKV_KERNELS_AUTO && p.kernels != RKV_KERNELS_PORTABLE) {
+        return "unknown kernels " + std::to_string(p.kernels) + " (0 auto, 1 portable)";
     }
     if (p.method == RKV_METHOD_STREAMINGLLM && (p.sink < 0 || p.sink > p.budget - p.window)) {
         return "sink (" + std::to_string(p.sink) + ") must lie in [0, budget - window]";
@@ -249,7 +259,7 @@ bool rkv_engine::compress(uint32_t strm, llama_context * lctx) {
     }
 
     std::vector<std::vector<int32_t>> kept;
-    if (!run_compaction_graphs(strm, lctx, order, kept)) {
+    if (!run_compaction_graphs(strm, lctx, order, kept, st.profile)) {
         return false;
     }
     for (uint32_t l = 0, off = 0; l < n_layer(); ++l) {
@@ -285,7 +295,9 @@ bool rkv_engine::compress(uint32_t strm, llama_context * lctx) {
     st.slot_pos    = std::move(new_slot_pos);
     st.n_compressions += 1;
     st.n_evicted      += n - budget;
-    st.compress_seconds += std::chrono::duration<double>(std::chrono::steady_clock::now() - t_start).count();
+    const double seconds = std::chrono::duration<double>(std::chrono::steady_clock::now() - t_start).count();
+    st.compress_seconds += seconds;
+    st.profile.total_seconds += seconds;
 
     LLAMA_LOG_DEBUG("%s: stream %u: %u -> %u cells, P_c = %d\n", __func__, strm, n, budget, pos_compact);
     return true;
@@ -480,8 +492,14 @@ void rkv_engine::state_read(llama_io_read_i & io, llama_seq_id seq_id) {
         io.read(&st.n_evicted, sizeof(st.n_evicted));
         io.read(&st.cells_peak, sizeof(st.cells_peak));
         io.read(&n_slot_pos, sizeof(n_slot_pos));
-        if (n_slot_pos > kv.get_size()) {
-            throw std::runtime_error(format("corrupt KV-compression state: %u slot positions for %u cells", n_slot_pos, kv.get_size()));
+        // one position per layer, KV head and compacted cell
+        size_t max_slot_pos = 0;
+        for (uint32_t l = 0; l < n_layer(); ++l) {
+            max_slot_pos += (size_t) n_head_kv(l)*kv.get_size();
+        }
+        if (n_slot_pos > max_slot_pos) {
+            throw std::runtime_error(format("corrupt KV-compression state: %u slot positions for %zu (layers x KV heads x cells)",
+                                            n_slot_pos, max_slot_pos));
         }
         st.slot_pos.resize(n_slot_pos);
         io.read(st.slot_pos.data(), n_slot_pos*sizeof(llama_pos));

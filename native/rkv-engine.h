@@ -26,6 +26,7 @@ struct rkv_stream_state {
     int64_t n_evicted        = 0;
     int64_t cells_peak       = 0;
     double  compress_seconds = 0.0;
+    rkv_profile profile = {};       // time per phase, summed over compressions
 };
 
 struct rkv_engine {
@@ -64,7 +65,13 @@ struct rkv_engine {
     // scores and compacts every layer of a stream on the backends (rkv-graph.cpp); fills the order
     // indices each layer and head kept, [layer*n_head_kv + head][budget]
     bool run_compaction_graphs(uint32_t strm, llama_context * lctx, const std::vector<uint32_t> & order,
-                               std::vector<std::vector<int32_t>> & kept);
+                               std::vector<std::vector<int32_t>> & kept, rkv_profile & prof);
+
+    // how a layer's redundancy is computed (enum rkv_redundancy_path), from where its keys live
+    int32_t redundancy_path(uint32_t layer) const;
+
+    // host inputs of the portable similarity graph, kept between compressions of the same size
+    std::vector<float> sim_bias, ramp;
 
     // the largest compute buffer the scheduler held after a compression
     size_t compute_buffer_bytes = 0;

@@ -5,6 +5,7 @@
 // then hands O(n) numbers to the host, which finishes the scores and picks the kept tokens with
 // the tie rule of rkv_local/reference.py.
 #include "rkv-engine.h"
+#include "rkv-fused.h"
 
 #include "llama-context.h"
 #include "llama-graph.h"
@@ -14,7 +15,9 @@
 #include "ggml-backend.h"
 
 #include <algorithm>
+#include <chrono>
 #include <cmath>
+#include <cstring>
 #include <numeric>
 
 // keys shorter than this are treated as zero vectors when normalised (reference.NORM_EPS)
@@ -32,14 +35,17 @@ struct rkv_score_inputs {
     ggml_tensor * sim_bias   = nullptr; // F32 [n, n]: -threshold, and far below it on the diagonal
 };
 
-// What one layer's graph leaves for the host.
+// What one layer's graphs leave for the host.
 struct rkv_score_outputs {
     ggml_tensor * importance = nullptr; // F32 [n_cand, n_head_kv]
     ggml_tensor * sim_sum    = nullptr; // F32 [n, n_head_kv]: sum of a key's similarities to all others
+    ggml_tensor * kn         = nullptr; // F32 [d, n, n_head_kv]: the normalised keys (input of the CUDA kernel)
+    // portable graph
     ggml_tensor * last       = nullptr; // I32 [n, n_head_kv]: per key, the index of its newest near-copy
     ggml_tensor * last_sim   = nullptr; // F32 [n, n_head_kv]: the similarity to that key
+    // fused CPU op
+    ggml_tensor * near       = nullptr; // F32 [n, n_head_kv, 2]: index (-1: none) and similarity
 };
-
 // Attention the candidates receive: max over each query group of the scaled logits, softmax over
 // the candidates, mean over the queries, max pooling. F32 [n_cand, n_head_kv].
 static ggml_tensor * rkv_build_importance(ggml_context * ctx, ggml_tensor * keys, ggml_tensor * ring, int64_t n_head,
@@ -54,7 +60,10 @@ static ggml_tensor * rkv_build_importance(ggml_context * ctx, ggml_tensor * keys
     q = ggml_cont(ctx, ggml_permute(ctx, ggml_reshape_3d(ctx, q, d, n_head, n_q), 0, 2, 1, 3)); // [d, n_q, n_head]
 
     ggml_tensor * k  = ggml_get_rows(ctx, keys, in.cells_cand);                            // [d, n_cand, n_head_kv]
-    ggml_tensor * kq = ggml_scale(ctx, ggml_mul_mat(ctx, k, q), kq_scale);                // [n_cand, n_q, n_head]
+    // one product per KV head with all the queries of its group (query head h*group + g is KV head h's
+    // g-th): the same layout as a broadcast over the query heads, in n_head_kv larger products
+    q = ggml_reshape_3d(ctx, q, d, n_q*group, n_head_kv);
+    ggml_tensor * kq = ggml_scale(ctx, ggml_mul_mat(ctx, k, q), kq_scale);                // [n_cand, n_q*group, n_head_kv]
     if (group > 1) {
         kq = ggml_reshape_3d(ctx, kq, n_cand*n_q, group, n_head_kv);
         kq = ggml_pool_2d(ctx, kq, GGML_OP_POOL_MAX, 1, (int) group, 1, (int) group, 0, 0);
@@ -70,20 +79,32 @@ static ggml_tensor * rkv_build_importance(ggml_context * ctx, ggml_tensor * keys
 
 // The parts of the redundancy that need all pairs of keys. Column sums of the similarity matrix
 // are rank-one work (symmetry: a key's column sum is its dot with the sum of all keys); only the
-// newest near-copy of each key needs the n x n matrix, one head at a time to bound the buffer.
-static void rkv_build_similarity(ggml_context * ctx, ggml_tensor * keys, const rkv_score_inputs & in,
-                                 rkv_score_outputs & out) {
+// newest near-copy of each key needs all pairs: the fused op (CPU), the device kernel after the
+// graph (CUDA: the graph leaves the normalised keys), or the portable n x n graph, one group of
+// heads at a time to bound the buffer.
+static void rkv_build_similarity(ggml_context * ctx, ggml_tensor * keys, const rkv_score_inputs & in, int32_t path,
+                                 const float * threshold, rkv_score_outputs & out) {
     const int64_t d         = keys->ne[0];
     const int64_t n_head_kv = keys->ne[2];
     const int64_t n         = in.cells_all->ne[0];
 
     ggml_tensor * kn = ggml_l2_norm(ctx, ggml_get_rows(ctx, keys, in.cells_all), RKV_NORM_EPS); // [d, n, n_head_kv]
 
+    if (path == RKV_PATH_CPU) {
+        out.near = rkv_build_near_copy_cpu(ctx, kn, threshold); // the similarity sums too
+        return;
+    }
+
     ggml_tensor * total = ggml_sum_rows(ctx, ggml_cont(ctx, ggml_permute(ctx, kn, 1, 0, 2, 3)));   // [1, d, n_head_kv]
     total = ggml_reshape_3d(ctx, total, d, 1, n_head_kv);
     ggml_tensor * dots = ggml_mul_mat(ctx, total, kn);                                       // [1, n, n_head_kv]
     ggml_tensor * self = ggml_sum_rows(ctx, ggml_sqr(ctx, kn));                              // [1, n, n_head_kv]
     out.sim_sum = ggml_reshape_2d(ctx, ggml_sub(ctx, dots, self), n, n_head_kv);
+
+    if (path == RKV_PATH_CUDA) {
+        out.kn = kn;
+        return;
+    }
 
     // heads in groups whose n x n matrices fit RKV_SIM_BYTES: few graph nodes, a bounded buffer
     const int64_t heads = std::max<int64_t>(1, std::min<int64_t>(n_head_kv, RKV_SIM_BYTES/(n*n*(int64_t) sizeof(float))));
@@ -109,8 +130,8 @@ static void rkv_redundancy(const float * sim_sum, const int32_t * last, const fl
     std::vector<double> col(sim_sum, sim_sum + n);
     for (int64_t i = 0; i < n; ++i) {
         const int64_t j = last[i];
-        // a row without near-copies is all zeros and argmax points anywhere: not a hit
-        if (j != i && last_sim[i] > threshold) {
+        // a row without near-copies is all zeros and argmax points anywhere (the fused paths say -1): not a hit
+        if (j >= 0 && j != i && last_sim[i] > threshold) {
             col[j] -= last_sim[i];
         }
     }
@@ -135,7 +156,8 @@ static void rkv_select(const std::vector<double> & score, int64_t m, int64_t n, 
     const int64_t n_cand = (int64_t) score.size();
     std::vector<int32_t> idx(n_cand);
     std::iota(idx.begin(), idx.end(), 0);
-    std::partial_sort(idx.begin(), idx.begin() + m, idx.end(), [&](int32_t a, int32_t b) {
+    // a strict total order (ties to the older token), so the m best are one set whatever the algorithm
+    std::nth_element(idx.begin(), idx.begin() + m, idx.end(), [&](int32_t a, int32_t b) {
         return score[a] != score[b] ? score[a] > score[b] : a < b;
     });
     keep.assign(idx.begin(), idx.begin() + m);
@@ -189,8 +211,41 @@ static void rkv_set_input(ggml_tensor * t, const void * data) {
     }
 }
 
+int32_t rkv_engine::redundancy_path(uint32_t layer) const {
+    if (params.method != RKV_METHOD_RKV) {
+        return RKV_PATH_NONE;
+    }
+    if (params.kernels == RKV_KERNELS_PORTABLE) {
+        return RKV_PATH_PORTABLE;
+    }
+    ggml_backend_buffer_t buf = kv.layers[layer].k->buffer;
+    if (ggml_backend_buffer_is_host(buf)) {
+        return RKV_PATH_CPU;
+    }
+#ifdef RKV_HAVE_CUDA
+    if (std::strncmp(ggml_backend_buft_name(ggml_backend_buffer_get_type(buf)), "CUDA", 4) == 0) {
+        return RKV_PATH_CUDA;
+    }
+#endif
+    return RKV_PATH_PORTABLE; // Metal, Vulkan, ...: stock ops only
+}
+
+namespace {
+// wall time of the phases of a compression
+struct rkv_clock {
+    std::chrono::steady_clock::time_point t = std::chrono::steady_clock::now();
+    // seconds since the last lap, added to `phase`
+    void lap(double & phase) {
+        const auto now = std::chrono::steady_clock::now();
+        phase += std::chrono::duration<double>(now - t).count();
+        t = now;
+    }
+};
+} // namespace
+
 bool rkv_engine::run_compaction_graphs(uint32_t strm, llama_context * lctx, const std::vector<uint32_t> & order,
-                                       std::vector<std::vector<int32_t>> & kept) {
+                                       std::vector<std::vector<int32_t>> & kept, rkv_profile & prof) {
+    rkv_clock clock;
     const int64_t  n         = (int64_t) order.size();
     const int64_t  budget    = params.budget;
     const int64_t  window    = params.window;
@@ -204,6 +259,14 @@ bool rkv_engine::run_compaction_graphs(uint32_t strm, llama_context * lctx, cons
     const int32_t  kernel    = params.method == RKV_METHOD_H2O ? 1 : params.kernel;
 
     ggml_backend_sched_t sched = lctx->get_sched();
+
+    std::vector<int32_t> paths(n_layer());
+    bool portable = false;
+    for (uint32_t l = 0; l < n_layer(); ++l) {
+        paths[l] = redundancy_path(l);
+        portable = portable || paths[l] == RKV_PATH_PORTABLE;
+    }
+    prof.redundancy_path = paths.empty() ? RKV_PATH_NONE : paths.back();
 
     // host data of the inputs
     std::vector<int32_t> cells_all(n*n_head_kv), cells_cand(n_cand*n_head_kv);
@@ -220,8 +283,8 @@ bool rkv_engine::run_compaction_graphs(uint32_t strm, llama_context * lctx, cons
         const llama_pos p = pos_last - (llama_pos) (n_q - 1 - t);
         q_rows[t] = (int32_t) (strm*window + ((p % (llama_pos) window) + window) % window);
     }
-    std::vector<float> sim_bias, ramp;
-    if (redundant) {
+    // the portable graph's bias and ramp depend on n only: kept for the next compression
+    if (redundant && portable && (int64_t) ramp.size() != n) {
         sim_bias.assign(n*n, -params.threshold);
         for (int64_t i = 0; i < n; ++i) {
             sim_bias[i*n + i] = -params.threshold - 4.0f; // a key is not its own near-copy
@@ -240,87 +303,184 @@ bool rkv_engine::run_compaction_graphs(uint32_t strm, llama_context * lctx, cons
         }
         std::fill(kept.begin(), kept.end(), keep);
     }
+    clock.lap(prof.host_seconds);
 
     // layers per graph: stay well inside the graph's node capacity
     const size_t nodes_per_layer = 48 + 16*(size_t) n_head_kv;
 
+    // per layer of a group: importance [n_cand*n_head_kv]; sim_sum, last, last_sim [n*n_head_kv]
+    std::vector<std::vector<float>> imp;
+    std::vector<std::vector<float>> sim_sum, last_sim;
+    std::vector<std::vector<int32_t>> last;
+    std::vector<float> near;
+    std::vector<float> kn_host;
+
     for (uint32_t l0 = 0; l0 < n_layer() && scored; ) {
         ggml_context * ctx;
         ggml_cgraph  * gf;
+
+        // importance of the candidates, a group of layers per graph
         rkv_graph_begin(lctx, &ctx, &gf);
         const uint32_t l1 = std::min<uint32_t>(n_layer(), l0 + (uint32_t) std::max<size_t>(1, ggml_graph_size(gf)/nodes_per_layer));
-
         rkv_score_inputs in;
         in.cells_cand = rkv_new_input(ctx, GGML_TYPE_I32, n_cand, n_head_kv);
         in.q_rows     = rkv_new_input(ctx, GGML_TYPE_I32, n_q);
-        if (redundant) {
-            in.cells_all = rkv_new_input(ctx, GGML_TYPE_I32, n, n_head_kv);
-            in.ramp      = rkv_new_input(ctx, GGML_TYPE_F32, n);
-            in.sim_bias  = rkv_new_input(ctx, GGML_TYPE_F32, n, n);
-        }
-
         std::vector<rkv_score_outputs> outs(l1 - l0);
+        std::vector<ggml_tensor *> keys(l1 - l0);
         for (uint32_t l = l0; l < l1; ++l) {
             const auto & layer = kv.layers[l];
             const int64_t d = kv.hparams.n_embd_head_k(layer.il);
-            ggml_tensor * keys = ggml_view_3d(ctx, layer.k, d, kv_size, n_head_kv, layer.k->nb[1],
-                                              ggml_row_size(layer.k->type, d), strm*layer.k->nb[2]);
-            rkv_score_outputs & out = outs[l - l0];
-            out.importance = rkv_build_importance(ctx, keys, rings[l], kv.hparams.n_head(layer.il), kq_scale[l], in, kernel);
-            if (redundant) {
-                rkv_build_similarity(ctx, keys, in, out);
-            }
-            for (ggml_tensor * t : { out.importance, out.sim_sum, out.last, out.last_sim }) {
-                if (t) {
-                    ggml_set_output(t);
-                    ggml_build_forward_expand(gf, t);
-                }
-            }
+            keys[l - l0] = ggml_view_3d(ctx, layer.k, d, kv_size, n_head_kv, layer.k->nb[1],
+                                        ggml_row_size(layer.k->type, d), strm*layer.k->nb[2]);
+            outs[l - l0].importance = rkv_build_importance(ctx, keys[l - l0], rings[l], kv.hparams.n_head(layer.il), kq_scale[l], in, kernel);
+            ggml_set_output(outs[l - l0].importance);
+            ggml_build_forward_expand(gf, outs[l - l0].importance);
         }
-
         if (!ggml_backend_sched_alloc_graph(sched, gf)) {
-            LLAMA_LOG_ERROR("%s: failed to allocate the scoring graph\n", __func__);
+            LLAMA_LOG_ERROR("%s: failed to allocate the importance graph\n", __func__);
             return false;
         }
         rkv_set_input(in.cells_cand, cells_cand.data());
         rkv_set_input(in.q_rows, q_rows.data());
-        rkv_set_input(in.cells_all, cells_all.data());
-        rkv_set_input(in.ramp, ramp.data());
-        rkv_set_input(in.sim_bias, sim_bias.data());
+        clock.lap(prof.build_seconds);
         if (lctx->graph_compute(gf, false) != GGML_STATUS_SUCCESS) {
-            LLAMA_LOG_ERROR("%s: failed to compute the scoring graph\n", __func__);
+            LLAMA_LOG_ERROR("%s: failed to compute the importance graph\n", __func__);
             return false;
         }
         ggml_backend_sched_synchronize(sched);
+        clock.lap(prof.importance_seconds);
         note_compute_buffer(sched);
+        imp.resize(l1 - l0);
+        for (uint32_t l = l0; l < l1; ++l) {
+            imp[l - l0].resize(n_cand*n_head_kv);
+            ggml_backend_tensor_get(outs[l - l0].importance, imp[l - l0].data(), 0, imp[l - l0].size()*sizeof(float));
+        }
+        clock.lap(prof.host_seconds);
 
-        std::vector<float> imp(n_cand*n_head_kv), sim_sum(n*n_head_kv), last_sim(n*n_head_kv);
-        std::vector<int32_t> last(n*n_head_kv);
+        // redundancy: the same layers, a second graph
+        if (redundant) {
+            rkv_graph_begin(lctx, &ctx, &gf);
+            in = rkv_score_inputs();
+            in.cells_all = rkv_new_input(ctx, GGML_TYPE_I32, n, n_head_kv);
+            if (portable) {
+                in.ramp     = rkv_new_input(ctx, GGML_TYPE_F32, n);
+                in.sim_bias = rkv_new_input(ctx, GGML_TYPE_F32, n, n);
+            }
+            for (uint32_t l = l0; l < l1; ++l) {
+                const auto & layer = kv.layers[l];
+                const int64_t d = kv.hparams.n_embd_head_k(layer.il);
+                ggml_tensor * k = ggml_view_3d(ctx, layer.k, d, kv_size, n_head_kv, layer.k->nb[1],
+                                               ggml_row_size(layer.k->type, d), strm*layer.k->nb[2]);
+                rkv_score_outputs & out = outs[l - l0];
+                rkv_build_similarity(ctx, k, in, paths[l], &params.threshold, out);
+                for (ggml_tensor * t : { out.sim_sum, out.kn, out.last, out.last_sim, out.near }) {
+                    if (t) {
+                        ggml_set_output(t);
+                        ggml_build_forward_expand(gf, t);
+                    }
+                }
+            }
+            if (!ggml_backend_sched_alloc_graph(sched, gf)) {
+                LLAMA_LOG_ERROR("%s: failed to allocate the similarity graph\n", __func__);
+                return false;
+            }
+            rkv_set_input(in.cells_all, cells_all.data());
+            rkv_set_input(in.ramp, ramp.data());
+            rkv_set_input(in.sim_bias, sim_bias.data());
+            clock.lap(prof.build_seconds);
+            if (lctx->graph_compute(gf, false) != GGML_STATUS_SUCCESS) {
+                LLAMA_LOG_ERROR("%s: failed to compute the similarity graph\n", __func__);
+                return false;
+            }
+            ggml_backend_sched_synchronize(sched);
+            note_compute_buffer(sched);
+
+            sim_sum.resize(l1 - l0);
+            last.resize(l1 - l0);
+            last_sim.resize(l1 - l0);
+            for (uint32_t l = l0; l < l1; ++l) {
+                const rkv_score_outputs & out = outs[l - l0];
+                auto & lst = last[l - l0];
+                auto & ls  = last_sim[l - l0];
+                lst.resize(n*n_head_kv);
+                ls.resize(n*n_head_kv);
+                if (out.kn) {
+                    // CUDA: the kernel reads the normalised keys where the graph left them
+                    const int64_t d = out.kn->ne[0];
+                    bool done = false;
+#ifdef RKV_HAVE_CUDA
+                    done = rkv_cuda_near_copy(out.kn->data, out.kn->nb[1], out.kn->nb[2], d, n, n_head_kv,
+                                              params.threshold, lst.data(), ls.data());
+#endif
+                    if (!done) {
+                        kn_host.resize(n*n_head_kv*d);
+                        ggml_backend_tensor_get(out.kn, kn_host.data(), 0, kn_host.size()*sizeof(float));
+                        rkv_near_copy_host(kn_host.data(), n, d, n_head_kv, params.threshold, lst.data(), ls.data());
+                        prof.redundancy_path = RKV_PATH_HOST;
+                    }
+                } else if (out.near) {
+                    near.resize(3*n*n_head_kv);
+                    ggml_backend_tensor_get(out.near, near.data(), 0, near.size()*sizeof(float));
+                    sim_sum[l - l0].assign(near.begin() + 2*n*n_head_kv, near.end());
+                    for (int64_t i = 0; i < n*n_head_kv; ++i) {
+                        lst[i] = (int32_t) near[i];
+                        ls[i]  = near[n*n_head_kv + i];
+                    }
+                } else {
+                    ggml_backend_tensor_get(out.last, lst.data(), 0, lst.size()*sizeof(int32_t));
+                    ggml_backend_tensor_get(out.last_sim, ls.data(), 0, ls.size()*sizeof(float));
+                }
+            }
+            clock.lap(prof.redundancy_seconds);
+            for (uint32_t l = l0; l < l1; ++l) {
+                if (outs[l - l0].sim_sum) {
+                    sim_sum[l - l0].resize(n*n_head_kv);
+                    ggml_backend_tensor_get(outs[l - l0].sim_sum, sim_sum[l - l0].data(), 0, sim_sum[l - l0].size()*sizeof(float));
+                }
+            }
+        }
+
+        // host: finish the scores, pick the kept tokens
         std::vector<double> score(n_cand), red;
         for (uint32_t l = l0; l < l1; ++l) {
-            const rkv_score_outputs & out = outs[l - l0];
-            ggml_backend_tensor_get(out.importance, imp.data(), 0, imp.size()*sizeof(float));
-            if (redundant) {
-                ggml_backend_tensor_get(out.sim_sum,  sim_sum.data(),  0, sim_sum.size()*sizeof(float));
-                ggml_backend_tensor_get(out.last, last.data(), 0, last.size()*sizeof(int32_t));
-                ggml_backend_tensor_get(out.last_sim, last_sim.data(), 0, last_sim.size()*sizeof(float));
-            }
             for (int64_t h = 0; h < n_head_kv; ++h) {
                 if (redundant) {
-                    rkv_redundancy(sim_sum.data() + h*n, last.data() + h*n, last_sim.data() + h*n, n, n_cand,
-                                   params.threshold, red);
+                    rkv_redundancy(sim_sum[l - l0].data() + h*n, last[l - l0].data() + h*n, last_sim[l - l0].data() + h*n,
+                                   n, n_cand, params.threshold, red);
                 }
+                const float * im = imp[l - l0].data() + h*n_cand;
                 for (int64_t j = 0; j < n_cand; ++j) {
-                    const double importance = imp[h*n_cand + j];
+                    const double importance = im[j];
                     score[j] = redundant ? params.lambda*importance - (1.0 - params.lambda)*red[j] : importance;
                 }
                 rkv_select(score, m, n, kept[l*n_head_kv + h]);
             }
         }
+        clock.lap(prof.host_seconds);
         l0 = l1;
     }
 
-    // move the kept rows of every layer
+    // move the kept rows of every layer: in place on the CPU when the whole cache lives there, else
+    // with get_rows/set_rows (every backend)
+    bool fused_moves = params.kernels == RKV_KERNELS_AUTO;
+    for (const auto & layer : kv.layers) {
+        fused_moves = fused_moves && ggml_backend_buffer_is_host(layer.k->buffer) &&
+                      (!layer.v || ggml_backend_buffer_is_host(layer.v->buffer));
+    }
+    prof.fused_moves = fused_moves;
+    rkv_compact_cpu_params moves = {};
+    if (fused_moves) {
+        const auto & layer = kv.layers[0]; // every layer has the same head sizes (rkv_engine::check)
+        moves.budget       = budget;
+        moves.n_head       = n_head_kv;
+        moves.k_head_bytes = ggml_row_size(layer.k->type, kv.hparams.n_embd_head_k(layer.il));
+        moves.has_v        = layer.v != nullptr;
+        moves.v_trans      = kv.v_trans;
+        if (layer.v) {
+            moves.v_head_bytes = ggml_row_size(layer.v->type, kv.hparams.n_embd_head_v(layer.il));
+            moves.v_head_dim   = kv.hparams.n_embd_head_v(layer.il);
+        }
+    }
     const size_t moves_per_layer = 16;
     for (uint32_t l0 = 0; l0 < n_layer(); ) {
         ggml_context * ctx;
@@ -340,6 +500,18 @@ bool rkv_engine::run_compaction_graphs(uint32_t strm, llama_context * lctx, cons
                 }
             }
             ggml_tensor * layer_cells = ggml_view_2d(ctx, cells_in, budget, n_head_kv, cells_in->nb[1], (l - l0)*cells_in->nb[2]);
+            if (fused_moves) {
+                ggml_tensor * k = ggml_view_2d(ctx, layer.k, layer.k->ne[0], kv_size, layer.k->nb[1], strm*layer.k->nb[2]);
+                ggml_tensor * v = nullptr;
+                if (layer.v && kv.v_trans) {
+                    const size_t es = ggml_element_size(layer.v);
+                    v = ggml_view_2d(ctx, layer.v, kv_size, layer.v->ne[0], kv_size*es, strm*layer.v->nb[2]);
+                } else if (layer.v) {
+                    v = ggml_view_2d(ctx, layer.v, layer.v->ne[0], kv_size, layer.v->nb[1], strm*layer.v->nb[2]);
+                }
+                ggml_build_forward_expand(gf, rkv_build_compaction_cpu(ctx, k, v, layer_cells, &moves));
+                continue;
+            }
             rkv_build_compaction(ctx, gf, layer.k, false, strm, kv.hparams.n_embd_head_k(layer.il), n_head_kv, kv_size,
                                  layer_cells, slots_in);
             if (layer.v) {
@@ -353,11 +525,13 @@ bool rkv_engine::run_compaction_graphs(uint32_t strm, llama_context * lctx, cons
         }
         rkv_set_input(slots_in, slots.data());
         rkv_set_input(cells_in, cells.data());
+        clock.lap(prof.build_seconds);
         if (lctx->graph_compute(gf, false) != GGML_STATUS_SUCCESS) {
             LLAMA_LOG_ERROR("%s: failed to compute the compaction graph\n", __func__);
             return false;
         }
         ggml_backend_sched_synchronize(sched);
+        clock.lap(prof.compaction_seconds);
         note_compute_buffer(sched);
         l0 = l1;
     }

@@ -87,6 +87,7 @@ rkv_params rkv_params_default(void) {
     p.sink      = 4;
     p.lambda    = 0.1f;
     p.threshold = 0.5f;
+    p.kernels   = RKV_KERNELS_AUTO;
     return p;
 }
 
@@ -160,6 +161,17 @@ int32_t rkv_get_stats(const llama_context * ctx, llama_seq_id seq_id, rkv_seq_st
         return -1;
     }
     eng->fill_stats(seq_id, *out);
+    return 0;
+}
+
+int32_t rkv_get_profile(const llama_context * ctx, llama_seq_id seq_id, rkv_profile * out) {
+    const rkv_engine * eng = rkv_checked(ctx, seq_id);
+    if (!eng || !out) {
+        return -1;
+    }
+    const auto & st = eng->streams[eng->stream_of(seq_id)];
+    *out = st.profile;
+    out->n_compressions = st.n_compressions;
     return 0;
 }
 

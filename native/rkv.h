@@ -18,6 +18,14 @@ enum rkv_method {
     RKV_METHOD_STREAMINGLLM = 3, // the first `sink` tokens and the most recent ones
 };
 
+// Which kernels a compression uses. The portable graphs of stock ggml ops run on every backend (Metal
+// and Vulkan always take them); the fused kernels do the same work without the n x n similarity matrix
+// (each key's newest near-copy: CPU custom op, CUDA kernel) and move the kept K/V rows in place (CPU).
+enum rkv_kernels {
+    RKV_KERNELS_AUTO     = 0, // fused where the cache's backend has them, else portable
+    RKV_KERNELS_PORTABLE = 1, // always the portable graphs (for comparisons and tests)
+};
+
 struct rkv_params {
     int32_t method;    // enum rkv_method
     int32_t budget;    // B: cells kept per layer and KV head after a compression
@@ -27,6 +35,7 @@ struct rkv_params {
     int32_t sink;      // streamingllm: first tokens always kept
     float   lambda;    // rkv: weight of importance against redundancy
     float   threshold; // rkv: cosine similarity above which two keys are near-copies
+    int32_t kernels;   // enum rkv_kernels
 };
 
 struct rkv_seq_stats {
@@ -40,6 +49,27 @@ struct rkv_seq_stats {
     int64_t pos_compacted;    // position given to compacted cells (-1: never compressed)
     double  compress_seconds; // wall time spent compressing
     int64_t compute_buffer_bytes; // largest scheduler compute buffer seen after a compression (all backends)
+};
+
+// Where the time of a sequence's compressions went, summed over them (seconds).
+struct rkv_profile {
+    int64_t n_compressions;
+    int32_t redundancy_path;    // of the last compression: enum rkv_redundancy_path
+    int32_t fused_moves;        // of the last compression: 1 when the K/V rows moved in place on the CPU
+    double  build_seconds;      // building and allocating the graphs, uploading their inputs
+    double  importance_seconds; // computing the importance graphs (Q.K, softmax, mean, pooling)
+    double  redundancy_seconds; // computing the redundancy graphs (+ the device kernel and its read-back)
+    double  host_seconds;       // reading the scores back, finishing them, picking the kept tokens
+    double  compaction_seconds; // computing the compaction graphs (get_rows/set_rows of K and V)
+    double  total_seconds;      // the whole compression, cell bookkeeping included
+};
+
+enum rkv_redundancy_path {
+    RKV_PATH_NONE     = 0, // the method has no redundancy term
+    RKV_PATH_PORTABLE = 1, // the portable graph
+    RKV_PATH_CPU      = 2, // the fused ggml custom op on the CPU backend
+    RKV_PATH_CUDA     = 3, // the fused CUDA kernel
+    RKV_PATH_HOST     = 4, // the fused scan on the host (a device kernel was not available)
 };
 
 LLAMA_API struct rkv_params rkv_params_default(void);
@@ -61,6 +91,8 @@ LLAMA_API int32_t rkv_compress(struct llama_context * ctx, llama_seq_id seq_id);
 LLAMA_API int64_t rkv_kv_bytes_per_cell(const struct llama_context * ctx);
 
 LLAMA_API int32_t rkv_get_stats(const struct llama_context * ctx, llama_seq_id seq_id, struct rkv_seq_stats * out);
+
+LLAMA_API int32_t rkv_get_profile(const struct llama_context * ctx, llama_seq_id seq_id, struct rkv_profile * out);
 
 // Positions of the tokens held by one layer and KV head, in time order (the order the next
 // compression scores them in). Returns their count (at most n_max are written) or -1.

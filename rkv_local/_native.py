@@ -2,13 +2,21 @@
 from __future__ import annotations
 
 import ctypes
-from dataclasses import dataclass
+import os
+from dataclasses import dataclass, field
 
 import numpy as np
 
 from ._library import loaded_library
 
 METHOD_IDS = {"rkv": 0, "snapkv": 1, "h2o": 2, "streamingllm": 3}
+# which kernels compress (enum rkv_kernels): "auto" the fused ones where the cache's backend has them
+# (near-copy scan: CPU, CUDA; in-place K/V moves: CPU), "portable" always the stock ggml graphs
+KERNELS_IDS = {"auto": 0, "portable": 1}
+# CompressionConfig's default, so that any Llama (tests, benchmarks) can be put on the portable path
+KERNELS_ENV = "RKV_KERNELS"
+# enum rkv_redundancy_path
+REDUNDANCY_PATHS = {0: "none", 1: "portable", 2: "cpu", 3: "cuda", 4: "host"}
 
 
 class RkvParams(ctypes.Structure):
@@ -21,6 +29,7 @@ class RkvParams(ctypes.Structure):
         ("sink", ctypes.c_int32),
         ("lambda_", ctypes.c_float),
         ("threshold", ctypes.c_float),
+        ("kernels", ctypes.c_int32),
     ]
 
 
@@ -36,6 +45,20 @@ class RkvSeqStats(ctypes.Structure):
         ("pos_compacted", ctypes.c_int64),
         ("compress_seconds", ctypes.c_double),
         ("compute_buffer_bytes", ctypes.c_int64),
+    ]
+
+
+class RkvProfile(ctypes.Structure):
+    _fields_ = [
+        ("n_compressions", ctypes.c_int64),
+        ("redundancy_path", ctypes.c_int32),
+        ("fused_moves", ctypes.c_int32),
+        ("build_seconds", ctypes.c_double),
+        ("importance_seconds", ctypes.c_double),
+        ("redundancy_seconds", ctypes.c_double),
+        ("host_seconds", ctypes.c_double),
+        ("compaction_seconds", ctypes.c_double),
+        ("total_seconds", ctypes.c_double),
     ]
 
 
@@ -55,8 +78,11 @@ class CompressionConfig:
     kernel: int = 7
     threshold: float = 0.5
     sink: int = 4
+    kernels: str = field(default_factory=lambda: os.environ.get(KERNELS_ENV, "auto"))
 
     def __post_init__(self) -> None:
+        if self.kernels not in KERNELS_IDS:
+            raise ValueError(f"unknown kernels {self.kernels!r} (from ${KERNELS_ENV}?); choose one of {', '.join(KERNELS_IDS)}")
         if self.method not in METHOD_IDS:
             raise ValueError(f"unknown kv_method {self.method!r}; choose one of {', '.join(METHOD_IDS)}")
         if self.window < 1:
@@ -69,7 +95,7 @@ class CompressionConfig:
     def to_struct(self) -> RkvParams:
         return RkvParams(
             METHOD_IDS[self.method], self.budget, self.buffer, self.window, self.kernel, self.sink,
-            self.lam, self.threshold,
+            self.lam, self.threshold, KERNELS_IDS[self.kernels],
         )
 
 
@@ -85,6 +111,7 @@ def _bind():
         "rkv_compress": ([ctx_p, ctypes.c_int32], ctypes.c_int32),
         "rkv_kv_bytes_per_cell": ([ctx_p], ctypes.c_int64),
         "rkv_get_stats": ([ctx_p, ctypes.c_int32, ctypes.POINTER(RkvSeqStats)], ctypes.c_int32),
+        "rkv_get_profile": ([ctx_p, ctypes.c_int32, ctypes.POINTER(RkvProfile)], ctypes.c_int32),
         "rkv_get_kept_positions": (
             [ctx_p, ctypes.c_int32, ctypes.c_int32, ctypes.c_int32, ctypes.POINTER(ctypes.c_int32), ctypes.c_int32],
             ctypes.c_int32,
@@ -149,6 +176,13 @@ def bytes_per_cell(ctx: int) -> int:
 def seq_stats(ctx: int, seq_id: int = 0) -> RkvSeqStats:
     out = RkvSeqStats()
     _check(lib().rkv_get_stats(ctx, seq_id, ctypes.byref(out)))
+    return out
+
+
+def profile(ctx: int, seq_id: int = 0) -> RkvProfile:
+    """Seconds per phase of a sequence's compressions, summed; redundancy_path of the last one."""
+    out = RkvProfile()
+    _check(lib().rkv_get_profile(ctx, seq_id, ctypes.byref(out)))
     return out
 
 
