@@ -138,13 +138,15 @@ class Llama(llama_cpp.Llama):
         n_ctx_logical = kwargs.pop("n_ctx", None) or 0
         if n_ctx_logical < 0:
             raise ValueError(f"n_ctx must be positive (or 0: the model's training context), got {n_ctx_logical}")
-        # refused before the physical cache of budget + buffer cells is allocated
-        n_ctx_checked = n_ctx_logical or (n_ctx_train(model_path, kwargs.get("verbose", True)) if config.budget + config.buffer > CACHE_PAD else 0)
-        if n_ctx_checked and config.budget + config.buffer > n_ctx_checked:
-            raise ValueError(
-                f"kv_budget + kv_buffer ({config.budget} + {config.buffer}) exceeds the context (n_ctx = "
-                f"{n_ctx_checked}): the cache would never be compressed; use a smaller budget, or no kv_budget "
-                f"for a full cache")
+        # refused before the physical cache of budget + buffer cells is allocated (a smaller logical
+        # n_ctx is fine: such a short run is never compressed)
+        if config.budget + config.buffer > CACHE_PAD:
+            n_train = n_ctx_train(model_path, kwargs.get("verbose", True))
+            if n_train and config.budget + config.buffer > n_train:
+                raise ValueError(
+                    f"kv_budget + kv_buffer ({config.budget} + {config.buffer}) exceeds the model's training "
+                    f"context ({n_train} tokens): the cache would never be compressed; use a smaller budget, or "
+                    f"no kv_budget for a full cache")
         n_batch = kwargs.pop("n_batch", None) or config.buffer
         n_ubatch = kwargs.pop("n_ubatch", None) or n_batch
         physical = -(-(config.budget + config.buffer) // CACHE_PAD) * CACHE_PAD
