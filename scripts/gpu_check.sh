@@ -51,4 +51,8 @@ step "compression benchmark, Qwen2.5-Coder-0.5B on the GPU"
 "$BIN/python" scripts/bench_compression.py --model qwen2.5-coder-0.5b --budget 1024 --buffer 128 \
     --n-gpu-layers -1 --compressions 3 --json "$BUILD/bench-qwen-gpu.json"
 
+step "throughput at a fixed KV memory, Qwen2.5-Coder-0.5B on the GPU (issue 13): full vs rkv@1024, 4K-token traces"
+"$BIN/python" -m rkv_local bench qwen2.5-coder-0.5b --parallel --budgets 1024 --lengths 4k --prompt-tokens 256 \
+    --kv-memory $((64 * 1152 * 12288)) --n-gpu-layers -1 --threads 4 --out "$BUILD/throughput-qwen-gpu"
+
 step "done"
