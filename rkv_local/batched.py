@@ -11,7 +11,6 @@ sequence's own sampler right after the decode. A finished request frees its stre
 """
 from __future__ import annotations
 
-import itertools
 import os
 import queue
 import threading
@@ -188,7 +187,6 @@ class BatchedLlama:
         self._active: Dict[int, _SequenceView] = {}
         self._last_batch: set = set()
         self._ctx_lock = threading.Lock()   # llama_decode and anything else that touches the context
-        self._ids = itertools.count()
         self._scheduler = threading.Thread(target=self._run, name="rkv-batch-scheduler", daemon=True)
         self._closed = False
         self._scheduler.start()
