@@ -5,6 +5,7 @@ import argparse
 import json
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 from rkv_local.evals import answers, bench, fidelity, plots, tasks
@@ -131,8 +132,11 @@ def test_bench(smollm2_path, tmp_path):
                         "--lengths", "48,96", "--prompt-tokens", "40", "--sample-every", "16", "--out", str(out)])
     assert rc == 0
     result = json.loads((out / "bench.json").read_text())
-    runs = result["runs"]
+    limits = [r for r in result["runs"] if r.get("kind") == "limit"]
+    runs = [r for r in result["runs"] if r.get("kind") != "limit"]
     assert len(runs) == 4 and {r["label"] for r in runs} == {"full", "rkv@32"}
+    # the physical limit: a full cache timed up to B + b = 48 cells, once per length
+    assert len(limits) == 2 and all(r["label"] == "limit@48" and r["n_tokens"] == 48 for r in limits)
     for r in runs:
         assert r["decode_tps"] > 0 and r["prefill_tps"] > 0
         assert r["n_tokens"] == r["prompt_tokens"] + r["length"]
@@ -155,6 +159,10 @@ def test_bench(smollm2_path, tmp_path):
             assert r["tail_tps"] == pytest.approx((96 - 64) / (points[96] - points[64]))
         assert r["tail_tps"] > 0
     assert 0 < summary[(96, "rkv@32")]["kv_fraction"] < 1
+    rkv96 = summary[(96, "rkv@32")]
+    assert rkv96["limit_tps"] == pytest.approx(np.median([r["tail_tps"] for r in limits]))
+    assert rkv96["share_of_limit"] == pytest.approx(rkv96["decode_tps"] / rkv96["limit_tps"])
+    assert summary[(96, "full")]["share_of_limit"] is None
     assert "| 96 | rkv@32 |" in (out / "bench.md").read_text()
     assert_png(out / "bench_speed.png")
     assert_png(out / "bench_memory.png")

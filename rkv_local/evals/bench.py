@@ -7,6 +7,11 @@ end-of-generation token masked, so each run reaches its length. Runs are interle
 length and repetition, every configuration runs once, in an order rotated between repetitions, so
 speed ratios hold on a machine whose load drifts.
 
+Physical limit. A budgeted cache decodes at best as fast as a full cache that holds B + b cells,
+the most it ever holds. Each length and repetition also times that: a full cache decoding from
+a shortened prompt until it holds B + b cells, its speed taken over its last quarter. The table
+gives every budgeted run's speed as a share of it (whole run and last quarter).
+
 Memory. K/V bytes come from the engine (`kv_stats`: cells in use times bytes per cell; the full
 cache holds one cell per token). `peak RSS Δ` is the growth of the process's resident memory
 during the run: the kernel's peak counter (VmHWM) is reset through `/proc/self/clear_refs`
@@ -100,7 +105,7 @@ def build_prompt(llm, target_tokens: int) -> list[int]:
 
 
 def run_one(model_path: Path, config: RunConfig, prompt_text_tokens: list[int], length: int, args,
-            progress: Optional[tqdm] = None) -> dict[str, Any]:
+            progress: Optional[tqdm] = None, sample_every: Optional[int] = None) -> dict[str, Any]:
     n_prompt = len(prompt_text_tokens)
     n_ctx = -(-(n_prompt + length + 1) // CACHE_PAD) * CACHE_PAD
     release_memory()
@@ -119,7 +124,7 @@ def run_one(model_path: Path, config: RunConfig, prompt_text_tokens: list[int], 
 
         checkpoints = []
         generated: list[int] = []
-        step = max(1, args.sample_every)
+        step = max(1, sample_every or args.sample_every)
         t0 = time.perf_counter()
         for i in range(1, length + 1):
             tok = greedy_token(llm, banned)
@@ -180,6 +185,16 @@ def run_one(model_path: Path, config: RunConfig, prompt_text_tokens: list[int], 
     }
 
 
+def limit_run(model_path: Path, cells: int, prompt: list[int], args, progress: Optional[tqdm] = None) -> dict[str, Any]:
+    """The physical limit of a budget: a full cache decoding until it holds ``cells`` = B + b cells
+    (no budgeted run ever holds more), its speed taken over the last quarter of the decoded tokens.
+    The prompt is cut to at most half of that so that there is a decode to time."""
+    head = prompt[: max(1, min(len(prompt), cells // 2))]
+    r = run_one(model_path, RunConfig("full"), head, cells - len(head), args, progress, sample_every=16)
+    r.update(label=f"limit@{cells}", kind="limit", limit_cells=cells)
+    return r
+
+
 def tail_tps(points: list[dict[str, Any]]) -> Optional[float]:
     """Decode tokens/s over the last quarter of a run's checkpoints: the speed at its length,
     compressions included."""
@@ -194,9 +209,12 @@ def tail_tps(points: list[dict[str, Any]]) -> Optional[float]:
 
 def summarize(runs: list[dict[str, Any]]) -> list[dict[str, Any]]:
     """One row per (length, configuration): medians over repetitions, ratios to the full cache."""
+    limits = limit_speeds(runs)
     groups: dict[tuple[int, str], list[dict[str, Any]]] = {}
     order: list[tuple[int, str]] = []
     for r in runs:
+        if r.get("kind") == "limit":
+            continue
         key = (r["length"], r["label"])
         if key not in groups:
             groups[key] = []
@@ -229,7 +247,20 @@ def summarize(runs: list[dict[str, Any]]) -> list[dict[str, Any]]:
         r["kv_fraction"] = (r["kv_bytes_used"] / f["kv_bytes_used"]) if f and f["kv_bytes_used"] else None
         r["peak_rss_delta_fraction"] = (r["peak_rss_delta_bytes"] / f["peak_rss_delta_bytes"]) \
             if f and f["peak_rss_delta_bytes"] and r["peak_rss_delta_bytes"] is not None else None
+        limit = limits.get(r["budget"] + r["buffer"]) if r["label"] != "full" else None
+        r["limit_tps"] = limit
+        r["share_of_limit"] = r["decode_tps"] / limit if limit and r["decode_tps"] else None
+        r["tail_share_of_limit"] = r["tail_tps"] / limit if limit and r["tail_tps"] else None
     return rows
+
+
+def limit_speeds(runs: list[dict[str, Any]]) -> dict[int, float]:
+    """Median physical-limit tokens/s per cell count (B + b), over every limit run."""
+    speeds: dict[int, list[float]] = {}
+    for r in runs:
+        if r.get("kind") == "limit" and r.get("tail_tps"):
+            speeds.setdefault(r["limit_cells"], []).append(r["tail_tps"])
+    return {cells: float(np.median(v)) for cells, v in speeds.items()}
 
 
 def render_markdown(result: dict[str, Any]) -> str:
@@ -243,16 +274,19 @@ def render_markdown(result: dict[str, Any]) -> str:
     def ratio(v):
         return None if v is None else f"{v:.2f}×"
 
+    def pct(v):
+        return None if v is None else f"{100 * v:.0f}%"
+
     headers = ["generated", "config", "prefill tok/s", "decode tok/s", "× full", "last ¼ tok/s", "× full (last ¼)",
-               "K/V MiB", "% of full",
+               "% of limit", "% of limit (last ¼)", "K/V MiB", "% of full",
                "peak RSS Δ MiB", "compressions", "compress s"]
     if gpu:
         headers.append("GPU MiB")
     table_rows = []
     for r in rows:
         row = [r["length"], r["label"], r["prefill_tps"], r["decode_tps"], ratio(r["decode_speedup"]),
-               r["tail_tps"], ratio(r["tail_speedup"]),
-               mib(r["kv_bytes_used"]),
+               r["tail_tps"], ratio(r["tail_speedup"]), pct(r.get("share_of_limit")),
+               pct(r.get("tail_share_of_limit")), mib(r["kv_bytes_used"]),
                None if r["kv_fraction"] is None else f"{100 * r['kv_fraction']:.1f}%",
                mib(r["peak_rss_delta_bytes"]), r["compressions"], r["compress_seconds"]]
         if gpu:
@@ -263,10 +297,16 @@ def render_markdown(result: dict[str, Any]) -> str:
             f"{s['repeats']} repetition(s) (medians); greedy decoding with end-of-generation masked.\n"
             f"`× full`: decode tokens/s relative to the full cache at the same length (whole run); "
             f"`last ¼`: over the last quarter of the generated tokens, compressions included (the speed "
-            f"reached at that length); `K/V MiB`: cache "
+            f"reached at that length); `% of limit`: decode speed as a share of the physical limit, a full "
+            f"cache holding B + b cells ({limit_text(result)}); `K/V MiB`: cache "
             f"in use at the end; `peak RSS Δ`: peak resident memory during the run above the process "
             f"before loading the model.\n\n")
     return head + markdown_table(headers, table_rows)
+
+
+def limit_text(result: dict[str, Any]) -> str:
+    limits = limit_speeds(result["runs"])
+    return ", ".join(f"{cells} cells: {tps:.2f} tok/s" for cells, tps in sorted(limits.items())) or "not measured"
 
 
 def run(args: argparse.Namespace) -> int:
@@ -292,10 +332,13 @@ def run(args: argparse.Namespace) -> int:
     if too_long:
         log(f"warning: lengths {too_long} plus the prompt exceed the model's training context ({n_ctx_train})")
 
-    plan = []
+    # each length and repetition also times the physical limit of every budget (B + b cells)
+    limit_cells = sorted({c.budget + c.buffer for c in configs if c.method != "full"})
+    plan: list[tuple[int, int, Any]] = []
     for length in args.lengths:
         for rep in range(args.repeats):
             k = rep % len(configs)
+            plan += [(length, rep, cells) for cells in limit_cells]
             for config in configs[k:] + configs[:k]:
                 plan.append((length, rep, config))
     settings = {
@@ -307,8 +350,19 @@ def run(args: argparse.Namespace) -> int:
     }
     result: dict[str, Any] = {"settings": settings, "machine": machine_info(args.threads, args.n_gpu_layers),
                               "runs": [], "summary": []}
-    progress = progress_bar(sum(length for length, _, _ in plan), "bench (tokens)")
+    def planned_tokens(length: int, config) -> int:
+        return config - min(len(prompt), config // 2) if isinstance(config, int) else length
+
+    progress = progress_bar(sum(planned_tokens(length, c) for length, _, c in plan), "bench (tokens)")
     for i, (length, rep, config) in enumerate(plan):
+        if isinstance(config, int):
+            progress.set_postfix_str(f"run {i + 1}/{len(plan)}: physical limit, {config} cells, repetition {rep + 1}")
+            r = limit_run(model_path, config, prompt, args, progress)
+            r["repetition"] = rep
+            result["runs"].append(r)
+            if not sys.stderr.isatty():
+                log(f"  {r['label']:>18}: {r['tail_tps']:.1f} tok/s at {config} cells")
+            continue
         progress.set_postfix_str(f"run {i + 1}/{len(plan)}: {config.label}, {length} tokens, repetition {rep + 1}")
         r = run_one(model_path, config, prompt, length, args, progress)
         r["repetition"] = rep
