@@ -19,6 +19,12 @@ from rkv_local.testing import make_tiny_model
 _TINY_MODEL_SIGNATURE = inspect.signature(make_tiny_model)
 
 
+def pytest_addoption(parser: pytest.Parser) -> None:
+    parser.addoption("--fuzz-steps", type=int, default=0, metavar="N",
+                     help="steps of each random-operation fuzz case (default: the suite's own, about 1,000 in all)")
+    parser.addoption("--fuzz-seed", type=int, default=1234, metavar="S", help="first seed of the fuzz cases")
+
+
 @pytest.fixture(scope="session")
 def smollm2_path() -> Path:
     """SmolLM2-135M-Instruct (Q4_1), fetched once into the user's model cache."""

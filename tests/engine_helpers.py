@@ -2,8 +2,10 @@
 pass of the tiny llama models (the reference for logits after a compaction)."""
 from __future__ import annotations
 
+import contextlib
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Iterator, Sequence
 
 import numpy as np
 
@@ -34,6 +36,46 @@ def random_tokens(n: int, seed: int, low: int = 100, high: int = 20000) -> list[
 
 def memory(llm: llama_cpp.Llama):
     return llama_cpp.llama_get_memory(llm._ctx.ctx)
+
+
+@contextlib.contextmanager
+def low_level_context(
+    model, *, n_ctx: int, n_seq_max: int = 1, kv_unified: bool = False, n_batch: int = 64,
+    flash_attn: int = llama_cpp.LLAMA_FLASH_ATTN_TYPE_AUTO, n_threads: int = 2,
+) -> Iterator[llama_cpp.llama_context_p]:
+    params = llama_cpp.llama_context_default_params()
+    params.flash_attn_type = flash_attn
+    params.n_ctx = n_ctx
+    params.n_batch = params.n_ubatch = n_batch
+    params.n_seq_max = n_seq_max
+    params.kv_unified = kv_unified
+    params.n_threads = params.n_threads_batch = n_threads
+    ctx = llama_cpp.llama_init_from_model(model, params)
+    assert ctx, "llama.cpp could not create the context"
+    try:
+        yield ctx
+    finally:
+        llama_cpp.llama_free(ctx)
+
+
+def decode(ctx, chunks: Sequence[tuple[int, Sequence[int], int]]) -> None:
+    """One llama_decode call; chunks are (seq_id, tokens, position of the first token)."""
+    n = sum(len(tokens) for _, tokens, _ in chunks)
+    batch = llama_cpp.llama_batch_init(n, 0, 1)
+    try:
+        i = 0
+        for seq_id, tokens, pos0 in chunks:
+            for j, token in enumerate(tokens):
+                batch.token[i] = token
+                batch.pos[i] = pos0 + j
+                batch.n_seq_id[i] = 1
+                batch.seq_id[i][0] = seq_id
+                batch.logits[i] = j == len(tokens) - 1
+                i += 1
+        batch.n_tokens = n
+        assert llama_cpp.llama_decode(ctx, batch) == 0
+    finally:
+        llama_cpp.llama_batch_free(batch)
 
 
 @dataclass

@@ -7,9 +7,8 @@ built with llama.cpp's low-level API.
 """
 from __future__ import annotations
 
-import contextlib
 import itertools
-from typing import Iterator, Sequence
+from typing import Iterator
 
 import numpy as np
 import pytest
@@ -17,7 +16,7 @@ import pytest
 from rkv_local import Llama, RkvError, _native
 import llama_cpp
 
-from engine_helpers import last_logits, random_tokens
+from engine_helpers import decode, last_logits, low_level_context, random_tokens
 
 BUDGET, BUFFER = 64, 64
 
@@ -86,46 +85,6 @@ def llama_model(tiny_model) -> Iterator[llama_cpp.llama_model_p]:
     assert model, "llama.cpp could not load the tiny llama"
     yield model
     llama_cpp.llama_model_free(model)
-
-
-@contextlib.contextmanager
-def low_level_context(
-    model, *, n_ctx: int, n_seq_max: int = 1, kv_unified: bool = False, n_batch: int = BUFFER,
-    flash_attn: int = llama_cpp.LLAMA_FLASH_ATTN_TYPE_AUTO,
-) -> Iterator[llama_cpp.llama_context_p]:
-    params = llama_cpp.llama_context_default_params()
-    params.flash_attn_type = flash_attn
-    params.n_ctx = n_ctx
-    params.n_batch = params.n_ubatch = n_batch
-    params.n_seq_max = n_seq_max
-    params.kv_unified = kv_unified
-    params.n_threads = params.n_threads_batch = 2
-    ctx = llama_cpp.llama_init_from_model(model, params)
-    assert ctx, "llama.cpp could not create the context"
-    try:
-        yield ctx
-    finally:
-        llama_cpp.llama_free(ctx)
-
-
-def decode(ctx, chunks: Sequence[tuple[int, Sequence[int], int]]) -> None:
-    """One llama_decode call; chunks are (seq_id, tokens, position of the first token)."""
-    n = sum(len(tokens) for _, tokens, _ in chunks)
-    batch = llama_cpp.llama_batch_init(n, 0, 1)
-    try:
-        i = 0
-        for seq_id, tokens, pos0 in chunks:
-            for j, token in enumerate(tokens):
-                batch.token[i] = token
-                batch.pos[i] = pos0 + j
-                batch.n_seq_id[i] = 1
-                batch.seq_id[i][0] = seq_id
-                batch.logits[i] = j == len(tokens) - 1
-                i += 1
-        batch.n_tokens = n
-        assert llama_cpp.llama_decode(ctx, batch) == 0
-    finally:
-        llama_cpp.llama_batch_free(batch)
 
 
 def config(budget: int = BUDGET, buffer: int = BUFFER) -> _native.CompressionConfig:
