@@ -223,13 +223,47 @@ class _Served:
                 for token in view.tokenize(text.encode("utf-8"), add_bos=False, special=True):
                     bias[str(token)] = score
             kwargs["logit_bias"] = bias
+        if kwargs.get("logit_bias"):
+            _check_token_ids(kwargs["logit_bias"], view.n_vocab())
         if kwargs.get("grammar") is not None:
-            kwargs["grammar"] = llama_cpp.LlamaGrammar.from_string(kwargs["grammar"], verbose=False)
+            kwargs["grammar"] = _parse_grammar(view, kwargs["grammar"])
         if min_tokens > 0:
             kwargs["logits_processor"] = llama_cpp.LogitsProcessorList(
                 [llama_cpp.MinTokensLogitsProcessor(min_tokens, view.token_eos())])
         kwargs["model"] = self.model_alias
         return kwargs
+
+
+def _check_token_ids(logit_bias: Dict[str, float], n_vocab: int) -> None:
+    """Refuse a ``logit_bias`` key that is not a token id of the model. llama-cpp-python applies
+    the bias inside a sampler callback, where an IndexError is printed and swallowed: every bias
+    of the request would be dropped silently (and a negative id would bias the vocabulary's end)."""
+    for key in logit_bias:
+        try:
+            token = int(key)
+        except ValueError:
+            token = -1
+        if not 0 <= token < n_vocab:
+            raise APIError(400, f"logit_bias: {key!r} is not a token id of this model (0 to {n_vocab - 1})",
+                           param="logit_bias")
+
+
+def _parse_grammar(view: Any, text: str) -> "llama_cpp.LlamaGrammar":
+    """The request's GBNF grammar, refused with a 400 when llama.cpp cannot parse it.
+
+    llama-cpp-python adds the grammar sampler to the chain without looking at it: llama.cpp gives
+    NULL for a grammar it cannot parse, and the first sample dereferences it, which kills the
+    whole server. So the grammar is built once here, checked and freed.
+    """
+    grammar = llama_cpp.LlamaGrammar.from_string(text, verbose=False)
+    sampler = llama_cpp.llama_sampler_init_grammar(view._model.vocab, grammar._grammar.encode("utf-8"),
+                                                   grammar._root.encode("utf-8"))
+    if not sampler:
+        raise APIError(400, f"grammar: llama.cpp refused this GBNF grammar (a syntax error, an undefined or "
+                            f"left-recursive rule, or no rule named {grammar._root!r})",
+                       param="grammar", code="invalid_grammar")
+    llama_cpp.llama_sampler_free(sampler)
+    return grammar
 
 
 async def _next_item(job: _Job, request: Request) -> Tuple[str, Any]:

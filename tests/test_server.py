@@ -15,7 +15,7 @@ import urllib.error
 import urllib.request
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Any, Dict, Iterator, List, Optional
+from typing import Any, Dict, Iterator, List, Optional, Tuple
 
 import pytest
 
@@ -32,6 +32,8 @@ START_TIMEOUT_S = 120
 TIMEOUT_S = 120
 QUESTIONS = ["What is 2+2?", "Name three fruits.", "Why is the sky blue?", "What is the capital of France?",
              "Tell me about cats.", "How do birds fly?"]
+
+SHORT_CTX = 128
 
 # SmolLM2's end-of-generation tokens (<|endoftext|>, <|im_end|>) ruled out: an answer that runs to max_tokens
 NO_END = {"0": -100.0, "2": -100.0}
@@ -91,6 +93,15 @@ def serve(model: Path, tmp_path: Path, *options: str) -> Iterator[Server]:
 
 
 @pytest.fixture(scope="module")
+def server_short(smollm2_path: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Server]:
+    """Two sequences with a logical context of SHORT_CTX tokens: an answer without an end runs
+    into the context after a few seconds (and through several compressions of 32 + 16 cells)."""
+    with serve(smollm2_path, tmp_path_factory.mktemp("server_short"), *BUDGET, "--parallel", "2",
+               "--n-ctx", str(SHORT_CTX), "--model-alias", "smol") as server:
+        yield server
+
+
+@pytest.fixture(scope="module")
 def server4(smollm2_path: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Server]:
     with serve(smollm2_path, tmp_path_factory.mktemp("server4"), *BUDGET, "--parallel", "4",
                "--model-alias", "smol") as server:
@@ -110,6 +121,35 @@ def _stream_chat(client: "openai.OpenAI", messages: List[Dict[str, str]], max_to
             assert out["finish"] is None, "two chunks with a finish_reason"
             out["finish"] = choice.finish_reason
     return out
+
+
+def _post(server: Server, path: str, body: Any, timeout: float = TIMEOUT_S) -> Tuple[int, Any]:
+    """(HTTP status, the JSON answer, or the list of a stream's events) of a raw POST: the body goes
+    as given, fields the openai client would not send included."""
+    request = urllib.request.Request(server.base + path, data=json.dumps(body).encode(),
+                                     headers={"Content-Type": "application/json"})
+    try:
+        with urllib.request.urlopen(request, timeout=timeout) as response:
+            text = response.read().decode()
+            if response.headers.get_content_type() == "text/event-stream":
+                events = [e for e in text.replace("\r\n", "\n").strip().split("\n\n") if not e.startswith(":")]
+                return response.status, events
+            return response.status, json.loads(text)
+    except urllib.error.HTTPError as error:
+        return error.code, json.load(error)
+
+
+def _stream_text(events: List[str]) -> Tuple[str, Optional[str]]:
+    """(the text, the finish_reason) of a completions or chat stream's events, which must end with [DONE]."""
+    assert events[-1] == "data: [DONE]", events[-3:]
+    text, finish = "", None
+    for event in events[:-1]:
+        assert event.startswith("data: {"), event
+        choice = json.loads(event[len("data: "):])["choices"][0]
+        text += choice.get("text") or choice.get("delta", {}).get("content") or ""
+        assert finish is None, "a piece after the finish_reason"
+        finish = choice["finish_reason"]
+    return text, finish
 
 
 def _in_threads(fn, args: List[Any]) -> List[Any]:
@@ -223,6 +263,36 @@ def test_serve_listens_on_loopback_by_default(server4: Server) -> None:
             listening.append(socket.inet_ntoa(bytes.fromhex(address)[::-1]))
     assert listening == ["127.0.0.1"]
     assert f"http://127.0.0.1:{server4.port}/v1" in server4.log.read_text()
+
+
+def test_a_request_the_sampler_cannot_take_is_a_400_and_the_server_goes_on(server_short: Server) -> None:
+    """Settings that once crashed the server (a grammar llama.cpp cannot parse: llama-cpp-python put
+    its NULL sampler in the chain), were dropped silently (a logit_bias for no token) or were a 500
+    (an empty prompt: nothing to sample from) are 400s naming the setting."""
+    refused = [
+        ("/v1/completions", {"prompt": "Hi", "max_tokens": 4, "grammar": "root ::= ("}, "grammar"),
+        ("/v1/chat/completions", {"messages": chat("Hi"), "max_tokens": 4, "grammar": "root ::= undefined"}, "grammar"),
+        ("/v1/completions", {"prompt": "Hi", "max_tokens": 4, "grammar": 'start ::= "a"', "stream": True}, "grammar"),
+        ("/v1/completions", {"prompt": "Hi", "max_tokens": 4, "logit_bias": {"999999999": 5}}, "logit_bias"),
+        ("/v1/chat/completions", {"messages": chat("Hi"), "max_tokens": 4, "logit_bias": {"-3": 5}}, "logit_bias"),
+        ("/v1/completions", {"prompt": "Hi", "max_tokens": 4, "logit_bias": {"abc": 5}}, "logit_bias"),
+        ("/v1/completions", {"prompt": "", "max_tokens": 4}, None),
+        ("/v1/completions", {"prompt": [], "max_tokens": 4, "stream": True}, None),
+    ]
+    for path, body, param in refused:
+        status, answer = _post(server_short, path, body)
+        assert status == 400, (body, answer)
+        assert answer["error"]["param"] == param, (body, answer)
+        assert (param or "the prompt is empty") in answer["error"]["message"], answer
+        assert server_short.proc.poll() is None and server_short.get("/health") == {"status": "ok"}
+
+    # the same settings, valid, do what they say
+    status, answer = _post(server_short, "/v1/completions", {"prompt": "Is the sky blue? Answer:", "max_tokens": 4,
+                                                             "temperature": 0, "grammar": 'root ::= " yes" | " no"'})
+    assert status == 200 and answer["choices"][0]["text"] in (" yes", " no")
+    status, answer = _post(server_short, "/v1/completions", {"prompt": "1, 2, 3,", "max_tokens": 3, "temperature": 0,
+                                                             "logit_bias": {"45": 100}})  # token 45: "="
+    assert status == 200 and answer["choices"][0]["text"] == "==="
 
 
 def test_more_requests_than_sequences_wait_their_turn(smollm2_path: Path, tmp_path: Path) -> None:
