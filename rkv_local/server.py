@@ -13,6 +13,11 @@ which sends them as server-sent events (``data: {...}``, then ``data: [DONE]``).
   an error after a stream started is sent as an ``error`` event, then ``[DONE]``.
 * Request and response shapes are llama-cpp-python's (``llama_cpp.server.types``); fields a
   sequence view cannot honour (``n`` > 1, ``best_of`` > 1, ``logprobs``) are refused with a 400.
+  Unknown fields are ignored, as OpenAI-compatible servers (llama-cpp-python's among them) do:
+  clients send fields of newer API versions. The one such field that limits an answer, chat's
+  ``max_completion_tokens``, is honoured as ``max_tokens``.
+* ``max_tokens`` beyond the logical context (10**9, say) is cut to what the context has left, and
+  the answer ends there with finish_reason "length"; 0 or null runs up to the context.
 
 Unlike llama-cpp-python's own server app there is no global lock: concurrent requests run
 together, and a new request never interrupts a running stream.
@@ -52,6 +57,7 @@ try:
     from fastapi.responses import JSONResponse, Response
     from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
     from llama_cpp.server.types import CreateChatCompletionRequest, CreateCompletionRequest
+    from pydantic import Field
     from sse_starlette.sse import EventSourceResponse
     from starlette.concurrency import run_in_threadpool
     from starlette.exceptions import HTTPException as StarletteHTTPException
@@ -329,6 +335,31 @@ async def _respond(served: _Served, request: Request, method: str, kwargs: Dict[
     return EventSourceResponse(events())
 
 
+class ChatRequest(CreateChatCompletionRequest):
+    """llama-cpp-python's chat request with OpenAI's newer name for ``max_tokens``: the openai
+    client sends ``max_completion_tokens``, and an unknown field is ignored, so without it a
+    request's limit would silently become the whole context."""
+
+    max_completion_tokens: Optional[int] = Field(
+        default=None, description="The maximum number of tokens to generate (OpenAI's name for max_tokens).")
+
+
+def _max_tokens(body: ChatRequest) -> Optional[int]:
+    """The chat's token limit from ``max_tokens`` or ``max_completion_tokens``: None or 0 runs up
+    to the context (llama-cpp-python's meaning); a negative one is refused, as the completions
+    endpoint refuses it (llama-cpp-python would take it for no limit at all)."""
+    limits = {name: value for name, value in (("max_tokens", body.max_tokens),
+                                              ("max_completion_tokens", body.max_completion_tokens))
+              if value is not None}
+    for name, value in limits.items():
+        if value < 0:
+            raise APIError(400, f"{name} must be at least 0 (0 or null: up to the context), got {value}", param=name)
+    if len(set(limits.values())) > 1:
+        raise APIError(400, f"max_tokens ({body.max_tokens}) and max_completion_tokens ({body.max_completion_tokens}) "
+                            f"differ: give one of them", param="max_completion_tokens")
+    return next(iter(limits.values()), None)
+
+
 def _unsupported(name: str, why: str) -> APIError:
     return APIError(400, f"{name} is not supported by rkv-local serve: {why}", param=name, code="unsupported_parameter")
 
@@ -398,12 +429,13 @@ def create_app(llm: BatchedLlama, *, model_alias: str, api_key: Optional[str] = 
         return await _respond(served, request, "create_completion", kwargs)
 
     @app.post("/v1/chat/completions", dependencies=auth, tags=["OpenAI V1"], summary="Chat")
-    async def chat_completions(request: Request, body: CreateChatCompletionRequest) -> Response:
+    async def chat_completions(request: Request, body: ChatRequest) -> Response:
         if (body.n or 1) != 1:
             raise _unsupported("n", "one choice per request")
         if body.logprobs or body.top_logprobs is not None:
             raise _unsupported("logprobs", "a batched sequence keeps the logits of its last token only")
-        kwargs = body.model_dump(exclude={"model", "n", "user", "logprobs", "top_logprobs"})
+        body.max_tokens = _max_tokens(body)
+        kwargs = body.model_dump(exclude={"model", "n", "user", "logprobs", "top_logprobs", "max_completion_tokens"})
         return await _respond(served, request, "create_chat_completion", kwargs)
 
     @app.get("/v1/models", dependencies=auth, tags=["OpenAI V1"], summary="Models")

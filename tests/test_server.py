@@ -265,6 +265,40 @@ def test_serve_listens_on_loopback_by_default(server4: Server) -> None:
     assert f"http://127.0.0.1:{server4.port}/v1" in server4.log.read_text()
 
 
+def test_max_completion_tokens_limits_a_chat_as_max_tokens_does(server_short: Server) -> None:
+    """The openai client's newer name for the limit is honoured, not ignored as an unknown field
+    (which would let the answer run to the end of the context)."""
+    client = server_short.client()
+    question = chat("Tell me about cats.")
+    by_old_name = client.chat.completions.create(model="smol", messages=question, max_tokens=6, temperature=0,
+                                                 logit_bias=NO_END)
+    by_new_name = client.chat.completions.create(model="smol", messages=question, max_completion_tokens=6,
+                                                 temperature=0, logit_bias=NO_END)
+    assert (by_new_name.usage.completion_tokens, by_new_name.choices[0].finish_reason) == (6, "length")
+    assert by_new_name.choices[0].message.content == by_old_name.choices[0].message.content
+    both = client.chat.completions.create(model="smol", messages=question, max_tokens=6, max_completion_tokens=6,
+                                          temperature=0, logit_bias=NO_END)
+    assert both.choices[0].message.content == by_old_name.choices[0].message.content
+    with pytest.raises(openai.BadRequestError, match="differ") as info:
+        client.chat.completions.create(model="smol", messages=question, max_tokens=6, max_completion_tokens=8)
+    assert info.value.body["param"] == "max_completion_tokens"
+
+
+@pytest.mark.parametrize("path, body, param", [
+    ("/v1/completions", {"prompt": "Hi", "max_tokens": -1}, "max_tokens"),
+    ("/v1/chat/completions", {"messages": chat("Hi"), "max_tokens": -1}, "max_tokens"),
+    ("/v1/chat/completions", {"messages": chat("Hi"), "max_completion_tokens": -5}, "max_completion_tokens"),
+    ("/v1/completions", {"prompt": "Hi", "max_tokens": 1.5}, "max_tokens"),
+    ("/v1/chat/completions", {"messages": chat("Hi"), "max_tokens": "many"}, "max_tokens"),
+    ("/v1/chat/completions", {"messages": chat("Hi"), "max_tokens": [8]}, "max_tokens"),
+])
+def test_a_max_tokens_that_is_no_count_is_a_400(server_short: Server, path: str, body: Dict[str, Any],
+                                                 param: str) -> None:
+    status, answer = _post(server_short, path, body)
+    assert status == 400 and answer["error"]["param"] == param and param in answer["error"]["message"]
+    assert server_short.get("/health") == {"status": "ok"}
+
+
 def test_a_request_the_sampler_cannot_take_is_a_400_and_the_server_goes_on(server_short: Server) -> None:
     """Settings that once crashed the server (a grammar llama.cpp cannot parse: llama-cpp-python put
     its NULL sampler in the chain), were dropped silently (a logit_bias for no token) or were a 500
