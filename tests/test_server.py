@@ -265,6 +265,32 @@ def test_serve_listens_on_loopback_by_default(server4: Server) -> None:
     assert f"http://127.0.0.1:{server4.port}/v1" in server4.log.read_text()
 
 
+def test_unknown_fields_are_ignored_and_the_answer_is_the_same(server_short: Server) -> None:
+    """Fields of newer OpenAI API versions (or of nobody's) change nothing: the answer is the one
+    of the same request without them, as with llama-cpp-python's own server."""
+    unknown = {"frobnicate": True, "stream_options": {"include_usage": True}, "service_tier": "auto",
+               "metadata": {"who": "test"}, "store": False, "parallel_tool_calls": False}
+    plain = {"prompt": "The capital of France is", "max_tokens": 12, "temperature": 0}
+    status, alone = _post(server_short, "/v1/completions", plain)
+    assert status == 200 and alone["choices"][0]["text"].strip()
+    status, with_unknown = _post(server_short, "/v1/completions", {**plain, **unknown})
+    assert status == 200
+    assert with_unknown["choices"] == alone["choices"] and with_unknown["usage"] == alone["usage"]
+
+    chat_plain = {"messages": chat("Name three fruits."), "max_tokens": 12, "temperature": 0}
+    status, alone = _post(server_short, "/v1/chat/completions", chat_plain)
+    assert status == 200 and alone["choices"][0]["message"]["content"].strip()
+    odd_messages = [{**m, "weird": 1, "cache_control": {"type": "ephemeral"}} for m in chat_plain["messages"]]
+    for body in ({**chat_plain, **unknown}, {**chat_plain, "messages": odd_messages}):
+        status, answer = _post(server_short, "/v1/chat/completions", body)
+        assert status == 200, answer
+        assert answer["choices"] == alone["choices"] and answer["usage"] == alone["usage"]
+    status, events = _post(server_short, "/v1/chat/completions", {**chat_plain, **unknown, "stream": True})
+    assert status == 200
+    assert _stream_text(events) == (alone["choices"][0]["message"]["content"], alone["choices"][0]["finish_reason"])
+    assert server_short.get("/health") == {"status": "ok"}
+
+
 def test_max_completion_tokens_limits_a_chat_as_max_tokens_does(server_short: Server) -> None:
     """The openai client's newer name for the limit is honoured, not ignored as an unknown field
     (which would let the answer run to the end of the context)."""
@@ -282,6 +308,41 @@ def test_max_completion_tokens_limits_a_chat_as_max_tokens_does(server_short: Se
     with pytest.raises(openai.BadRequestError, match="differ") as info:
         client.chat.completions.create(model="smol", messages=question, max_tokens=6, max_completion_tokens=8)
     assert info.value.body["param"] == "max_completion_tokens"
+
+
+def test_max_tokens_beyond_the_context_ends_at_the_context(server_short: Server) -> None:
+    """max_tokens of 10**9 (or 0, or null: no limit) is cut to what the logical context has left:
+    the answer fills the context and ends with finish_reason "length", in seconds."""
+    prompt = {"prompt": "Hello.", "temperature": 0, "logit_bias": NO_END}
+    answers = {}
+    for max_tokens in (10**9, 10**40, 0, None):
+        started = time.monotonic()
+        status, answers[max_tokens] = _post(server_short, "/v1/completions", {**prompt, "max_tokens": max_tokens})
+        assert status == 200, answers[max_tokens]
+        usage = answers[max_tokens]["usage"]
+        assert usage["prompt_tokens"] + usage["completion_tokens"] == SHORT_CTX, (max_tokens, usage)
+        assert answers[max_tokens]["choices"][0]["finish_reason"] == "length"
+        assert time.monotonic() - started < TIMEOUT_S
+    assert len({a["choices"][0]["text"] for a in answers.values()}) == 1  # the same answer each time
+
+    # a stream, and a chat: the same end
+    status, events = _post(server_short, "/v1/completions", {**prompt, "max_tokens": 10**9, "stream": True})
+    assert status == 200 and _stream_text(events) == (answers[10**9]["choices"][0]["text"], "length")
+    question = {"messages": chat("Why is the sky blue?"), "temperature": 0, "logit_bias": NO_END}
+    status, reply = _post(server_short, "/v1/chat/completions", {**question, "max_tokens": 10**9})
+    assert status == 200 and reply["choices"][0]["finish_reason"] == "length"
+    assert reply["usage"]["prompt_tokens"] + reply["usage"]["completion_tokens"] == SHORT_CTX
+    status, events = _post(server_short, "/v1/chat/completions", {**question, "max_tokens": 10**9, "stream": True})
+    assert status == 200 and _stream_text(events) == (reply["choices"][0]["message"]["content"], "length")
+
+    # prompt + max_tokens beyond the context: the answer gets what the context has left
+    long_prompt = {**prompt, "prompt": "Count with me: " + ", ".join(str(i) for i in range(1, 30)) + ","}
+    status, answer = _post(server_short, "/v1/completions", {**long_prompt, "max_tokens": 100})
+    assert status == 200, answer
+    used = answer["usage"]
+    assert SHORT_CTX - 100 < used["prompt_tokens"] < SHORT_CTX
+    assert used["completion_tokens"] == SHORT_CTX - used["prompt_tokens"] < 100
+    assert answer["choices"][0]["finish_reason"] == "length"
 
 
 @pytest.mark.parametrize("path, body, param", [
@@ -327,6 +388,51 @@ def test_a_request_the_sampler_cannot_take_is_a_400_and_the_server_goes_on(serve
     status, answer = _post(server_short, "/v1/completions", {"prompt": "1, 2, 3,", "max_tokens": 3, "temperature": 0,
                                                              "logit_bias": {"45": 100}})  # token 45: "="
     assert status == 200 and answer["choices"][0]["text"] == "==="
+
+
+def test_a_burst_of_50_requests_gets_50_complete_answers(server_short: Server) -> None:
+    """50 requests at once on 2 sequences (completions and chats, streamed or not): every one gets
+    its whole answer, the one it gets alone, and the server is idle and healthy afterwards."""
+    client = server_short.client()
+    prompts = ["One, two,", "The capital of France is", "Roses are red,", "def add(a, b):", "Once upon a time"]
+    settings = dict(max_tokens=8, temperature=0, logit_bias=NO_END)
+
+    def ask(i: int) -> Tuple[str, Optional[str]]:
+        prompt, is_chat, stream = prompts[i % len(prompts)], (i // 5) % 2 == 1, (i // 10) % 2 == 1
+        if is_chat:
+            if not stream:
+                reply = client.chat.completions.create(model="smol", messages=chat(prompt), **settings)
+                return reply.choices[0].message.content, reply.choices[0].finish_reason
+            text, finish = "", None
+            for chunk in client.chat.completions.create(model="smol", messages=chat(prompt), stream=True, **settings):
+                text += chunk.choices[0].delta.content or ""
+                finish = chunk.choices[0].finish_reason or finish
+            return text, finish
+        if not stream:
+            reply = client.completions.create(model="smol", prompt=prompt, **settings)
+            return reply.choices[0].text, reply.choices[0].finish_reason
+        text, finish = "", None
+        for chunk in client.completions.create(model="smol", prompt=prompt, stream=True, **settings):
+            text += chunk.choices[0].text
+            finish = chunk.choices[0].finish_reason or finish
+        return text, finish
+
+    alone = [ask(i) for i in range(10)]  # each prompt once as a completion and once as a chat
+    assert all(text.strip() and finish == "length" for text, finish in alone), alone
+    finished_before = server_short.get("/rkv/stats")["requests_finished"]
+
+    started = time.monotonic()
+    answers = _in_threads(ask, list(range(50)))
+    took = time.monotonic() - started
+    for i, answer in enumerate(answers):
+        assert not isinstance(answer, BaseException), (i, answer)
+        assert answer == alone[i % 10], (i, answer, alone[i % 10])
+
+    stats = server_short.get("/rkv/stats")
+    assert stats["requests_finished"] - finished_before == 50
+    assert (stats["requests_running"], stats["requests_waiting"], stats["context"]["cells_used"]) == (0, 0, 0)
+    assert server_short.get("/health") == {"status": "ok"}
+    print(f"50 requests on 2 sequences in {took:.1f} s")
 
 
 def test_more_requests_than_sequences_wait_their_turn(smollm2_path: Path, tmp_path: Path) -> None:
