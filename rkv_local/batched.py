@@ -78,6 +78,11 @@ class _SequenceView(Llama):
 
     def eval(self, tokens: Sequence[int]) -> None:
         tokens = list(tokens)
+        if not tokens and self.n_tokens == 0:
+            # Llama.generate samples right after evaluating the prompt: with no token there are no
+            # logits to sample from (a request's mistake, not the server's)
+            raise ValueError("the prompt is empty: there is no token to continue from (an empty text, "
+                             "and this model adds no BOS token)")
         if self.n_tokens + len(tokens) > self._n_ctx:
             raise ValueError(f"evaluating {len(tokens)} tokens after {self.n_tokens} would exceed the context "
                              f"(n_ctx = {self._n_ctx})")

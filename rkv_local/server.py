@@ -13,6 +13,11 @@ which sends them as server-sent events (``data: {...}``, then ``data: [DONE]``).
   an error after a stream started is sent as an ``error`` event, then ``[DONE]``.
 * Request and response shapes are llama-cpp-python's (``llama_cpp.server.types``); fields a
   sequence view cannot honour (``n`` > 1, ``best_of`` > 1, ``logprobs``) are refused with a 400.
+  Unknown fields are ignored, as OpenAI-compatible servers (llama-cpp-python's among them) do:
+  clients send fields of newer API versions. The one such field that limits an answer, chat's
+  ``max_completion_tokens``, is honoured as ``max_tokens``.
+* ``max_tokens`` beyond the logical context (10**9, say) is cut to what the context has left, and
+  the answer ends there with finish_reason "length"; 0 or null runs up to the context.
 
 Unlike llama-cpp-python's own server app there is no global lock: concurrent requests run
 together, and a new request never interrupts a running stream.
@@ -52,6 +57,7 @@ try:
     from fastapi.responses import JSONResponse, Response
     from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
     from llama_cpp.server.types import CreateChatCompletionRequest, CreateCompletionRequest
+    from pydantic import Field
     from sse_starlette.sse import EventSourceResponse
     from starlette.concurrency import run_in_threadpool
     from starlette.exceptions import HTTPException as StarletteHTTPException
@@ -223,13 +229,47 @@ class _Served:
                 for token in view.tokenize(text.encode("utf-8"), add_bos=False, special=True):
                     bias[str(token)] = score
             kwargs["logit_bias"] = bias
+        if kwargs.get("logit_bias"):
+            _check_token_ids(kwargs["logit_bias"], view.n_vocab())
         if kwargs.get("grammar") is not None:
-            kwargs["grammar"] = llama_cpp.LlamaGrammar.from_string(kwargs["grammar"], verbose=False)
+            kwargs["grammar"] = _parse_grammar(view, kwargs["grammar"])
         if min_tokens > 0:
             kwargs["logits_processor"] = llama_cpp.LogitsProcessorList(
                 [llama_cpp.MinTokensLogitsProcessor(min_tokens, view.token_eos())])
         kwargs["model"] = self.model_alias
         return kwargs
+
+
+def _check_token_ids(logit_bias: Dict[str, float], n_vocab: int) -> None:
+    """Refuse a ``logit_bias`` key that is not a token id of the model. llama-cpp-python applies
+    the bias inside a sampler callback, where an IndexError is printed and swallowed: every bias
+    of the request would be dropped silently (and a negative id would bias the vocabulary's end)."""
+    for key in logit_bias:
+        try:
+            token = int(key)
+        except ValueError:
+            token = -1
+        if not 0 <= token < n_vocab:
+            raise APIError(400, f"logit_bias: {key!r} is not a token id of this model (0 to {n_vocab - 1})",
+                           param="logit_bias")
+
+
+def _parse_grammar(view: Any, text: str) -> "llama_cpp.LlamaGrammar":
+    """The request's GBNF grammar, refused with a 400 when llama.cpp cannot parse it.
+
+    llama-cpp-python adds the grammar sampler to the chain without looking at it: llama.cpp gives
+    NULL for a grammar it cannot parse, and the first sample dereferences it, which kills the
+    whole server. So the grammar is built once here, checked and freed.
+    """
+    grammar = llama_cpp.LlamaGrammar.from_string(text, verbose=False)
+    sampler = llama_cpp.llama_sampler_init_grammar(view._model.vocab, grammar._grammar.encode("utf-8"),
+                                                   grammar._root.encode("utf-8"))
+    if not sampler:
+        raise APIError(400, f"grammar: llama.cpp refused this GBNF grammar (a syntax error, an undefined or "
+                            f"left-recursive rule, or no rule named {grammar._root!r})",
+                       param="grammar", code="invalid_grammar")
+    llama_cpp.llama_sampler_free(sampler)
+    return grammar
 
 
 async def _next_item(job: _Job, request: Request) -> Tuple[str, Any]:
@@ -293,6 +333,31 @@ async def _respond(served: _Served, request: Request, method: str, kwargs: Dict[
             job.cancel()  # a client that went away frees its sequence
 
     return EventSourceResponse(events())
+
+
+class ChatRequest(CreateChatCompletionRequest):
+    """llama-cpp-python's chat request with OpenAI's newer name for ``max_tokens``: the openai
+    client sends ``max_completion_tokens``, and an unknown field is ignored, so without it a
+    request's limit would silently become the whole context."""
+
+    max_completion_tokens: Optional[int] = Field(
+        default=None, description="The maximum number of tokens to generate (OpenAI's name for max_tokens).")
+
+
+def _max_tokens(body: ChatRequest) -> Optional[int]:
+    """The chat's token limit from ``max_tokens`` or ``max_completion_tokens``: None or 0 runs up
+    to the context (llama-cpp-python's meaning); a negative one is refused, as the completions
+    endpoint refuses it (llama-cpp-python would take it for no limit at all)."""
+    limits = {name: value for name, value in (("max_tokens", body.max_tokens),
+                                              ("max_completion_tokens", body.max_completion_tokens))
+              if value is not None}
+    for name, value in limits.items():
+        if value < 0:
+            raise APIError(400, f"{name} must be at least 0 (0 or null: up to the context), got {value}", param=name)
+    if len(set(limits.values())) > 1:
+        raise APIError(400, f"max_tokens ({body.max_tokens}) and max_completion_tokens ({body.max_completion_tokens}) "
+                            f"differ: give one of them", param="max_completion_tokens")
+    return next(iter(limits.values()), None)
 
 
 def _unsupported(name: str, why: str) -> APIError:
@@ -364,12 +429,13 @@ def create_app(llm: BatchedLlama, *, model_alias: str, api_key: Optional[str] = 
         return await _respond(served, request, "create_completion", kwargs)
 
     @app.post("/v1/chat/completions", dependencies=auth, tags=["OpenAI V1"], summary="Chat")
-    async def chat_completions(request: Request, body: CreateChatCompletionRequest) -> Response:
+    async def chat_completions(request: Request, body: ChatRequest) -> Response:
         if (body.n or 1) != 1:
             raise _unsupported("n", "one choice per request")
         if body.logprobs or body.top_logprobs is not None:
             raise _unsupported("logprobs", "a batched sequence keeps the logits of its last token only")
-        kwargs = body.model_dump(exclude={"model", "n", "user", "logprobs", "top_logprobs"})
+        body.max_tokens = _max_tokens(body)
+        kwargs = body.model_dump(exclude={"model", "n", "user", "logprobs", "top_logprobs", "max_completion_tokens"})
         return await _respond(served, request, "create_chat_completion", kwargs)
 
     @app.get("/v1/models", dependencies=auth, tags=["OpenAI V1"], summary="Models")

@@ -15,7 +15,7 @@ import urllib.error
 import urllib.request
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Any, Dict, Iterator, List, Optional
+from typing import Any, Dict, Iterator, List, Optional, Tuple
 
 import pytest
 
@@ -25,11 +25,15 @@ pytest.importorskip("sse_starlette")
 openai = pytest.importorskip("openai")
 
 CLI = [sys.executable, "-m", "rkv_local.cli"]
-BUDGET = ["--kv-budget", "32", "--kv-buffer", "16", "--n-threads", "2"]
+# one thread: ggml's threads wait for each other spinning, so on a machine whose cores are busy
+# elsewhere two threads per decode crawl (seconds a token on two busy cores, against 40 tokens a second with one)
+BUDGET = ["--kv-budget", "32", "--kv-buffer", "16", "--n-threads", "1"]
 START_TIMEOUT_S = 120
 TIMEOUT_S = 120
 QUESTIONS = ["What is 2+2?", "Name three fruits.", "Why is the sky blue?", "What is the capital of France?",
              "Tell me about cats.", "How do birds fly?"]
+
+SHORT_CTX = 128
 
 # SmolLM2's end-of-generation tokens (<|endoftext|>, <|im_end|>) ruled out: an answer that runs to max_tokens
 NO_END = {"0": -100.0, "2": -100.0}
@@ -89,6 +93,15 @@ def serve(model: Path, tmp_path: Path, *options: str) -> Iterator[Server]:
 
 
 @pytest.fixture(scope="module")
+def server_short(smollm2_path: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Server]:
+    """Two sequences with a logical context of SHORT_CTX tokens: an answer without an end runs
+    into the context after a few seconds (and through several compressions of 32 + 16 cells)."""
+    with serve(smollm2_path, tmp_path_factory.mktemp("server_short"), *BUDGET, "--parallel", "2",
+               "--n-ctx", str(SHORT_CTX), "--model-alias", "smol") as server:
+        yield server
+
+
+@pytest.fixture(scope="module")
 def server4(smollm2_path: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Server]:
     with serve(smollm2_path, tmp_path_factory.mktemp("server4"), *BUDGET, "--parallel", "4",
                "--model-alias", "smol") as server:
@@ -108,6 +121,35 @@ def _stream_chat(client: "openai.OpenAI", messages: List[Dict[str, str]], max_to
             assert out["finish"] is None, "two chunks with a finish_reason"
             out["finish"] = choice.finish_reason
     return out
+
+
+def _post(server: Server, path: str, body: Any, timeout: float = TIMEOUT_S) -> Tuple[int, Any]:
+    """(HTTP status, the JSON answer, or the list of a stream's events) of a raw POST: the body goes
+    as given, fields the openai client would not send included."""
+    request = urllib.request.Request(server.base + path, data=json.dumps(body).encode(),
+                                     headers={"Content-Type": "application/json"})
+    try:
+        with urllib.request.urlopen(request, timeout=timeout) as response:
+            text = response.read().decode()
+            if response.headers.get_content_type() == "text/event-stream":
+                events = [e for e in text.replace("\r\n", "\n").strip().split("\n\n") if not e.startswith(":")]
+                return response.status, events
+            return response.status, json.loads(text)
+    except urllib.error.HTTPError as error:
+        return error.code, json.load(error)
+
+
+def _stream_text(events: List[str]) -> Tuple[str, Optional[str]]:
+    """(the text, the finish_reason) of a completions or chat stream's events, which must end with [DONE]."""
+    assert events[-1] == "data: [DONE]", events[-3:]
+    text, finish = "", None
+    for event in events[:-1]:
+        assert event.startswith("data: {"), event
+        choice = json.loads(event[len("data: "):])["choices"][0]
+        text += choice.get("text") or choice.get("delta", {}).get("content") or ""
+        assert finish is None, "a piece after the finish_reason"
+        finish = choice["finish_reason"]
+    return text, finish
 
 
 def _in_threads(fn, args: List[Any]) -> List[Any]:
@@ -221,6 +263,176 @@ def test_serve_listens_on_loopback_by_default(server4: Server) -> None:
             listening.append(socket.inet_ntoa(bytes.fromhex(address)[::-1]))
     assert listening == ["127.0.0.1"]
     assert f"http://127.0.0.1:{server4.port}/v1" in server4.log.read_text()
+
+
+def test_unknown_fields_are_ignored_and_the_answer_is_the_same(server_short: Server) -> None:
+    """Fields of newer OpenAI API versions (or of nobody's) change nothing: the answer is the one
+    of the same request without them, as with llama-cpp-python's own server."""
+    unknown = {"frobnicate": True, "stream_options": {"include_usage": True}, "service_tier": "auto",
+               "metadata": {"who": "test"}, "store": False, "parallel_tool_calls": False}
+    plain = {"prompt": "The capital of France is", "max_tokens": 12, "temperature": 0}
+    status, alone = _post(server_short, "/v1/completions", plain)
+    assert status == 200 and alone["choices"][0]["text"].strip()
+    status, with_unknown = _post(server_short, "/v1/completions", {**plain, **unknown})
+    assert status == 200
+    assert with_unknown["choices"] == alone["choices"] and with_unknown["usage"] == alone["usage"]
+
+    chat_plain = {"messages": chat("Name three fruits."), "max_tokens": 12, "temperature": 0}
+    status, alone = _post(server_short, "/v1/chat/completions", chat_plain)
+    assert status == 200 and alone["choices"][0]["message"]["content"].strip()
+    odd_messages = [{**m, "weird": 1, "cache_control": {"type": "ephemeral"}} for m in chat_plain["messages"]]
+    for body in ({**chat_plain, **unknown}, {**chat_plain, "messages": odd_messages}):
+        status, answer = _post(server_short, "/v1/chat/completions", body)
+        assert status == 200, answer
+        assert answer["choices"] == alone["choices"] and answer["usage"] == alone["usage"]
+    status, events = _post(server_short, "/v1/chat/completions", {**chat_plain, **unknown, "stream": True})
+    assert status == 200
+    assert _stream_text(events) == (alone["choices"][0]["message"]["content"], alone["choices"][0]["finish_reason"])
+    assert server_short.get("/health") == {"status": "ok"}
+
+
+def test_max_completion_tokens_limits_a_chat_as_max_tokens_does(server_short: Server) -> None:
+    """The openai client's newer name for the limit is honoured, not ignored as an unknown field
+    (which would let the answer run to the end of the context)."""
+    client = server_short.client()
+    question = chat("Tell me about cats.")
+    by_old_name = client.chat.completions.create(model="smol", messages=question, max_tokens=6, temperature=0,
+                                                 logit_bias=NO_END)
+    by_new_name = client.chat.completions.create(model="smol", messages=question, max_completion_tokens=6,
+                                                 temperature=0, logit_bias=NO_END)
+    assert (by_new_name.usage.completion_tokens, by_new_name.choices[0].finish_reason) == (6, "length")
+    assert by_new_name.choices[0].message.content == by_old_name.choices[0].message.content
+    both = client.chat.completions.create(model="smol", messages=question, max_tokens=6, max_completion_tokens=6,
+                                          temperature=0, logit_bias=NO_END)
+    assert both.choices[0].message.content == by_old_name.choices[0].message.content
+    with pytest.raises(openai.BadRequestError, match="differ") as info:
+        client.chat.completions.create(model="smol", messages=question, max_tokens=6, max_completion_tokens=8)
+    assert info.value.body["param"] == "max_completion_tokens"
+
+
+def test_max_tokens_beyond_the_context_ends_at_the_context(server_short: Server) -> None:
+    """max_tokens of 10**9 (or 0, or null: no limit) is cut to what the logical context has left:
+    the answer fills the context and ends with finish_reason "length", in seconds."""
+    prompt = {"prompt": "Hello.", "temperature": 0, "logit_bias": NO_END}
+    answers = {}
+    for max_tokens in (10**9, 10**40, 0, None):
+        started = time.monotonic()
+        status, answers[max_tokens] = _post(server_short, "/v1/completions", {**prompt, "max_tokens": max_tokens})
+        assert status == 200, answers[max_tokens]
+        usage = answers[max_tokens]["usage"]
+        assert usage["prompt_tokens"] + usage["completion_tokens"] == SHORT_CTX, (max_tokens, usage)
+        assert answers[max_tokens]["choices"][0]["finish_reason"] == "length"
+        assert time.monotonic() - started < TIMEOUT_S
+    assert len({a["choices"][0]["text"] for a in answers.values()}) == 1  # the same answer each time
+
+    # a stream, and a chat: the same end
+    status, events = _post(server_short, "/v1/completions", {**prompt, "max_tokens": 10**9, "stream": True})
+    assert status == 200 and _stream_text(events) == (answers[10**9]["choices"][0]["text"], "length")
+    question = {"messages": chat("Why is the sky blue?"), "temperature": 0, "logit_bias": NO_END}
+    status, reply = _post(server_short, "/v1/chat/completions", {**question, "max_tokens": 10**9})
+    assert status == 200 and reply["choices"][0]["finish_reason"] == "length"
+    assert reply["usage"]["prompt_tokens"] + reply["usage"]["completion_tokens"] == SHORT_CTX
+    status, events = _post(server_short, "/v1/chat/completions", {**question, "max_tokens": 10**9, "stream": True})
+    assert status == 200 and _stream_text(events) == (reply["choices"][0]["message"]["content"], "length")
+
+    # prompt + max_tokens beyond the context: the answer gets what the context has left
+    long_prompt = {**prompt, "prompt": "Count with me: " + ", ".join(str(i) for i in range(1, 30)) + ","}
+    status, answer = _post(server_short, "/v1/completions", {**long_prompt, "max_tokens": 100})
+    assert status == 200, answer
+    used = answer["usage"]
+    assert SHORT_CTX - 100 < used["prompt_tokens"] < SHORT_CTX
+    assert used["completion_tokens"] == SHORT_CTX - used["prompt_tokens"] < 100
+    assert answer["choices"][0]["finish_reason"] == "length"
+
+
+@pytest.mark.parametrize("path, body, param", [
+    ("/v1/completions", {"prompt": "Hi", "max_tokens": -1}, "max_tokens"),
+    ("/v1/chat/completions", {"messages": chat("Hi"), "max_tokens": -1}, "max_tokens"),
+    ("/v1/chat/completions", {"messages": chat("Hi"), "max_completion_tokens": -5}, "max_completion_tokens"),
+    ("/v1/completions", {"prompt": "Hi", "max_tokens": 1.5}, "max_tokens"),
+    ("/v1/chat/completions", {"messages": chat("Hi"), "max_tokens": "many"}, "max_tokens"),
+    ("/v1/chat/completions", {"messages": chat("Hi"), "max_tokens": [8]}, "max_tokens"),
+])
+def test_a_max_tokens_that_is_no_count_is_a_400(server_short: Server, path: str, body: Dict[str, Any],
+                                                 param: str) -> None:
+    status, answer = _post(server_short, path, body)
+    assert status == 400 and answer["error"]["param"] == param and param in answer["error"]["message"]
+    assert server_short.get("/health") == {"status": "ok"}
+
+
+def test_a_request_the_sampler_cannot_take_is_a_400_and_the_server_goes_on(server_short: Server) -> None:
+    """Settings that once crashed the server (a grammar llama.cpp cannot parse: llama-cpp-python put
+    its NULL sampler in the chain), were dropped silently (a logit_bias for no token) or were a 500
+    (an empty prompt: nothing to sample from) are 400s naming the setting."""
+    refused = [
+        ("/v1/completions", {"prompt": "Hi", "max_tokens": 4, "grammar": "root ::= ("}, "grammar"),
+        ("/v1/chat/completions", {"messages": chat("Hi"), "max_tokens": 4, "grammar": "root ::= undefined"}, "grammar"),
+        ("/v1/completions", {"prompt": "Hi", "max_tokens": 4, "grammar": 'start ::= "a"', "stream": True}, "grammar"),
+        ("/v1/completions", {"prompt": "Hi", "max_tokens": 4, "logit_bias": {"999999999": 5}}, "logit_bias"),
+        ("/v1/chat/completions", {"messages": chat("Hi"), "max_tokens": 4, "logit_bias": {"-3": 5}}, "logit_bias"),
+        ("/v1/completions", {"prompt": "Hi", "max_tokens": 4, "logit_bias": {"abc": 5}}, "logit_bias"),
+        ("/v1/completions", {"prompt": "", "max_tokens": 4}, None),
+        ("/v1/completions", {"prompt": [], "max_tokens": 4, "stream": True}, None),
+    ]
+    for path, body, param in refused:
+        status, answer = _post(server_short, path, body)
+        assert status == 400, (body, answer)
+        assert answer["error"]["param"] == param, (body, answer)
+        assert (param or "the prompt is empty") in answer["error"]["message"], answer
+        assert server_short.proc.poll() is None and server_short.get("/health") == {"status": "ok"}
+
+    # the same settings, valid, do what they say
+    status, answer = _post(server_short, "/v1/completions", {"prompt": "Is the sky blue? Answer:", "max_tokens": 4,
+                                                             "temperature": 0, "grammar": 'root ::= " yes" | " no"'})
+    assert status == 200 and answer["choices"][0]["text"] in (" yes", " no")
+    status, answer = _post(server_short, "/v1/completions", {"prompt": "1, 2, 3,", "max_tokens": 3, "temperature": 0,
+                                                             "logit_bias": {"45": 100}})  # token 45: "="
+    assert status == 200 and answer["choices"][0]["text"] == "==="
+
+
+def test_a_burst_of_50_requests_gets_50_complete_answers(server_short: Server) -> None:
+    """50 requests at once on 2 sequences (completions and chats, streamed or not): every one gets
+    its whole answer, the one it gets alone, and the server is idle and healthy afterwards."""
+    client = server_short.client()
+    prompts = ["One, two,", "The capital of France is", "Roses are red,", "def add(a, b):", "Once upon a time"]
+    settings = dict(max_tokens=8, temperature=0, logit_bias=NO_END)
+
+    def ask(i: int) -> Tuple[str, Optional[str]]:
+        prompt, is_chat, stream = prompts[i % len(prompts)], (i // 5) % 2 == 1, (i // 10) % 2 == 1
+        if is_chat:
+            if not stream:
+                reply = client.chat.completions.create(model="smol", messages=chat(prompt), **settings)
+                return reply.choices[0].message.content, reply.choices[0].finish_reason
+            text, finish = "", None
+            for chunk in client.chat.completions.create(model="smol", messages=chat(prompt), stream=True, **settings):
+                text += chunk.choices[0].delta.content or ""
+                finish = chunk.choices[0].finish_reason or finish
+            return text, finish
+        if not stream:
+            reply = client.completions.create(model="smol", prompt=prompt, **settings)
+            return reply.choices[0].text, reply.choices[0].finish_reason
+        text, finish = "", None
+        for chunk in client.completions.create(model="smol", prompt=prompt, stream=True, **settings):
+            text += chunk.choices[0].text
+            finish = chunk.choices[0].finish_reason or finish
+        return text, finish
+
+    alone = [ask(i) for i in range(10)]  # each prompt once as a completion and once as a chat
+    assert all(text.strip() and finish == "length" for text, finish in alone), alone
+    finished_before = server_short.get("/rkv/stats")["requests_finished"]
+
+    started = time.monotonic()
+    answers = _in_threads(ask, list(range(50)))
+    took = time.monotonic() - started
+    for i, answer in enumerate(answers):
+        assert not isinstance(answer, BaseException), (i, answer)
+        assert answer == alone[i % 10], (i, answer, alone[i % 10])
+
+    stats = server_short.get("/rkv/stats")
+    assert stats["requests_finished"] - finished_before == 50
+    assert (stats["requests_running"], stats["requests_waiting"], stats["context"]["cells_used"]) == (0, 0, 0)
+    assert server_short.get("/health") == {"status": "ok"}
+    print(f"50 requests on 2 sequences in {took:.1f} s")
 
 
 def test_more_requests_than_sequences_wait_their_turn(smollm2_path: Path, tmp_path: Path) -> None:
