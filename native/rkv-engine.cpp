@@ -129,6 +129,10 @@ std::string rkv_engine::check(const llama_kv_cache & kv, const llama_context & l
                "tokens of a sequence; create the context with n_batch = n_ubatch <= buffer per sequence";
     }
     for (const auto & layer : kv.layers) {
+        if (layer.v == nullptr) {
+            // MLA (DeepSeek-V2/V3, Kimi): one latent K row per token, V read out of it
+            return "caches that keep no V rows (multi-head latent attention, e.g. deepseek2) are not supported";
+        }
         if (hp.n_head_kv(layer.il) != hp.n_head_kv(kv.layers[0].il)) {
             return "models whose layers have different numbers of KV heads are not supported";
         }
@@ -482,8 +486,13 @@ void rkv_engine::state_read(llama_io_read_i & io, llama_seq_id seq_id) {
     }
     const uint32_t s0 = seq_id < 0 ? 0 : stream_of(seq_id);
     const uint32_t s1 = seq_id < 0 ? kv.n_stream : s0 + 1;
+    size_t n_heads = 0; // KV heads over all layers: slot positions come in rows of n_compact per head
+    for (uint32_t l = 0; l < n_layer(); ++l) {
+        n_heads += n_head_kv(l);
+    }
     for (uint32_t s = s0; s < s1; ++s) {
-        auto & st = streams[s];
+        // read into a copy: a corrupt state must not leave a stream half restored
+        rkv_stream_state st;
         uint32_t n_slot_pos = 0;
         io.read(&st.pos_compact, sizeof(st.pos_compact));
         io.read(&st.pos_scored, sizeof(st.pos_scored));
@@ -492,23 +501,32 @@ void rkv_engine::state_read(llama_io_read_i & io, llama_seq_id seq_id) {
         io.read(&st.n_evicted, sizeof(st.n_evicted));
         io.read(&st.cells_peak, sizeof(st.cells_peak));
         io.read(&n_slot_pos, sizeof(n_slot_pos));
-        // one position per layer, KV head and compacted cell
-        size_t max_slot_pos = 0;
-        for (uint32_t l = 0; l < n_layer(); ++l) {
-            max_slot_pos += (size_t) n_head_kv(l)*kv.get_size();
-        }
-        if (n_slot_pos > max_slot_pos) {
-            throw std::runtime_error(format("corrupt KV-compression state: %u slot positions for %zu (layers x KV heads x cells)",
-                                            n_slot_pos, max_slot_pos));
+        const auto & cells = kv.v_cells[s];
+        const llama_seq_id seq = seq_id >= 0 ? seq_id : (llama_seq_id) s; // one sequence per stream
+        const bool compacted = st.pos_compact >= 0;
+        if (st.n_compact != (compacted ? (uint32_t) (params.budget - params.window) : 0) ||
+            (size_t) n_slot_pos != n_heads*st.n_compact || st.pos_scored < st.pos_compact ||
+            st.cells_peak > cells.size() || (compacted && cells.seq_pos_max(seq) < st.pos_scored)) {
+            throw std::runtime_error(format(
+                "corrupt KV-compression state: %u compacted cells, %u slot positions for %zu KV heads, positions %d..%d",
+                st.n_compact, n_slot_pos, n_heads, st.pos_compact, st.pos_scored));
         }
         st.slot_pos.resize(n_slot_pos);
         io.read(st.slot_pos.data(), n_slot_pos*sizeof(llama_pos));
-        st.pending = false;
+        for (const llama_pos pos : st.slot_pos) {
+            if (pos < 0 || pos > st.pos_compact) {
+                throw std::runtime_error(format("corrupt KV-compression state: a compacted cell at position %d, "
+                                                "compaction at %d", pos, st.pos_compact));
+            }
+        }
         for (ggml_tensor * ring : rings) {
             std::vector<float> rows((size_t) ring->ne[0]*params.window);
             io.read(rows.data(), rows.size()*sizeof(float));
             ggml_backend_tensor_set(ring, rows.data(), (size_t) s*params.window*ring->nb[1], rows.size()*sizeof(float));
         }
+        st.compress_seconds = streams[s].compress_seconds; // time this context spent, not the state's
+        st.profile          = streams[s].profile;
+        streams[s] = std::move(st);
     }
 }
 

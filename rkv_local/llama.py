@@ -104,6 +104,8 @@ class Llama(llama_cpp.Llama):
         **kwargs: Any,
     ) -> None:
         model_path = os.fspath(model_path)  # llama-cpp-python takes str only
+        if not os.path.exists(model_path):  # llama-cpp-python's message, before the metadata is read
+            raise ValueError(f"Model path does not exist: {model_path}")
         self._kv_config: Optional[CompressionConfig] = None
         self._n_ctx_logical: Optional[int] = None
         self._tokens_evaluated = 0
@@ -269,18 +271,31 @@ class Llama(llama_cpp.Llama):
 
     def load_state(self, state: llama_cpp.LlamaState) -> None:
         cfg = self._kv_config
+        saved = getattr(state, "kv_config", None)
         if cfg is None:
+            if saved is not None:
+                raise ValueError(f"this state was saved with kv_budget={saved.budget}; this Llama has no kv_budget")
             super().load_state(state)
             return
-        saved = getattr(state, "kv_config", None)
         if saved is not None and (saved.budget, saved.buffer, saved.window) != (cfg.budget, cfg.buffer, cfg.window):
             raise ValueError(
                 f"this state was saved with kv_budget={saved.budget}, kv_buffer={saved.buffer}, "
                 f"kv_window={saved.window}; this Llama has kv_budget={cfg.budget}, kv_buffer={cfg.buffer}, "
                 f"kv_window={cfg.window}"
             )
+        if saved is not None and saved.method != cfg.method:
+            # the cache would go on under another method than the one that chose what it holds
+            raise ValueError(f"this state was saved with kv_method={saved.method!r}; this Llama has "
+                             f"kv_method={cfg.method!r}")
         try:
+            if len(state.llama_state) != state.llama_state_size or state.llama_state_size == 0:
+                # llama.cpp reads zero bytes of an empty state and reports success
+                raise ValueError(f"the state holds {len(state.llama_state)} bytes of llama.cpp state for "
+                                 f"{state.llama_state_size} announced")
             super().load_state(state)
+            held = _native.seq_stats(self._ctx.ctx, 0).n_tokens
+            if held != self.n_tokens:
+                raise ValueError(f"the restored cache holds {held} tokens, the state's token list {self.n_tokens}")
         except (RuntimeError, ValueError) as exc:
             # llama-cpp-python may have taken the state's tokens already: start from an empty cache
             # instead of one half restored
