@@ -179,11 +179,13 @@ class LlamaFuzz:
         keep = int(self.rng.integers(0, len(held) + 1))
         prompt = held[:keep] + random_tokens(self.rng, int(self.rng.integers(1, 3 * b)))
         max_tokens = int(self.rng.integers(1, 20))
-        if len(prompt) + max_tokens >= N_CTX:
+        # llama-cpp-python goes past max_tokens while the text ends inside a UTF-8 character (random
+        # models emit byte tokens): leave room for that
+        if len(prompt) + 4 * max_tokens >= N_CTX:
             return
         out = self.llm.create_completion(prompt, max_tokens=max_tokens, temperature=0.0)
         n_out = out["usage"]["completion_tokens"]
-        assert out["usage"]["prompt_tokens"] == len(prompt) and 0 <= n_out <= max_tokens
+        assert out["usage"]["prompt_tokens"] == len(prompt) and 0 <= n_out
         assert self.tokens[: len(prompt)] == prompt
         # the last sampled token is returned, not evaluated (llama-cpp-python's rule)
         assert len(prompt) <= self.llm.n_tokens <= len(prompt) + n_out
