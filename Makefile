@@ -11,7 +11,13 @@ DEPS_STAMP := $(VENV)/.rkv-deps
 LIB        := rkv_local/lib/libllama.so
 NATIVE_SRC := $(wildcard native/*) $(wildcard patches/*.patch) CMakeLists.txt
 
-.PHONY: all venv build demo test clean
+# the sanitizer build: its own build folder and library, loaded through RKV_LOCAL_LIB_DIR
+ASAN_BUILD := build-asan
+ASAN_LIB   := $(ASAN_BUILD)/install/rkv_local/lib/libllama.so
+ASAN_TESTS ?= tests/test_engine.py tests/test_fused.py tests/test_refusals.py tests/test_llama_api.py \
+              tests/test_bad_input.py tests/test_fuzz.py
+
+.PHONY: all venv build demo test test-asan clean
 
 all: build
 
@@ -47,5 +53,22 @@ demo: build
 test: build
 	$(BIN)/python -m pytest -q tests
 
+$(ASAN_LIB): $(DEPS_STAMP) $(NATIVE_SRC)
+	$(BIN)/cmake -S . -B $(ASAN_BUILD) -G Ninja -DCMAKE_MAKE_PROGRAM=$(CURDIR)/$(BIN)/ninja \
+		-DCMAKE_BUILD_TYPE=RelWithDebInfo -DRKV_SANITIZE=ON -DPython3_EXECUTABLE=$(CURDIR)/$(BIN)/python $(CMAKE_ARGS)
+	$(BIN)/cmake --build $(ASAN_BUILD) -j $(JOBS)
+	$(BIN)/cmake --install $(ASAN_BUILD) --prefix $(ASAN_BUILD)/install
+	touch $@
+
+# The engine, refusal, bad-input and fuzz tests on the library built with AddressSanitizer and
+# UndefinedBehaviorSanitizer; any report fails the run. Python is not instrumented: the ASan runtime
+# is preloaded, and leak checking is left to tests/test_leaks.py (the interpreter's own would drown it).
+test-asan: $(ASAN_LIB)
+	RKV_LOCAL_LIB_DIR=$(CURDIR)/$(dir $(ASAN_LIB)) \
+	LD_PRELOAD="$$($(CXX) -print-file-name=libasan.so) $$($(CXX) -print-file-name=libubsan.so)" \
+	ASAN_OPTIONS=detect_leaks=0:abort_on_error=1:allocator_may_return_null=1 \
+	UBSAN_OPTIONS=halt_on_error=1:abort_on_error=1:print_stacktrace=1 \
+		$(BIN)/python -m pytest -q -p no:cacheprovider $(ASAN_TESTS)
+
 clean:
-	rm -rf build $(VENV) rkv_local/lib
+	rm -rf build $(ASAN_BUILD) $(VENV) rkv_local/lib
