@@ -462,7 +462,9 @@ void rkv_engine::state_write(llama_io_write_i & io, llama_seq_id seq_id) const {
         io.write(&st.n_evicted, sizeof(st.n_evicted));
         io.write(&st.cells_peak, sizeof(st.cells_peak));
         io.write(&n_slot_pos, sizeof(n_slot_pos));
-        io.write(st.slot_pos.data(), n_slot_pos*sizeof(llama_pos));
+        if (n_slot_pos > 0) { // data() of an empty vector may be null: memcpy's arguments must not be
+            io.write(st.slot_pos.data(), n_slot_pos*sizeof(llama_pos));
+        }
         for (const ggml_tensor * ring : rings) {
             std::vector<float> rows((size_t) ring->ne[0]*params.window);
             ggml_backend_tensor_get(ring, rows.data(), (size_t) s*params.window*ring->nb[1], rows.size()*sizeof(float));
@@ -512,7 +514,9 @@ void rkv_engine::state_read(llama_io_read_i & io, llama_seq_id seq_id) {
                 st.n_compact, n_slot_pos, n_heads, st.pos_compact, st.pos_scored));
         }
         st.slot_pos.resize(n_slot_pos);
-        io.read(st.slot_pos.data(), n_slot_pos*sizeof(llama_pos));
+        if (n_slot_pos > 0) {
+            io.read(st.slot_pos.data(), n_slot_pos*sizeof(llama_pos));
+        }
         for (const llama_pos pos : st.slot_pos) {
             if (pos < 0 || pos > st.pos_compact) {
                 throw std::runtime_error(format("corrupt KV-compression state: a compacted cell at position %d, "
