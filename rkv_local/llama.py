@@ -353,7 +353,12 @@ class Llama(llama_cpp.Llama):
         return _native.kept_positions(self._ctx.ctx, layer, head)
 
     def compress_now(self) -> bool:
-        """Compress the cache to the budget now; False if it holds no more than the budget."""
+        """Compress the cache to the budget now; False if it holds no more than the budget.
+
+        The compression scores every token held, the newest included, so the cache can no longer be
+        truncated to re-evaluate that token: a state saved right after this call, before another
+        token is evaluated, is evaluated from scratch when ``generate`` continues it after a restore
+        (llama.cpp's state keeps no logits, so llama-cpp-python re-evaluates the last token)."""
         if self._kv_config is None:
             raise RuntimeError("this Llama has no kv_budget")
         return _native.compress(self._ctx.ctx, 0)
