@@ -136,7 +136,9 @@ class BatchedLlama:
     sequence slightly different logits when another sequence's tokens share its decode call
     (the call is split into ubatches of equal tokens per stream), so greedy texts could part from
     what the request gives alone. With it, a request in a batch is bitwise what it is alone under
-    ``Llama(..., flash_attn=True)``.
+    ``Llama(..., flash_attn=True)`` on the AVX-512 CPUs of RESULTS.md; on an AVX2-only CPU one
+    greedy SmolLM2 answer of six parted from the lone one after 40 tokens, at a near tie (ggml's
+    CPU kernels for a batch may round differently there; not investigated further).
 
     ``create_completion`` and ``create_chat_completion`` take the arguments of ``Llama``'s and
     may be called from many threads at once: the calls decode together, and a call beyond
