@@ -16,7 +16,7 @@ The matrix, and where each row is tested:
 """
 from __future__ import annotations
 
-import dataclasses
+import copy
 import shutil
 from pathlib import Path
 
@@ -128,10 +128,9 @@ def compressed_state(path: Path, **kwargs):
 
 def with_bytes(state, data: bytes):
     """A copy of a LlamaState carrying other llama.cpp state bytes."""
-    copy = dataclasses.replace(state) if dataclasses.is_dataclass(state) else type(state).__new__(type(state))
-    copy.__dict__.update(state.__dict__)
-    copy.llama_state, copy.llama_state_size = data, len(data)
-    return copy
+    other = copy.copy(state)
+    other.llama_state, other.llama_state_size = data, len(data)
+    return other
 
 
 def engine_part(data: bytes) -> int:
