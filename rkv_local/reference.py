@@ -12,6 +12,11 @@ Spec choices (all deliberate, the engine must follow them):
   qh // (n_head // n_head_kv)) are reduced with MAX before the softmax; softmax over
   the Nc candidates per query, mean over the queries, then 1-D max pooling with an odd
   ``kernel`` (stride 1, padding kernel // 2, edges use the shrunken window).
+* Attention sinks (gpt-oss): a model whose heads attend to a learned sink logit s_h (one per
+  query head, added to the softmax's denominator, not scaled by kq_scale, attending to no value)
+  scores the same way: the sink is one more column of the logits, reduced over a query group with
+  MAX like a key's, then the softmax runs over the Nc candidates and the sink, and the sink's
+  share is dropped. A query whose attention mostly goes to the sink so weighs less in the mean.
 * Redundancy: keys L2-normalised as k / max(||k||, NORM_EPS); cosine matrix S [N,N]
   with zeroed diagonal; in every row i the LAST (largest) j with S[i,j] > threshold is
   zeroed (the newest near-copy is not penalised); rows without such j are unchanged
@@ -103,21 +108,39 @@ def _check_params(method: str, params: ScoringParams) -> None:
         )
 
 
-def importance(queries: np.ndarray, keys_candidates: np.ndarray, kq_scale: float, kernel: int) -> np.ndarray:
+def _check_sinks(sinks: np.ndarray | None, n_head: int) -> np.ndarray | None:
+    if sinks is None:
+        return None
+    sinks = np.asarray(sinks, dtype=np.float64)
+    if sinks.shape != (n_head,):
+        raise ValueError(f"sinks must be [n_head] = [{n_head}], got shape {sinks.shape}")
+    return sinks
+
+
+def importance(
+    queries: np.ndarray, keys_candidates: np.ndarray, kq_scale: float, kernel: int, sinks: np.ndarray | None = None
+) -> np.ndarray:
     """Pooled attention importance of the candidate keys, [n_head_kv, Nc].
 
-    queries [n_q, n_head, d], keys_candidates [Nc, n_head_kv, d]. GQA groups are reduced
-    with max over the raw scaled logits, then softmax over Nc, mean over queries, pooling.
+    queries [n_q, n_head, d], keys_candidates [Nc, n_head_kv, d], sinks [n_head] or None. GQA
+    groups are reduced with max over the raw scaled logits (and over their sink logits), then
+    softmax over Nc (and the sink, whose share is dropped), mean over queries, pooling.
     """
     queries, keys_candidates = _check_shapes(queries, keys_candidates)
     n_q, n_head, d = queries.shape
     n_head_kv = keys_candidates.shape[1]
+    sinks = _check_sinks(sinks, n_head)
     grouped = queries.reshape(n_q, n_head_kv, n_head // n_head_kv, d)
     logits = np.einsum("qkgd,nkd->qkgn", grouped, keys_candidates) * float(kq_scale)
     group_max = logits.max(axis=2)  # [n_q, n_head_kv, Nc]
-    if group_max.shape[-1] == 0:
+    n_candidates = group_max.shape[-1]
+    if n_candidates == 0:
         return np.zeros((n_head_kv, 0))
-    attention = _softmax(group_max, axis=-1).mean(axis=0)
+    if sinks is not None:
+        sink_max = sinks.reshape(n_head_kv, n_head // n_head_kv).max(axis=1)  # [n_head_kv]
+        sink_column = np.broadcast_to(sink_max[None, :, None], (n_q, n_head_kv, 1))
+        group_max = np.concatenate([group_max, sink_column], axis=-1)
+    attention = _softmax(group_max, axis=-1)[..., :n_candidates].mean(axis=0)
     return max_pool_1d(attention, kernel)
 
 
@@ -148,8 +171,16 @@ def redundancy(keys: np.ndarray, n_candidates: int, threshold: float, authors_ar
     return _softmax(column_mean, axis=-1)[:, :n_candidates]
 
 
-def head_scores(method: str, queries: np.ndarray, keys: np.ndarray, kq_scale: float, params: ScoringParams) -> np.ndarray:
-    """Candidate scores [n_head_kv, Nc]; higher is kept first.
+def head_scores(
+    method: str,
+    queries: np.ndarray,
+    keys: np.ndarray,
+    kq_scale: float,
+    params: ScoringParams,
+    sinks: np.ndarray | None = None,
+) -> np.ndarray:
+    """Candidate scores [n_head_kv, Nc]; higher is kept first. ``sinks``: the layer's [n_head]
+    attention-sink logits, None for a model without them.
 
     streamingllm: score = candidate index (newer first), sink tokens get Nc + index
     so they outrank every other candidate; this reproduces its positional selection.
@@ -164,8 +195,8 @@ def head_scores(method: str, queries: np.ndarray, keys: np.ndarray, kq_scale: fl
         return np.tile(score, (n_head_kv, 1))
     candidates = keys[:n_candidates]
     if method == "h2o":
-        return importance(queries[-1:], candidates, kq_scale, kernel=1)
-    attention = importance(queries, candidates, kq_scale, params.kernel)
+        return importance(queries[-1:], candidates, kq_scale, kernel=1, sinks=sinks)
+    attention = importance(queries, candidates, kq_scale, params.kernel, sinks=sinks)
     if method == "snapkv":
         return attention
     redundant = redundancy(keys, n_candidates, params.threshold, params.authors_argmax)
@@ -178,14 +209,21 @@ def _top_candidates(scores_row: np.ndarray, count: int) -> np.ndarray:
     return order[:count]
 
 
-def select(method: str, queries: np.ndarray, keys: np.ndarray, kq_scale: float, params: ScoringParams) -> list[np.ndarray]:
+def select(
+    method: str,
+    queries: np.ndarray,
+    keys: np.ndarray,
+    kq_scale: float,
+    params: ScoringParams,
+    sinks: np.ndarray | None = None,
+) -> list[np.ndarray]:
     """Kept token indices per kv head (ascending, length min(N, budget))."""
     _check_params(method, params)
     queries, keys = _check_shapes(queries, keys)
     n_tokens, n_head_kv = keys.shape[0], keys.shape[1]
     if n_tokens <= params.budget:
         return [np.arange(n_tokens) for _ in range(n_head_kv)]
-    scores = head_scores(method, queries, keys, kq_scale, params)
+    scores = head_scores(method, queries, keys, kq_scale, params, sinks)
     n_candidates = n_tokens - params.window
     window_indices = np.arange(n_candidates, n_tokens)
     kept = []
@@ -223,6 +261,7 @@ def kept_sets_equivalent(
     params: ScoringParams,
     other_kept: list,
     rtol: float = 1e-4,
+    sinks: np.ndarray | None = None,
 ) -> bool:
     """True when other_kept (per kv head) matches select() up to cut-off ties.
 
@@ -231,12 +270,12 @@ def kept_sets_equivalent(
     score (max pooling creates plateaus of equal scores). streamingllm is positional,
     so it must match exactly.
     """
-    ours = select(method, queries, keys, kq_scale, params)
+    ours = select(method, queries, keys, kq_scale, params, sinks)
     if len(other_kept) != len(ours):
         return False
     n_tokens = np.asarray(keys).shape[0]
     evicting = n_tokens > params.budget
-    scores = head_scores(method, queries, keys, kq_scale, params) if evicting else None
+    scores = head_scores(method, queries, keys, kq_scale, params, sinks) if evicting else None
     n_candidates = n_tokens - params.window
     for head, our_row in enumerate(ours):
         other_row = np.asarray(other_kept[head]).astype(np.int64).ravel()

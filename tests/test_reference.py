@@ -20,7 +20,7 @@ ScoringParams = ref.ScoringParams
 
 
 # ---------------------------------------------------------------- brute force
-def _brute_importance(queries, keys, n_candidates, scale, kernel):
+def _brute_importance(queries, keys, n_candidates, scale, kernel, sinks=None):
     n_q, n_head, d = queries.shape
     n_kv = keys.shape[1]
     group = n_head // n_kv
@@ -37,9 +37,11 @@ def _brute_importance(queries, keys, n_candidates, scale, kernel):
                     dot = sum(float(queries[q, qh, t]) * float(keys[j, h, t]) for t in range(d))
                     best = max(best, dot * scale)
                 logits.append(best)
-            top = max(logits)
+            # the sink: one more logit per query head, reduced over the group like a key's
+            sink = None if sinks is None else max(float(sinks[qh]) for qh in range(n_head) if qh // group == h)
+            top = max(logits + ([sink] if sink is not None else []))
             exps = [math.exp(v - top) for v in logits]
-            total = sum(exps)
+            total = sum(exps) + (math.exp(sink - top) if sink is not None else 0.0)
             for j in range(n_candidates):
                 mean[j] += exps[j] / total / n_q
         r = kernel // 2
@@ -73,7 +75,7 @@ def _brute_redundancy(keys, n_candidates, threshold, authors_argmax=False):
     return out
 
 
-def _brute_select(method, queries, keys, scale, p):
+def _brute_select(method, queries, keys, scale, p, sinks=None):
     n, n_kv = keys.shape[0], keys.shape[1]
     if n <= p.budget:
         return [list(range(n)) for _ in range(n_kv)], None
@@ -82,9 +84,9 @@ def _brute_select(method, queries, keys, scale, p):
         kept = sorted(set(range(p.sink)) | set(range(n - (p.budget - p.sink), n)))
         return [kept for _ in range(n_kv)], None
     if method == "h2o":
-        scores = _brute_importance(queries[-1:], keys, nc, scale, 1)
+        scores = _brute_importance(queries[-1:], keys, nc, scale, 1, sinks)
     else:
-        scores = _brute_importance(queries, keys, nc, scale, p.kernel)
+        scores = _brute_importance(queries, keys, nc, scale, p.kernel, sinks)
     if method == "rkv":
         red = _brute_redundancy(keys, nc, p.threshold, p.authors_argmax)
         scores = [[p.lam * a - (1 - p.lam) * b for a, b in zip(sr, rr)] for sr, rr in zip(scores, red)]
@@ -266,6 +268,65 @@ def test_gqa_uses_group_max_not_mean():
     imp = ref.importance(queries, keys, 1.0, 1)[0]
     expected = np.exp([4.0, 0.0, 0.0]) / np.exp([4.0, 0.0, 0.0]).sum()
     assert imp == pytest.approx(expected)
+
+
+@pytest.mark.parametrize("group", [1, 2, 4])
+@pytest.mark.parametrize("method", ref.METHODS)
+def test_sinks_match_brute_force(method, group):
+    rng = np.random.default_rng(300 + group)
+    n_kv = 2
+    queries, keys, scale = _random_case(rng, 29, n_kv * group, n_kv, d=6, n_q=8)
+    sinks = rng.normal(scale=2.0, size=n_kv * group)
+    params = ScoringParams(budget=17)
+    expected_kept, expected_scores = _brute_select(method, queries, keys, scale, params, sinks)
+    kept = ref.select(method, queries, keys, scale, params, sinks)
+    assert [row.tolist() for row in kept] == expected_kept
+    if expected_scores is not None:
+        got = ref.head_scores(method, queries, keys, scale, params, sinks)
+        np.testing.assert_allclose(got, np.array(expected_scores), rtol=1e-10, atol=1e-14)
+    assert ref.kept_sets_equivalent(method, queries, keys, scale, params, expected_kept, sinks=sinks)
+
+
+def test_sink_takes_its_share_of_the_softmax():
+    keys = np.zeros((2, 1, 2))
+    keys[0, 0] = [1.0, 0.0]
+    keys[1, 0] = [0.0, 1.0]
+    queries = np.array([[[2.0, 0.0], [0.0, 0.0]]])  # query head 1 is flat
+    sinks = np.array([-1.0, 3.0])  # the group's sink logit is the larger one
+    imp = ref.importance(queries, keys, 1.0, 1, sinks=sinks)[0]
+    denominator = math.exp(2.0) + math.exp(0.0) + math.exp(3.0)
+    assert imp == pytest.approx([math.exp(2.0) / denominator, 1.0 / denominator])
+    # no sink: the plain softmax over the candidates
+    assert ref.importance(queries, keys, 1.0, 1)[0] == pytest.approx(
+        [math.exp(2.0) / (math.exp(2.0) + 1.0), 1.0 / (math.exp(2.0) + 1.0)]
+    )
+
+
+def test_sinks_reweight_the_queries_and_change_the_selection():
+    # query 0 is sure of token 0 (logits 8, 0, 0); query 1 leans to token 1 (10, 11, 0). Without a
+    # sink each query hands out a whole unit of attention and token 0 wins; a sink logit of 9
+    # swallows most of query 0's (small) logits but little of query 1's, so token 1 wins
+    keys = np.zeros((4, 1, 2))
+    keys[0, 0] = [1.0, 0.0]
+    keys[1, 0] = [0.0, 1.0]
+    queries = np.zeros((2, 1, 2))
+    queries[0, 0] = [8.0, 0.0]
+    queries[1, 0] = [10.0, 11.0]
+    params = ScoringParams(budget=2, window=1, kernel=1)  # candidates 0..2, one kept; window: token 3
+    assert ref.select("snapkv", queries, keys, 1.0, params)[0].tolist() == [0, 3]
+    sinks = np.array([9.0])
+    assert ref.select("snapkv", queries, keys, 1.0, params, sinks=sinks)[0].tolist() == [1, 3]
+    scores = ref.head_scores("snapkv", queries, keys, 1.0, params, sinks=sinks)[0]
+    q0 = np.exp([8.0, 0.0, 0.0, 9.0])
+    q1 = np.exp([10.0, 11.0, 0.0, 9.0])
+    assert scores == pytest.approx(((q0 / q0.sum())[:3] + (q1 / q1.sum())[:3]) / 2)
+
+
+def test_sinks_must_match_the_query_heads():
+    rng = np.random.default_rng(5)
+    queries, keys, scale = _random_case(rng, 30, 4, 2)
+    with pytest.raises(ValueError, match="sinks must be"):
+        ref.select("rkv", queries, keys, scale, ScoringParams(budget=12), sinks=np.zeros(2))
 
 
 # ---------------------------------------------------------------- bad inputs
