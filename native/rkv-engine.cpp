@@ -21,7 +21,7 @@
 
 static constexpr uint32_t RKV_STATE_MAGIC = 0x32564b52; // "RKV2"
 
-rkv_engine::rkv_engine(llama_kv_cache & kv, const rkv_params & params) : kv(kv), params(params) {
+rkv_engine::rkv_engine(llama_kv_cache & kv, const llama_kv_cache * swa, const rkv_params & params) : kv(kv), swa(swa), params(params) {
     const uint32_t n_rows = kv.n_stream*params.window + 1;
 
     std::map<ggml_backend_buffer_type_t, ggml_context *> ctx_by_buft;
@@ -61,6 +61,22 @@ rkv_engine::rkv_engine(llama_kv_cache & kv, const rkv_params & params) : kv(kv),
         const float f = kv.hparams.f_attention_scale;
         kq_scale.push_back(f != 0.0f ? f : 1.0f/std::sqrt((float) kv.hparams.n_embd_head_k(layer.il)));
     }
+    // the sink logits are weights of the model: read once, reduced over each query group
+    for (const auto & layer : kv.layers) {
+        std::vector<float> group_max;
+        const ggml_tensor * t = kv.model.layers[layer.il].attn_sinks;
+        if (t) {
+            const uint32_t n_head = kv.hparams.n_head(layer.il);
+            const uint32_t group  = n_head/kv.hparams.n_head_kv(layer.il);
+            std::vector<float> all(n_head);
+            ggml_backend_tensor_get(t, all.data(), 0, n_head*sizeof(float));
+            group_max.assign(n_head/group, -INFINITY);
+            for (uint32_t h = 0; h < n_head; ++h) {
+                group_max[h/group] = std::max(group_max[h/group], all[h]);
+            }
+        }
+        sinks.push_back(std::move(group_max));
+    }
     streams.resize(kv.n_stream);
 }
 
@@ -99,8 +115,17 @@ std::string rkv_engine::check(const llama_kv_cache & kv, const llama_context & l
     if (kv.other || kv.v_cells_impl.use_count() > 1) {
         return "caches that share cells with another cache are not supported";
     }
-    if (hp.swa_type != LLAMA_SWA_TYPE_NONE || kv.n_swa > 0) {
-        return "sliding-window attention is not supported";
+    if (kv.swa_type != LLAMA_SWA_TYPE_NONE || kv.n_swa > 0) {
+        return "the cache of sliding-window layers is bounded by llama.cpp already and is not compressed";
+    }
+    if (hp.swa_type != LLAMA_SWA_TYPE_NONE && hp.swa_type != LLAMA_SWA_TYPE_STANDARD) {
+        // a truncation must know which tokens the window layers still need
+        return "chunked or symmetric sliding-window attention (e.g. Llama 4) is not supported; only the standard "
+               "sliding window (gpt-oss, Gemma 3)";
+    }
+    if (hp.attn_soft_cap) {
+        return "attention logit soft-capping (e.g. Gemma 2) is not supported: the importance would not be the "
+               "model's attention";
     }
     if (hp.use_alibi) {
         return "ALiBi positional biases are not supported";
@@ -112,7 +137,9 @@ std::string rkv_engine::check(const llama_kv_cache & kv, const llama_context & l
         return "models whose layers have different head sizes are not supported";
     }
     if (kv.layers.empty()) {
-        return "the cache holds no attention layers";
+        return hp.swa_type != LLAMA_SWA_TYPE_NONE
+            ? "every attention layer of this model uses a sliding window: its cache never grows past the window"
+            : "the cache holds no attention layers";
     }
     if (kv.n_stream == 1 && kv.n_seq_max > 1) {
         return "a unified cache (kv_unified) shared by several sequences is not supported; use one stream per sequence";
@@ -132,6 +159,13 @@ std::string rkv_engine::check(const llama_kv_cache & kv, const llama_context & l
         if (layer.v == nullptr) {
             // MLA (DeepSeek-V2/V3, Kimi): one latent K row per token, V read out of it
             return "caches that keep no V rows (multi-head latent attention, e.g. deepseek2) are not supported";
+        }
+        if (hp.is_swa(layer.il)) {
+            return "the cache holds sliding-window layers";
+        }
+        const ggml_tensor * sinks = kv.model.layers[layer.il].attn_sinks;
+        if (sinks && (sinks->type != GGML_TYPE_F32 || sinks->ne[0] != (int64_t) hp.n_head(layer.il))) {
+            return "attention sinks that are not one F32 logit per query head are not supported";
         }
         if (hp.n_head_kv(layer.il) != hp.n_head_kv(kv.layers[0].il)) {
             return "models whose layers have different numbers of KV heads are not supported";
@@ -156,6 +190,19 @@ std::string rkv_engine::check(const llama_kv_cache & kv, const llama_context & l
 int32_t rkv_engine::kv_layer(int32_t il) const {
     const auto it = kv.map_layer_ids.find(il);
     return it == kv.map_layer_ids.end() ? -1 : it->second;
+}
+
+bool rkv_engine::window_layer(int32_t il) const {
+    return swa && swa->map_layer_ids.count(il) > 0;
+}
+
+std::vector<int32_t> rkv_engine::model_layers() const {
+    std::vector<int32_t> out;
+    for (const auto & layer : kv.layers) {
+        out.push_back((int32_t) layer.il);
+    }
+    std::sort(out.begin(), out.end());
+    return out;
 }
 
 uint32_t rkv_engine::stream_of(llama_seq_id seq_id) const {
@@ -331,6 +378,17 @@ void rkv_engine::fill_stats(llama_seq_id seq_id, rkv_seq_stats & out) const {
     out.pos_compacted    = st.pos_compact;
     out.compress_seconds = st.compress_seconds;
     out.compute_buffer_bytes = (int64_t) compute_buffer_bytes;
+    out.kv_bytes_window      = 0;
+    if (swa) {
+        size_t swa_bytes_per_cell = 0;
+        for (const auto & layer : swa->layers) {
+            swa_bytes_per_cell += ggml_row_size(layer.k->type, kv.hparams.n_embd_k_gqa(layer.il));
+            if (layer.v) {
+                swa_bytes_per_cell += ggml_row_size(layer.v->type, kv.hparams.n_embd_v_gqa(layer.il));
+            }
+        }
+        out.kv_bytes_window = (int64_t) (swa->v_cells[strm].get_used()*swa_bytes_per_cell);
+    }
 }
 
 //
@@ -392,20 +450,39 @@ bool rkv_engine_update(rkv_engine & eng, llama_context * lctx) {
     return any;
 }
 
+bool rkv_engine::window_holds(uint32_t strm, llama_seq_id seq_id, llama_pos pos) const {
+    // the window of a token at `pos` is every older position llama.cpp's mask leaves open to it
+    const llama_pos lo = std::max<llama_pos>(0, pos - (llama_pos) swa->n_swa + 1);
+    const auto & cells = swa->v_cells[strm];
+    std::vector<bool> held(pos - lo, false);
+    for (uint32_t i = 0; i < cells.size(); ++i) {
+        if (!cells.is_empty(i) && cells.seq_has(i, seq_id)) {
+            const llama_pos p = cells.pos_get(i);
+            if (p >= lo && p < pos) {
+                held[p - lo] = true;
+            }
+        }
+    }
+    return std::all_of(held.begin(), held.end(), [](bool h) { return h; });
+}
+
 bool rkv_engine::stream_seq_rm(uint32_t strm, llama_seq_id seq_id, llama_pos p0, llama_pos p1) {
     auto & st = streams[strm];
-    // a truncation above the last compression leaves what a fresh run of the same tokens would hold
-    if (st.pos_compact < 0 || p0 > st.pos_scored) {
-        return true;
-    }
-    const auto & cells = kv.v_cells[strm];
-    const llama_pos pos_max = seq_id >= 0 ? cells.seq_pos_max(seq_id) : std::numeric_limits<llama_pos>::max() - 1;
+    const llama_seq_id seq = seq_id >= 0 ? seq_id : (llama_seq_id) strm; // one sequence per stream (check)
+    const llama_pos pos_max = kv.v_cells[strm].seq_pos_max(seq);
     if (p0 <= 0 && p1 > pos_max) {
         // the whole sequence goes: the stream starts afresh
         st = rkv_stream_state();
         return true;
     }
-    return false;
+    // the window layers have dropped what is older than their window: a truncation whose next token
+    // would attend to dropped tokens there is refused, as one into the compressed part is (a fresh
+    // evaluation of the prompt is what gives the same cache)
+    if (swa && p0 <= pos_max && p1 > pos_max && !window_holds(strm, seq, p0)) {
+        return false;
+    }
+    // a truncation above the last compression leaves what a fresh run of the same tokens would hold
+    return st.pos_compact < 0 || p0 > st.pos_scored;
 }
 
 bool rkv_engine::seq_rm(llama_seq_id seq_id, llama_pos p0, llama_pos p1) {
@@ -413,14 +490,12 @@ bool rkv_engine::seq_rm(llama_seq_id seq_id, llama_pos p0, llama_pos p1) {
         return stream_seq_rm(stream_of(seq_id), seq_id, p0, p1);
     }
     // any sequence: all streams must agree before anything changes
+    std::vector<rkv_stream_state> saved = streams;
     for (uint32_t s = 0; s < streams.size(); ++s) {
-        const auto & st = streams[s];
-        if (st.pos_compact >= 0 && p0 <= st.pos_scored && !(p0 <= 0 && p1 == std::numeric_limits<llama_pos>::max())) {
+        if (!stream_seq_rm(s, -1, p0, p1)) {
+            streams = std::move(saved);
             return false;
         }
-    }
-    for (uint32_t s = 0; s < streams.size(); ++s) {
-        stream_seq_rm(s, -1, p0, p1);
     }
     return true;
 }

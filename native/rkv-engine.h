@@ -30,13 +30,20 @@ struct rkv_stream_state {
 };
 
 struct rkv_engine {
-    rkv_engine(llama_kv_cache & kv, const rkv_params & params);
+    // kv: the cache to compress; swa: with an interleaved sliding-window (iSWA) memory, its window
+    // cache, which llama.cpp bounds itself and the engine only reads (null otherwise)
+    rkv_engine(llama_kv_cache & kv, const llama_kv_cache * swa, const rkv_params & params);
 
     // empty when the cache can be compressed with these parameters, else the reason
     static std::string check(const llama_kv_cache & kv, const llama_context & lctx, const rkv_params & params);
 
     llama_kv_cache & kv;
+    const llama_kv_cache * swa;
     const rkv_params params;
+
+    // attention-sink logits (gpt-oss) per KV-cache layer, reduced to the max over each query group as
+    // the importance reduces the logits: [n_head_kv], empty for a layer without sinks
+    std::vector<std::vector<float>> sinks;
 
     // last `window` queries per stream and layer: F32 [n_embd_q, n_stream*window + 1], the extra row
     // takes the writes of older tokens of a ubatch
@@ -48,6 +55,8 @@ struct rkv_engine {
 
     uint32_t n_layer() const { return (uint32_t) rings.size(); }
     int32_t  kv_layer(int32_t il) const; // model layer -> KV-cache layer, -1 if none
+    bool     window_layer(int32_t il) const; // a layer of the sliding-window cache (not compressed)
+    std::vector<int32_t> model_layers() const; // the model layers of the compressed cache, ascending
     uint32_t stream_of(llama_seq_id seq_id) const;
     uint32_t trash_row() const;
 
@@ -76,6 +85,10 @@ struct rkv_engine {
     // the largest compute buffer the scheduler held after a compression
     size_t compute_buffer_bytes = 0;
     void note_compute_buffer(ggml_backend_sched_t sched);
+
+    // with an iSWA memory: whether the window cache of a stream still holds every token the window
+    // of a token at position `pos` attends to (a truncation to `pos` would otherwise lose them)
+    bool window_holds(uint32_t strm, llama_seq_id seq_id, llama_pos pos) const;
 
     bool batch_fits(const llama_batch_allocr & balloc);
     bool seq_rm(llama_seq_id seq_id, llama_pos p0, llama_pos p1);

@@ -47,9 +47,11 @@ struct rkv_score_outputs {
     ggml_tensor * near       = nullptr; // F32 [n, n_head_kv, 2]: index (-1: none) and similarity
 };
 // Attention the candidates receive: max over each query group of the scaled logits, softmax over
-// the candidates, mean over the queries, max pooling. F32 [n_cand, n_head_kv].
+// the candidates (and the group's attention-sink logit, F32 [n_head_kv], when the model has sinks),
+// mean over the queries, max pooling. F32 [n_cand, n_head_kv].
 static ggml_tensor * rkv_build_importance(ggml_context * ctx, ggml_tensor * keys, ggml_tensor * ring, int64_t n_head,
-                                          float kq_scale, const rkv_score_inputs & in, int32_t kernel) {
+                                          float kq_scale, const rkv_score_inputs & in, int32_t kernel,
+                                          ggml_tensor * sinks) {
     const int64_t d         = keys->ne[0];
     const int64_t n_head_kv = keys->ne[2];
     const int64_t n_cand    = in.cells_cand->ne[0];
@@ -69,6 +71,7 @@ static ggml_tensor * rkv_build_importance(ggml_context * ctx, ggml_tensor * keys
         kq = ggml_pool_2d(ctx, kq, GGML_OP_POOL_MAX, 1, (int) group, 1, (int) group, 0, 0);
     }
     kq = ggml_soft_max(ctx, ggml_reshape_3d(ctx, kq, n_cand, n_q, n_head_kv));
+    ggml_soft_max_add_sinks(kq, sinks); // the sink takes its share of each query's attention, as in the model
     ggml_tensor * imp = ggml_mean(ctx, ggml_cont(ctx, ggml_permute(ctx, kq, 1, 0, 2, 3)));  // [1, n_cand, n_head_kv]
     imp = ggml_reshape_2d(ctx, imp, n_cand, n_head_kv);
     if (kernel > 1) {
@@ -326,13 +329,17 @@ bool rkv_engine::run_compaction_graphs(uint32_t strm, llama_context * lctx, cons
         in.cells_cand = rkv_new_input(ctx, GGML_TYPE_I32, n_cand, n_head_kv);
         in.q_rows     = rkv_new_input(ctx, GGML_TYPE_I32, n_q);
         std::vector<rkv_score_outputs> outs(l1 - l0);
-        std::vector<ggml_tensor *> keys(l1 - l0);
+        std::vector<ggml_tensor *> keys(l1 - l0), sinks_in(l1 - l0, nullptr);
         for (uint32_t l = l0; l < l1; ++l) {
             const auto & layer = kv.layers[l];
             const int64_t d = kv.hparams.n_embd_head_k(layer.il);
             keys[l - l0] = ggml_view_3d(ctx, layer.k, d, kv_size, n_head_kv, layer.k->nb[1],
                                         ggml_row_size(layer.k->type, d), strm*layer.k->nb[2]);
-            outs[l - l0].importance = rkv_build_importance(ctx, keys[l - l0], rings[l], kv.hparams.n_head(layer.il), kq_scale[l], in, kernel);
+            if (!sinks[l].empty()) {
+                sinks_in[l - l0] = rkv_new_input(ctx, GGML_TYPE_F32, n_head_kv);
+            }
+            outs[l - l0].importance = rkv_build_importance(ctx, keys[l - l0], rings[l], kv.hparams.n_head(layer.il), kq_scale[l], in, kernel,
+                                                           sinks_in[l - l0]);
             ggml_set_output(outs[l - l0].importance);
             ggml_build_forward_expand(gf, outs[l - l0].importance);
         }
@@ -342,6 +349,9 @@ bool rkv_engine::run_compaction_graphs(uint32_t strm, llama_context * lctx, cons
         }
         rkv_set_input(in.cells_cand, cells_cand.data());
         rkv_set_input(in.q_rows, q_rows.data());
+        for (uint32_t l = l0; l < l1; ++l) {
+            rkv_set_input(sinks_in[l - l0], sinks[l].data());
+        }
         clock.lap(prof.build_seconds);
         if (lctx->graph_compute(gf, false) != GGML_STATUS_SUCCESS) {
             LLAMA_LOG_ERROR("%s: failed to compute the importance graph\n", __func__);

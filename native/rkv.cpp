@@ -22,11 +22,20 @@ static int32_t rkv_fail(const std::string & msg) {
     return -1;
 }
 
-static llama_kv_cache * rkv_cache_of(const llama_context * ctx) {
+// The cache the engine compresses: a plain KV cache, or the full-attention (base) cache of an
+// interleaved sliding-window memory; null for any other memory.
+static llama_kv_cache * rkv_cache_of(const llama_context * ctx, const llama_kv_cache ** swa = nullptr) {
     if (!ctx) {
         return nullptr;
     }
-    return dynamic_cast<llama_kv_cache *>(llama_get_memory(ctx));
+    llama_memory_t mem = llama_get_memory(ctx);
+    if (auto * iswa = dynamic_cast<llama_kv_cache_iswa *>(mem)) {
+        if (swa) {
+            *swa = iswa->get_swa();
+        }
+        return iswa->get_base();
+    }
+    return dynamic_cast<llama_kv_cache *>(mem);
 }
 
 static rkv_engine * rkv_engine_of_ctx(const llama_context * ctx) {
@@ -54,7 +63,9 @@ static rkv_engine * rkv_checked(const llama_context * ctx, llama_seq_id seq_id, 
     if (il >= 0 || layer) {
         const int32_t l = eng->kv_layer(il);
         if (l < 0) {
-            rkv_fail("layer " + std::to_string(il) + " has no KV cache");
+            rkv_fail("layer " + std::to_string(il) + (eng->window_layer(il)
+                ? " is a sliding-window layer: llama.cpp keeps its last n_swa tokens, it is not compressed"
+                : " has no KV cache"));
             return nullptr;
         }
         *layer = l;
@@ -67,14 +78,13 @@ static std::string rkv_unsupported_memory(const llama_memory_i * mem) {
     const char * kind = "this kind of model memory";
     if (!mem) {
         kind = "a context without memory (e.g. embeddings only)";
-    } else if (dynamic_cast<const llama_kv_cache_iswa *>(mem)) {
-        kind = "sliding-window attention (iSWA cache)";
     } else if (dynamic_cast<const llama_memory_recurrent *>(mem)) {
         kind = "recurrent models (Mamba, RWKV, ...)";
     } else if (dynamic_cast<const llama_memory_hybrid *>(mem) || dynamic_cast<const llama_memory_hybrid_iswa *>(mem)) {
         kind = "hybrid attention + recurrent models";
     }
-    return std::string("KV compression does not support ") + kind + ": it needs a plain attention KV cache";
+    return std::string("KV compression does not support ") + kind +
+           ": it needs an attention KV cache (plain, or interleaved sliding-window)";
 }
 
 rkv_params rkv_params_default(void) {
@@ -100,7 +110,8 @@ int32_t rkv_enable(llama_context * ctx, const rkv_params * params) {
     if (!ctx || !params) {
         return rkv_fail("null context or parameters");
     }
-    llama_kv_cache * kv = rkv_cache_of(ctx);
+    const llama_kv_cache * swa = nullptr;
+    llama_kv_cache * kv = rkv_cache_of(ctx, &swa);
     if (!kv) {
         return rkv_fail(rkv_unsupported_memory(llama_get_memory(ctx)));
     }
@@ -114,7 +125,7 @@ int32_t rkv_enable(llama_context * ctx, const rkv_params * params) {
         }
     }
     try {
-        kv->rkv = std::make_shared<rkv_engine>(*kv, *params);
+        kv->rkv = std::make_shared<rkv_engine>(*kv, swa, *params);
     } catch (const std::exception & e) {
         return rkv_fail(e.what());
     }
@@ -153,6 +164,18 @@ int64_t rkv_kv_bytes_per_cell(const llama_context * ctx) {
         total += size;
     }
     return (int64_t) (total/((size_t) kv->get_size()*kv->get_n_stream()));
+}
+
+int32_t rkv_get_layers(const llama_context * ctx, int32_t * out, int32_t n_max) {
+    const rkv_engine * eng = rkv_checked(ctx, 0);
+    if (!eng) {
+        return -1;
+    }
+    const std::vector<int32_t> layers = eng->model_layers();
+    for (size_t i = 0; i < layers.size() && (int32_t) i < n_max; ++i) {
+        out[i] = layers[i];
+    }
+    return (int32_t) layers.size();
 }
 
 int32_t rkv_get_stats(const llama_context * ctx, llama_seq_id seq_id, rkv_seq_stats * out) {

@@ -49,6 +49,8 @@ struct rkv_seq_stats {
     int64_t pos_compacted;    // position given to compacted cells (-1: never compressed)
     double  compress_seconds; // wall time spent compressing
     int64_t compute_buffer_bytes; // largest scheduler compute buffer seen after a compression (all backends)
+    int64_t kv_bytes_window;  // sliding-window models: K+V bytes of the window cache's cells in use (llama.cpp
+                              // bounds it; not compressed, not counted in kv_bytes_used/full); 0 otherwise
 };
 
 // Where the time of a sequence's compressions went, summed over them (seconds).
@@ -74,7 +76,9 @@ enum rkv_redundancy_path {
 
 LLAMA_API struct rkv_params rkv_params_default(void);
 
-// Validates the parameters against the context and enables compression on its KV cache.
+// Validates the parameters against the context and enables compression on its KV cache. With an
+// interleaved sliding-window memory (gpt-oss, Gemma 3) the full-attention layers are compressed and
+// the window layers keep llama.cpp's own window.
 // Returns 0 on success; otherwise -1 and rkv_last_error() says why. Enable before decoding.
 LLAMA_API int32_t rkv_enable(struct llama_context * ctx, const struct rkv_params * params);
 LLAMA_API void    rkv_disable(struct llama_context * ctx);
@@ -88,7 +92,12 @@ LLAMA_API const char * rkv_last_error(void);
 LLAMA_API int32_t rkv_compress(struct llama_context * ctx, llama_seq_id seq_id);
 
 // K+V bytes one cell takes over all layers, for any plain KV cache (compressed or not); -1 if none.
+// For an interleaved sliding-window model: over its full-attention layers (the cache that grows).
 LLAMA_API int64_t rkv_kv_bytes_per_cell(const struct llama_context * ctx);
+
+// The model layers whose cache is compressed (every attention layer, or the full-attention ones of
+// a sliding-window model), ascending. Returns their count (at most n_max are written) or -1.
+LLAMA_API int32_t rkv_get_layers(const struct llama_context * ctx, int32_t * out, int32_t n_max);
 
 LLAMA_API int32_t rkv_get_stats(const struct llama_context * ctx, llama_seq_id seq_id, struct rkv_seq_stats * out);
 

@@ -45,6 +45,7 @@ class RkvSeqStats(ctypes.Structure):
         ("pos_compacted", ctypes.c_int64),
         ("compress_seconds", ctypes.c_double),
         ("compute_buffer_bytes", ctypes.c_int64),
+        ("kv_bytes_window", ctypes.c_int64),
     ]
 
 
@@ -110,6 +111,7 @@ def _bind():
         "rkv_last_error": ([], ctypes.c_char_p),
         "rkv_compress": ([ctx_p, ctypes.c_int32], ctypes.c_int32),
         "rkv_kv_bytes_per_cell": ([ctx_p], ctypes.c_int64),
+        "rkv_get_layers": ([ctx_p, ctypes.POINTER(ctypes.c_int32), ctypes.c_int32], ctypes.c_int32),
         "rkv_get_stats": ([ctx_p, ctypes.c_int32, ctypes.POINTER(RkvSeqStats)], ctypes.c_int32),
         "rkv_get_profile": ([ctx_p, ctypes.c_int32, ctypes.POINTER(RkvProfile)], ctypes.c_int32),
         "rkv_get_kept_positions": (
@@ -171,6 +173,15 @@ def compress(ctx: int, seq_id: int = 0) -> bool:
 def bytes_per_cell(ctx: int) -> int:
     """K+V bytes of one cache cell over all layers."""
     return _check(lib().rkv_kv_bytes_per_cell(ctx))
+
+
+def compressed_layers(ctx: int) -> list[int]:
+    """The model layers whose cache is compressed: every attention layer, or the full-attention
+    ones of an interleaved sliding-window model (gpt-oss, Gemma 3)."""
+    n = _check(lib().rkv_get_layers(ctx, None, 0))
+    out = (ctypes.c_int32 * n)()
+    _check(lib().rkv_get_layers(ctx, out, n))
+    return list(out)
 
 
 def seq_stats(ctx: int, seq_id: int = 0) -> RkvSeqStats:

@@ -47,6 +47,10 @@ class KVStats:
     prompt_tokens_evaluated: int = 0  # how many of them were decoded: the others were reused from the cache
     n_ctx: int = 0                    # the logical context (positions, max_tokens)
     cells_max: int = 0                # most cells the sequence may hold: budget + buffer (n_ctx without a budget)
+    # sliding-window models (gpt-oss, Gemma 3): the figures above are the full-attention layers' (the cache
+    # that grows and is compressed); this is what their window layers hold now, bounded by llama.cpp
+    # with or without a budget (0 for other models, and without a budget)
+    kv_bytes_window: int = 0
 
 
 def n_ctx_train(model_path: str | os.PathLike[str], verbose: bool = True) -> int:
@@ -335,7 +339,7 @@ class Llama(llama_cpp.Llama):
             n = self.n_tokens
             try:
                 per_cell = _native.bytes_per_cell(self._ctx.ctx)
-            except _native.RkvError:  # no plain KV cache (recurrent, hybrid, sliding-window models)
+            except _native.RkvError:  # no attention KV cache (recurrent, hybrid models)
                 per_cell = 0
             return KVStats("full", None, None, 0, 0, n, n, n * per_cell, n * per_cell, n, 0.0,
                            cells_max=self.n_ctx(), **counters)
@@ -343,11 +347,21 @@ class Llama(llama_cpp.Llama):
         return KVStats(
             cfg.method, cfg.budget, cfg.buffer, s.n_compressions, s.n_evicted, s.cells_used, s.cells_peak,
             s.kv_bytes_used, s.kv_bytes_full, s.n_tokens, s.compress_seconds,
-            pos_compacted=s.pos_compacted, cells_max=cfg.budget + cfg.buffer, **counters,
+            pos_compacted=s.pos_compacted, cells_max=cfg.budget + cfg.buffer, kv_bytes_window=s.kv_bytes_window,
+            **counters,
         )
 
+    def compressed_layers(self) -> list[int]:
+        """The layers whose cache the budget bounds: every attention layer, or only the full-attention
+        ones of a sliding-window model (gpt-oss, Gemma 3), whose window layers keep llama.cpp's window.
+        Empty without a budget."""
+        if self._kv_config is None:
+            return []
+        return _native.compressed_layers(self._ctx.ctx)
+
     def kept_positions(self, layer: int, head: int) -> np.ndarray:
-        """Positions of the tokens that ``layer``'s KV ``head`` holds, oldest first."""
+        """Positions of the tokens that ``layer``'s KV ``head`` holds, oldest first (a compressed layer:
+        see ``compressed_layers``)."""
         if self._kv_config is None:
             return np.arange(self.n_tokens, dtype=np.int32)
         return _native.kept_positions(self._ctx.ctx, layer, head)

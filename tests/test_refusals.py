@@ -26,7 +26,7 @@ BUDGET, BUFFER = 64, 64
 # ---------------------------------------------------------------------------
 
 REFUSED = [
-    ("gemma2", "sliding-window"),  # interleaved SWA: an iSWA memory, not a plain KV cache
+    ("gemma2", "soft-capping"),    # tanh-capped attention logits: the importance would not be the model's attention
     ("mamba", "recurrent"),        # recurrent state only
     ("jamba", "hybrid"),           # Mamba blocks alternating with attention blocks
     ("bloom", "ALiBi"),            # plain KV cache, but biases instead of positions in K
@@ -55,7 +55,7 @@ def test_unsupported_architecture_is_refused(tiny_model, arch: str, what: str) -
             _native.compress(ctx, 0)
         with pytest.raises(RkvError, match="not enabled"):
             _native.kept_positions(ctx, 0, 0)
-        if arch in ("gemma2", "mamba", "jamba"):
+        if arch in ("mamba", "jamba"):
             with pytest.raises(RkvError, match="not a plain attention KV cache"):
                 _native.bytes_per_cell(ctx)
         else:
