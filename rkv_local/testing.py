@@ -1,6 +1,7 @@
 """Tiny random-weight GGUF models for tests: ``make_tiny_model`` writes a file llama.cpp loads in
-milliseconds, in the llama, qwen2 or qwen3 layout (the architectures rkv-local compresses) or in a
-few layouts it refuses (``REFUSED_TINY_ARCHS``), for deterministic engine and refusal tests.
+milliseconds, in the llama, qwen2, qwen3, gpt-oss or gemma3 layout (the architectures rkv-local
+compresses; the last two with interleaved sliding-window attention) or in a few layouts it refuses
+(``REFUSED_TINY_ARCHS``), for deterministic engine and refusal tests.
 """
 
 from __future__ import annotations
@@ -16,20 +17,28 @@ import numpy as np
 
 from .models import resolve_model
 
-__all__ = ["REFUSED_TINY_ARCHS", "SUPPORTED_TINY_ARCHS", "TinyModelShape", "make_tiny_model"]
+__all__ = ["REFUSED_TINY_ARCHS", "SUPPORTED_TINY_ARCHS", "TinyModelShape", "make_tiny_model",
+           "sliding_window_layers"]
 
 
-SUPPORTED_TINY_ARCHS = ("llama", "qwen2", "qwen3")
+SUPPORTED_TINY_ARCHS = ("llama", "qwen2", "qwen3", "gpt-oss", "gemma3")
 # Loadable by llama.cpp but not compressible by rkv-local; for refusal tests only.
 REFUSED_TINY_ARCHS = ("gemma2", "mamba", "jamba", "bloom", "qwen2vl")
 
 _DEFAULT_VOCAB_MODEL = "smollm2-135m"
 _RMS_NORM_EPS = 1e-6
 _ROPE_FREQ_BASE = 10000.0
-_EMBEDDING_STD = 0.1  # logits = h . embedding (tied), so this sets how peaked sampling is
+_EMBEDDING_STD = 0.1  # logits = h . embedding (tied, or output.weight drawn alike): how peaked sampling is
 _BIAS_STD = 0.02
 _LAYER_NORM_EPS = 1e-5
-_SLIDING_WINDOW = 64
+_N_EXPERT = 4  # gpt-oss: experts per MoE layer
+_N_EXPERT_USED = 2
+# gpt-oss attention sinks: one logit per head that joins the softmax with no value.
+# A query over N keys with unit-scale scores has a softmax denominator of about
+# N * e^0.5 (about 50 for a 32-token window, 500 for 300 tokens), so sinks drawn
+# around 3 with spread 2 range from negligible to dominant across heads.
+_SINK_MEAN = 3.0
+_SINK_STD = 2.0
 _SSM_CONV_KERNEL = 4
 _SSM_STATE_SIZE = 16
 # Matrices with at least this many elements are stored as f16 to keep files
@@ -53,7 +62,11 @@ class TinyModelShape:
     n_head: int
     n_head_kv: int
     head_dim: int
-    n_ff: int
+    n_ff: int  # gpt-oss: the width of each expert
+    sliding_window: int | None = None  # iSWA archs only: the window of the sliding-window layers
+    # iSWA archs only: None for the arch's default layout, else the
+    # ``attention.sliding_window_pattern`` key (an int period or one bool per layer).
+    swa_pattern: int | tuple[bool, ...] | None = None
 
     @property
     def n_embd(self) -> int:
@@ -122,6 +135,21 @@ def _check_tiny_shape(shape: TinyModelShape) -> None:
         raise ValueError(
             f"arch must be one of {SUPPORTED_TINY_ARCHS + REFUSED_TINY_ARCHS}, got {shape.arch!r}"
         )
+    if _TINY_ARCHS[shape.arch].sliding_window is None:
+        if shape.sliding_window is not None or shape.swa_pattern is not None:
+            raise ValueError(f"{shape.arch} has no sliding-window layers; sliding_window and swa_pattern must be None")
+    else:
+        if shape.sliding_window is None or shape.sliding_window < 1:
+            raise ValueError(f"sliding_window must be positive, got {shape.sliding_window}")
+        pattern = shape.swa_pattern
+        if isinstance(pattern, tuple):
+            if len(pattern) != shape.n_layer or not all(isinstance(x, bool) for x in pattern):
+                raise ValueError(f"swa_pattern as a sequence needs one bool per layer ({shape.n_layer}), got {pattern}")
+        elif pattern is not None and (isinstance(pattern, bool) or pattern < 0):
+            raise ValueError(f"swa_pattern must be a non-negative int or one bool per layer, got {pattern!r}")
+        if not any(sliding_window_layers(shape.arch, shape.n_layer, pattern)):
+            # llama.cpp would abort (GGML_ASSERT(is_swa_any)) creating the context.
+            raise ValueError(f"swa_pattern {pattern!r} leaves no sliding-window layer in {shape.n_layer}")
     for field_name in ("n_layer", "n_head", "n_head_kv", "head_dim", "n_ff"):
         if getattr(shape, field_name) < 1:
             raise ValueError(f"{field_name} must be positive, got {getattr(shape, field_name)}")
@@ -140,6 +168,38 @@ def _linear(rng: np.random.Generator, n_out: int, n_in: int) -> np.ndarray:
 
 def _normal(rng: np.random.Generator, shape: tuple[int, ...], std: float) -> np.ndarray:
     return rng.standard_normal(shape, dtype=np.float32) * np.float32(std)
+
+
+def _swa_pattern_argument(swa_pattern: int | Sequence[bool] | None) -> int | tuple[bool, ...] | None:
+    if isinstance(swa_pattern, np.integer):
+        return int(swa_pattern)
+    if swa_pattern is None or isinstance(swa_pattern, int):
+        return swa_pattern
+    return tuple(bool(x) if isinstance(x, np.bool_) else x for x in swa_pattern)
+
+
+def sliding_window_layers(
+    arch: str, n_layer: int, swa_pattern: int | Sequence[bool] | None = None
+) -> tuple[bool, ...]:
+    """Which layers of a ``make_tiny_model`` file llama.cpp makes sliding-window.
+
+    Mirrors llama.cpp's ``load_swa_pattern``: an int period ``p`` (``None``:
+    the arch's own, 2 for gpt-oss and gemma2, 6 for gemma3) makes layer ``il``
+    sliding-window when ``p == 0 or il % p < p - 1``, so the last layer of each
+    period has full attention; a sequence gives one bool per layer.  All False
+    for archs without sliding-window layers.
+    """
+    if arch not in _TINY_ARCHS:
+        raise ValueError(f"arch must be one of {SUPPORTED_TINY_ARCHS + REFUSED_TINY_ARCHS}, got {arch!r}")
+    spec = _TINY_ARCHS[arch]
+    pattern = _swa_pattern_argument(swa_pattern)
+    if spec.sliding_window is None:
+        return (False,) * n_layer
+    if pattern is None:
+        pattern = spec.swa_pattern
+    if isinstance(pattern, tuple):
+        return pattern
+    return tuple(pattern == 0 or il % pattern < pattern - 1 for il in range(n_layer))
 
 
 def _storage(tensor: np.ndarray) -> np.ndarray:
@@ -169,6 +229,8 @@ _QKV_BIAS: _Recipe = (
 )
 _QK_NORM: _Recipe = (("attn_q_norm.weight", "ones", ("head",)), ("attn_k_norm.weight", "ones", ("head",)))
 _ATTN_OUT: _Recipe = (("attn_output.weight", "linear", ("embd", "embd")),)
+_POST_ATTN_NORM: _Recipe = (("post_attention_norm.weight", "ones", ("embd",)),)
+_POST_FFW_NORM: _Recipe = (("post_ffw_norm.weight", "ones", ("embd",)),)
 _SWIGLU: _Recipe = (
     ("ffn_norm.weight", "ones", ("embd",)),
     ("ffn_gate.weight", "linear", ("ff", "embd")),
@@ -185,6 +247,25 @@ _MAMBA: _Recipe = (
     ("ssm_a", "ssm_a", ("inner", "state")),
     ("ssm_d", "ones", ("inner",)),
     ("ssm_out.weight", "linear", ("embd", "inner")),
+)
+# gpt-oss: attention with biases and per-head sinks, then a routed mixture of
+# experts (numpy (n_expert, n_out, n_in) is ggml {n_in, n_out, n_expert}).
+_GPT_OSS_BLOCK: _Recipe = (
+    *_ATTN_NORM,
+    *_QKV,
+    *_QKV_BIAS,
+    *_ATTN_OUT,
+    ("attn_output.bias", "bias", ("embd",)),
+    ("attn_sinks.weight", "sink", ("n_head",)),
+    *_POST_ATTN_NORM,
+    ("ffn_gate_inp.weight", "linear", ("expert", "embd")),
+    ("ffn_gate_inp.bias", "bias", ("expert",)),
+    ("ffn_gate_exps.weight", "experts", ("expert", "ff", "embd")),
+    ("ffn_gate_exps.bias", "bias", ("expert", "ff")),
+    ("ffn_up_exps.weight", "experts", ("expert", "ff", "embd")),
+    ("ffn_up_exps.bias", "bias", ("expert", "ff")),
+    ("ffn_down_exps.weight", "experts", ("expert", "embd", "ff")),
+    ("ffn_down_exps.bias", "bias", ("expert", "embd")),
 )
 _JAMBA_SSM_NORMS: _Recipe = (
     ("ssm_dt_norm.weight", "ones", ("dt_rank",)),
@@ -206,6 +287,12 @@ _BLOOM_BLOCK: _Recipe = (
 )
 
 
+def _moe_keys(writer: Any, shape: TinyModelShape) -> None:
+    writer.add_expert_count(_N_EXPERT)
+    writer.add_expert_used_count(_N_EXPERT_USED)
+    writer.add_expert_feed_forward_length(shape.n_ff)
+
+
 def _ssm_keys(writer: Any, shape: TinyModelShape) -> None:
     writer.add_ssm_conv_kernel(_SSM_CONV_KERNEL)
     writer.add_ssm_inner_size(shape.ssm_d_inner)
@@ -223,22 +310,43 @@ def _mrope_sections(shape: TinyModelShape) -> list[int]:
 class _TinyArch:
     """How to write one architecture: tensors, and metadata beyond the common keys."""
 
-    top: _Recipe  # global tensors; none is output.weight, so the embedding is tied
+    top: _Recipe  # global tensors; without output.weight the embedding is tied
     blocks: tuple[_Recipe, ...]  # block i follows blocks[i % len(blocks)]
     attention: tuple[bool, ...] = (True,)  # per entry of blocks: attention (else a Mamba mixer)
     keys: Any = None  # callable(writer, shape) adding arch-specific metadata
+    # Interleaved sliding-window (iSWA) archs: the default window, and llama.cpp's
+    # default swa pattern for the arch (what it assumes without the key).
+    sliding_window: int | None = None
+    swa_pattern: int = 0
 
 
 _TINY_ARCHS: dict[str, _TinyArch] = {
     "llama": _TinyArch(_EMBED + _RMS_OUT, (_ATTN_NORM + _QKV + _ATTN_OUT + _SWIGLU,)),
     "qwen2": _TinyArch(_EMBED + _RMS_OUT, (_ATTN_NORM + _QKV + _QKV_BIAS + _ATTN_OUT + _SWIGLU,)),
     "qwen3": _TinyArch(_EMBED + _RMS_OUT, (_ATTN_NORM + _QKV + _QK_NORM + _ATTN_OUT + _SWIGLU,)),
+    # iSWA archs: the engine compresses their full-attention layers. Both have an
+    # untied output matrix: llama.cpp requires one for gpt-oss; gemma3 may tie,
+    # but its sqrt(n_embd) input scaling then makes a random model's greedy
+    # answer repeat one token.
+    "gpt-oss": _TinyArch(
+        _EMBED + _RMS_OUT + (("output.weight", "embed", ("vocab", "embd")),),
+        (_GPT_OSS_BLOCK,),
+        keys=_moe_keys,
+        sliding_window=32,
+        swa_pattern=2,
+    ),
+    "gemma3": _TinyArch(
+        _EMBED + _RMS_OUT + (("output.weight", "embed", ("vocab", "embd")),),
+        (_ATTN_NORM + _QKV + _QK_NORM + _ATTN_OUT + _POST_ATTN_NORM + _SWIGLU + _POST_FFW_NORM,),
+        sliding_window=32,
+        swa_pattern=6,
+    ),
     # Refused by the engine. gemma2: interleaved sliding-window attention (iSWA cache).
     "gemma2": _TinyArch(
         _EMBED + _RMS_OUT,
-        (_ATTN_NORM + _QKV + _ATTN_OUT + (("post_attention_norm.weight", "ones", ("embd",)),)
-         + _SWIGLU + (("post_ffw_norm.weight", "ones", ("embd",)),),),
-        keys=lambda writer, shape: writer.add_sliding_window(_SLIDING_WINDOW),
+        (_ATTN_NORM + _QKV + _ATTN_OUT + _POST_ATTN_NORM + _SWIGLU + _POST_FFW_NORM,),
+        sliding_window=64,
+        swa_pattern=2,
     ),
     # mamba: recurrent state, no KV cache at all.
     "mamba": _TinyArch(_EMBED + _RMS_OUT, (_ATTN_NORM + _MAMBA,), attention=(False,), keys=_ssm_keys),
@@ -270,7 +378,7 @@ def _tiny_sizes(shape: TinyModelShape, n_vocab: int) -> dict[str, int]:
         "vocab": n_vocab, "embd": shape.n_embd, "embd_kv": shape.n_embd_kv, "head": shape.head_dim,
         "ff": shape.n_ff, "qkv": shape.n_embd + 2 * shape.n_embd_kv, "inner": inner, "2*inner": 2 * inner,
         "conv": _SSM_CONV_KERNEL, "state": _SSM_STATE_SIZE, "dt_rank": dt_rank,
-        "x_db": dt_rank + 2 * _SSM_STATE_SIZE,
+        "x_db": dt_rank + 2 * _SSM_STATE_SIZE, "n_head": shape.n_head, "expert": _N_EXPERT,
     }
 
 
@@ -279,6 +387,10 @@ def _init(kind: str, rng: np.random.Generator, dims: tuple[int, ...]) -> np.ndar
         return _normal(rng, dims, _EMBEDDING_STD)
     if kind == "linear":
         return _linear(rng, *dims)
+    if kind == "experts":  # a stack of independent linear maps, one per expert
+        return rng.standard_normal(dims, dtype=np.float32) / np.float32(np.sqrt(dims[-1]))
+    if kind == "sink":
+        return _normal(rng, dims, _SINK_STD) + np.float32(_SINK_MEAN)
     if kind == "bias":
         return _normal(rng, dims, _BIAS_STD)
     if kind == "ones":  # norms start as identity
@@ -325,6 +437,11 @@ def _add_hparams(writer: Any, shape: TinyModelShape, n_vocab: int, n_ctx_train: 
         writer.add_head_count_kv(0)
     writer.add_layer_norm_rms_eps(_RMS_NORM_EPS)
     writer.add_vocab_size(n_vocab)
+    if spec.sliding_window is not None:
+        writer.add_sliding_window(shape.sliding_window)
+        if shape.swa_pattern is not None:
+            pattern = shape.swa_pattern
+            writer.add_sliding_window_pattern(list(pattern) if isinstance(pattern, tuple) else pattern)
     if spec.keys is not None:
         spec.keys(writer, shape)
 
@@ -340,6 +457,8 @@ def make_tiny_model(
     n_ctx_train: int = 4096,
     seed: int = 0,
     vocab_from: str | os.PathLike[str] | None = None,
+    sliding_window: int | None = None,
+    swa_pattern: int | Sequence[bool] | None = None,
 ) -> Path:
     """Write a random-weight GGUF that llama.cpp can load; return its path.
 
@@ -353,9 +472,32 @@ def make_tiny_model(
     (hybrid: Mamba blocks alternate with attention), bloom (ALiBi), qwen2vl
     (M-RoPE).  Mamba blocks ignore the attention sizes and use
     ``d_inner = 2 * n_embd``.
+
+    gpt-oss, gemma3 and gemma2 interleave sliding-window layers with
+    full-attention ones (llama.cpp gives them an iSWA cache).
+    ``sliding_window`` is their window (default: 32 for gpt-oss and gemma3,
+    64 for gemma2).  ``swa_pattern`` writes
+    ``{arch}.attention.sliding_window_pattern``: an int period ``p`` makes
+    layer ``il`` sliding-window when ``p == 0 or il % p < p - 1``, a sequence
+    gives one bool per layer (True: sliding-window); at least one layer must
+    slide (llama.cpp aborts on a model with none).  Without it llama.cpp
+    uses the arch's period: 2 for gpt-oss and gemma2 (even layers slide, odd
+    ones have full attention), 6 for gemma3 (only layers 5, 11, ... have full
+    attention, so a gemma3 with fewer than 6 layers has none unless
+    ``swa_pattern`` says otherwise).  ``sliding_window_layers`` tells which
+    layers slide.  Other archs take neither argument.  gemma3 has an untied
+    output matrix.
+
+    gpt-oss has attention biases, one attention-sink logit per head (drawn
+    from a normal with mean 3 and standard deviation 2, so that some heads'
+    sinks take much of the attention and others almost none), an untied
+    output matrix, and a mixture of 4 experts (2 used per token) in place of
+    the FFN; ``n_ff`` is then the width of each expert.
     """
     from gguf import GGUFWriter
 
+    if sliding_window is None and arch in _TINY_ARCHS:
+        sliding_window = _TINY_ARCHS[arch].sliding_window
     shape = TinyModelShape(
         arch=arch,
         n_layer=n_layer,
@@ -363,6 +505,8 @@ def make_tiny_model(
         n_head_kv=n_head_kv,
         head_dim=head_dim,
         n_ff=n_ff if n_ff is not None else 4 * n_head * head_dim,
+        sliding_window=sliding_window,
+        swa_pattern=_swa_pattern_argument(swa_pattern),
     )
     _check_tiny_shape(shape)
     vocab_source = resolve_model(vocab_from if vocab_from is not None else _DEFAULT_VOCAB_MODEL)
