@@ -468,7 +468,7 @@ class BatchedLlama:
             return KVStats(first.method, first.budget, first.buffer, total("compressions"), total("evicted_tokens"),
                            total("cells_used"), total("cells_peak"), total("kv_bytes_used"), total("kv_bytes_full"),
                            total("n_tokens"), total("compress_seconds"), n_ctx=self.n_ctx_seq,
-                           cells_max=self.cells_per_seq * self.n_seq_max)
+                           cells_max=self.cells_per_seq * self.n_seq_max, kv_bytes_window=total("kv_bytes_window"))
         cfg = self.kv_config
         with self._ctx_lock:
             if cfg is not None:
@@ -476,7 +476,7 @@ class BatchedLlama:
                 return KVStats(cfg.method, cfg.budget, cfg.buffer, s.n_compressions, s.n_evicted, s.cells_used,
                                s.cells_peak, s.kv_bytes_used, s.kv_bytes_full, s.n_tokens, s.compress_seconds,
                                pos_compacted=s.pos_compacted, n_ctx=self.n_ctx_seq,
-                               cells_max=cfg.budget + cfg.buffer)
+                               cells_max=cfg.budget + cfg.buffer, kv_bytes_window=s.kv_bytes_window)
             memory = llama_cpp.llama_get_memory(self._ctx.ctx)
             n = int(llama_cpp.llama_memory_seq_pos_max(memory, seq_id)) + 1 if n_tokens is None else n_tokens
             per_cell = _native.bytes_per_cell(self._ctx.ctx)

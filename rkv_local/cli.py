@@ -172,7 +172,9 @@ def build_parser() -> argparse.ArgumentParser:
     _add_sampling_args(p, max_tokens=64)
     _add_prompt_format_args(p)
     _add_ignore_eos(p)
-    p.add_argument("--layer", type=int, default=0, help="layer shown in the terminal (default 0)")
+    p.add_argument("--layer", type=int, default=None,
+                   help="layer shown in the terminal (default: the first the budget compresses, 0 but for "
+                        "sliding-window models)")
     p.add_argument("--head", type=int, action="append", default=None, metavar="H",
                    help="KV head shown in the terminal; repeat for several (default: all)")
     p.add_argument("--html", default="rkv-inspect.html", metavar="FILE",
@@ -544,8 +546,14 @@ def cmd_inspect(args: argparse.Namespace) -> int:
             sampling["logit_bias"] = _eog_bias(llm)
         n_layer = int(llama_cpp.llama_model_n_layer(llm.model))
         n_head_kv = int(llama_cpp.llama_model_n_head_kv(llm.model))
+        layers = llm.compressed_layers() or list(range(n_layer))
+        if args.layer is None:
+            args.layer = layers[0]
         if not 0 <= args.layer < n_layer:
             raise CliError(f"--layer {args.layer} is out of range: the model has layers 0..{n_layer - 1}")
+        if args.layer not in layers:
+            raise CliError(f"--layer {args.layer} is a sliding-window layer, which keeps llama.cpp's window: "
+                           f"the budget compresses layers {', '.join(map(str, layers))}")
         for h in args.head or []:
             if not 0 <= h < n_head_kv:
                 raise CliError(f"--head {h} is out of range: the model has KV heads 0..{n_head_kv - 1}")
@@ -567,7 +575,7 @@ def cmd_inspect(args: argparse.Namespace) -> int:
         sys.stdout.write(render_terminal(data, layer=args.layer, heads=args.head, color=color))
         if args.html:
             Path(args.html).write_text(render_html(data), encoding="utf-8")
-            print(f"{PROG}: wrote {args.html} ({n_layer} layers x {n_head_kv} KV heads)", file=sys.stderr)
+            print(f"{PROG}: wrote {args.html} ({len(layers)} layers x {n_head_kv} KV heads)", file=sys.stderr)
         return 0
 
 

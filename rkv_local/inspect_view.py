@@ -30,7 +30,7 @@ class InspectData:
     settings: str                       # one line: method, budget, buffer, ...
     texts: List[str]                    # text of the token at each position
     n_prompt: int                       # positions [0, n_prompt) are the prompt
-    n_layer: int
+    layers: List[int]                   # the layers shown: those the budget compresses (all without one)
     n_head_kv: int
     kept: Dict[Tuple[int, int], np.ndarray]  # (layer, head) -> sorted kept positions
     stats_line: str = ""
@@ -54,14 +54,15 @@ def collect(llm, model: str, settings: str, n_prompt: int, stats_line: str = "")
 
     tokens = [int(t) for t in llm._input_ids]  # the evaluated tokens: exactly what the KV cache saw
     texts = [llm.detokenize([t], special=True).decode("utf-8", errors="replace") for t in tokens]
-    n_layer = int(llama_cpp.llama_model_n_layer(llm.model))
+    # a sliding-window model's window layers keep llama.cpp's window, not a budget: not shown
+    layers = llm.compressed_layers() or list(range(int(llama_cpp.llama_model_n_layer(llm.model))))
     n_head_kv = int(llama_cpp.llama_model_n_head_kv(llm.model))
     kept = {
         (layer, head): np.sort(np.asarray(llm.kept_positions(layer, head), dtype=np.int64))
-        for layer in range(n_layer)
+        for layer in layers
         for head in range(n_head_kv)
     }
-    return InspectData(model, settings, texts, min(n_prompt, len(tokens)), n_layer, n_head_kv, kept, stats_line)
+    return InspectData(model, settings, texts, min(n_prompt, len(tokens)), layers, n_head_kv, kept, stats_line)
 
 
 def _visible(text: str) -> str:
@@ -172,7 +173,7 @@ def render_html(data: InspectData) -> str:
         + "".join(f"<th>head {h} kept</th>" for h in range(data.n_head_kv))
         + "<th>kept by every head</th></tr>",
     ]
-    for layer in range(data.n_layer):
+    for layer in data.layers:
         masks = [data.kept_mask(layer, h) for h in range(data.n_head_kv)]
         every = int(np.logical_and.reduce(masks).sum()) if masks else 0
         out.append(
@@ -181,7 +182,7 @@ def render_html(data: InspectData) -> str:
             + f"<td>{every}</td></tr>"
         )
     out.append("</table>")
-    for layer in range(data.n_layer):
+    for layer in data.layers:
         out.append(f'<section class="layer" id="layer-{layer}" data-layer="{layer}">')
         out.append(f"<h2>Layer {layer}</h2>")
         for head in range(data.n_head_kv):

@@ -153,6 +153,10 @@ class Llama(llama_cpp.Llama):
                     f"kv_budget + kv_buffer ({config.budget} + {config.buffer}) exceeds the model's training "
                     f"context ({n_train} tokens): the cache would never be compressed; use a smaller budget, or "
                     f"no kv_budget for a full cache")
+        # llama.cpp's default sizes a sliding-window model's window cache like the full one; with a budget
+        # the window cache keeps only what the window needs (n_swa + n_ubatch cells, padded), as
+        # llama.cpp's own server does. A truncation past what it holds re-evaluates the prompt.
+        kwargs.setdefault("swa_full", False)
         n_batch = kwargs.pop("n_batch", None) or config.buffer
         n_ubatch = kwargs.pop("n_ubatch", None) or n_batch
         physical = -(-(config.budget + config.buffer) // CACHE_PAD) * CACHE_PAD
