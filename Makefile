@@ -15,7 +15,7 @@ NATIVE_SRC := $(wildcard native/*) $(wildcard patches/*.patch) CMakeLists.txt
 ASAN_BUILD := build-asan
 ASAN_LIB   := $(ASAN_BUILD)/install/rkv_local/lib/libllama.so
 ASAN_TESTS ?= tests/test_engine.py tests/test_fused.py tests/test_refusals.py tests/test_llama_api.py \
-              tests/test_bad_input.py tests/test_fuzz.py
+              tests/test_bad_input.py tests/test_fuzz.py tests/test_iswa.py
 
 .PHONY: all venv build demo test test-asan clean
 

@@ -19,7 +19,8 @@
 #include <map>
 #include <stdexcept>
 
-static constexpr uint32_t RKV_STATE_MAGIC = 0x32564b52; // "RKV2"
+static constexpr uint32_t RKV_STATE_MAGIC    = 0x33564b52; // "RKV3": + each layer's kq_scale
+static constexpr uint32_t RKV_STATE_MAGIC_V2 = 0x32564b52; // "RKV2"
 
 rkv_engine::rkv_engine(llama_kv_cache & kv, const llama_kv_cache * swa, const rkv_params & params) : kv(kv), swa(swa), params(params) {
     const uint32_t n_rows = kv.n_stream*params.window + 1;
@@ -379,6 +380,7 @@ void rkv_engine::fill_stats(llama_seq_id seq_id, rkv_seq_stats & out) const {
     out.compress_seconds = st.compress_seconds;
     out.compute_buffer_bytes = (int64_t) compute_buffer_bytes;
     out.kv_bytes_window      = 0;
+    out.cells_window         = 0;
     if (swa) {
         size_t swa_bytes_per_cell = 0;
         for (const auto & layer : swa->layers) {
@@ -387,7 +389,8 @@ void rkv_engine::fill_stats(llama_seq_id seq_id, rkv_seq_stats & out) const {
                 swa_bytes_per_cell += ggml_row_size(layer.v->type, kv.hparams.n_embd_v_gqa(layer.il));
             }
         }
-        out.kv_bytes_window = (int64_t) (swa->v_cells[strm].get_used()*swa_bytes_per_cell);
+        out.cells_window    = swa->v_cells[strm].get_used();
+        out.kv_bytes_window = (int64_t) (out.cells_window*swa_bytes_per_cell);
     }
 }
 
@@ -525,6 +528,9 @@ void rkv_engine::state_write(llama_io_write_i & io, llama_seq_id seq_id) const {
     io.write(&RKV_STATE_MAGIC, sizeof(RKV_STATE_MAGIC));
     const auto settings = rkv_state_settings(params);
     io.write(settings.data(), sizeof(settings));
+    // the scale the attention graph recorded: a context restored from this state may compress before
+    // it builds one, and some models (Gemma 3) scale the queries themselves and pass 1
+    io.write(kq_scale.data(), kq_scale.size()*sizeof(float));
     const uint32_t s0 = seq_id < 0 ? 0 : stream_of(seq_id);
     const uint32_t s1 = seq_id < 0 ? kv.n_stream : s0 + 1;
     for (uint32_t s = s0; s < s1; ++s) {
@@ -551,6 +557,9 @@ void rkv_engine::state_write(llama_io_write_i & io, llama_seq_id seq_id) const {
 void rkv_engine::state_read(llama_io_read_i & io, llama_seq_id seq_id) {
     uint32_t magic = 0;
     io.read(&magic, sizeof(magic));
+    if (magic == RKV_STATE_MAGIC_V2) {
+        throw std::runtime_error("the saved state was written by an older rkv-local (format RKV2): evaluate the prompt again");
+    }
     if (magic != RKV_STATE_MAGIC) {
         throw std::runtime_error("the saved state carries no KV-compression data: restore it into a context with the same compression settings");
     }
@@ -560,6 +569,13 @@ void rkv_engine::state_read(llama_io_read_i & io, llama_seq_id seq_id) {
         throw std::runtime_error(format(
             "the saved state was compressed with budget %d, buffer %d, window %d; this context has budget %d, buffer %d, window %d",
             saved[0], saved[1], saved[2], params.budget, params.buffer, params.window));
+    }
+    std::vector<float> saved_scale(kq_scale.size());
+    io.read(saved_scale.data(), saved_scale.size()*sizeof(float));
+    for (const float f : saved_scale) {
+        if (!(f > 0.0f && std::isfinite(f))) {
+            throw std::runtime_error(format("corrupt KV-compression state: attention scale %g", f));
+        }
     }
     const uint32_t s0 = seq_id < 0 ? 0 : stream_of(seq_id);
     const uint32_t s1 = seq_id < 0 ? kv.n_stream : s0 + 1;
@@ -607,6 +623,7 @@ void rkv_engine::state_read(llama_io_read_i & io, llama_seq_id seq_id) {
         st.profile          = streams[s].profile;
         streams[s] = std::move(st);
     }
+    kq_scale = std::move(saved_scale);
 }
 
 static rkv_engine * rkv_engine_of_mctx(const llama_kv_cache_context * mctx) {

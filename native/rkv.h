@@ -51,6 +51,7 @@ struct rkv_seq_stats {
     int64_t compute_buffer_bytes; // largest scheduler compute buffer seen after a compression (all backends)
     int64_t kv_bytes_window;  // sliding-window models: K+V bytes of the window cache's cells in use (llama.cpp
                               // bounds it; not compressed, not counted in kv_bytes_used/full); 0 otherwise
+    int64_t cells_window;     // sliding-window models: cells the window cache holds now; 0 otherwise
 };
 
 // Where the time of a sequence's compressions went, summed over them (seconds).

@@ -46,6 +46,7 @@ class RkvSeqStats(ctypes.Structure):
         ("compress_seconds", ctypes.c_double),
         ("compute_buffer_bytes", ctypes.c_int64),
         ("kv_bytes_window", ctypes.c_int64),
+        ("cells_window", ctypes.c_int64),
     ]
 
 

@@ -135,10 +135,13 @@ class BatchedLlama:
     Flash attention is on by default: in the pinned llama.cpp, attention without it gives a
     sequence slightly different logits when another sequence's tokens share its decode call
     (the call is split into ubatches of equal tokens per stream), so greedy texts could part from
-    what the request gives alone. With it, a request in a batch is bitwise what it is alone under
-    ``Llama(..., flash_attn=True)`` on the AVX-512 CPUs of RESULTS.md; on an AVX2-only CPU one
-    greedy SmolLM2 answer of six parted from the lone one after 40 tokens, at a near tie (ggml's
-    CPU kernels for a batch may round differently there; not investigated further).
+    what the request gives alone. With it, a request in a batch is usually bitwise what it is alone
+    under ``Llama(..., flash_attn=True)``, but not always: how the scheduler packs the prompt chunks
+    of several sequences into ubatches depends on timing, ggml's CPU kernels round a batch of rows
+    differently from one row, and with a budget a compression can turn such a difference into
+    another kept set. Seen: one greedy SmolLM2 answer of six parting from the lone one (on an
+    AVX2-only CPU, and on a loaded AVX-512 one), and tiny f32 gpt-oss models parting after their
+    first compression.
 
     ``create_completion`` and ``create_chat_completion`` take the arguments of ``Llama``'s and
     may be called from many threads at once: the calls decode together, and a call beyond

@@ -41,7 +41,7 @@ grep -q '"ggml_cuda": true' "$RKV_LOCAL_LIB_DIR/build-info.json" || { echo "gpu_
 
 step "engine tests with the cache on the GPU (fused path: the CUDA kernel)"
 RKV_TEST_N_GPU_LAYERS=-1 PYTHONPATH=tests "$BIN/python" -m pytest -q -p gpu_offload \
-    tests/test_fused.py tests/test_engine.py
+    tests/test_fused.py tests/test_engine.py tests/test_iswa.py -k "not batch"
 
 step "engine selection tests with the cache on the GPU, portable graph"
 RKV_KERNELS=portable RKV_TEST_N_GPU_LAYERS=-1 PYTHONPATH=tests "$BIN/python" -m pytest -q -p gpu_offload \

@@ -134,8 +134,9 @@ def with_bytes(state, data: bytes):
 
 
 def engine_part(data: bytes) -> int:
-    """Offset of the compression engine's part of a state ("RKV2", then its settings and streams)."""
-    at = data.rfind(b"RKV2")
+    """Offset of the compression engine's part of a state ("RKV3", its settings, each layer's
+    attention scale, then its streams)."""
+    at = data.rfind(b"RKV3")
     assert at > 0
     return at
 
@@ -150,16 +151,20 @@ def test_broken_states_are_refused_and_leave_an_empty_usable_instance(tiny: Path
     state = compressed_state(tiny)
     data = state.llama_state
     rkv = engine_part(data)
-    # the engine part: magic, budget/buffer/window, then pos_compact, pos_scored, n_compact, ...
+    # the engine part: magic, budget/buffer/window, one attention scale per layer (2 layers), then
+    # pos_compact, pos_scored, n_compact, ...
+    stream = rkv + 16 + 4 * 2
     broken = {
         "truncated": data[: len(data) // 2],
         "truncated in the engine part": data[: rkv + 30],
         "one byte short": data[:-1],
         "garbage": bytes(np.random.default_rng(2).integers(0, 256, len(data), dtype=np.uint8)),
         "empty": b"",
-        "n_compact out of range": corrupted(data, rkv + 16 + 8, 10**6),
-        "pos_compact beyond the tokens": corrupted(corrupted(data, rkv + 16, 10**6), rkv + 20, 10**6),
-        "slot count that does not match": corrupted(data, rkv + 16 + 12 + 24, 3),
+        "an attention scale that is no scale": corrupted(data, rkv + 16, -1),
+        "the older format": data[:rkv] + b"RKV2" + data[rkv + 4:],
+        "n_compact out of range": corrupted(data, stream + 8, 10**6),
+        "pos_compact beyond the tokens": corrupted(corrupted(data, stream, 10**6), stream + 4, 10**6),
+        "slot count that does not match": corrupted(data, stream + 12 + 24, 3),
     }
     llm = budgeted(tiny)
     try:

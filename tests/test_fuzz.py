@@ -23,7 +23,9 @@ Invariants after every step: cells in use ≤ B + b per sequence; kept positions
 ending at the newest token, as many per head as cells in use; the engine's token count, the
 cache's newest position and the Python side's `n_tokens` agree; `kv_stats()` bytes match its cell
 counts; a state saved and loaded gives bit-identical next logits, and the greedy continuation after
-loading equals the one without the save.
+loading equals the one without the save (for sliding-window models: logits within 2e-2, as llama.cpp
+restores their cache's cells elsewhere, with or without a budget); the window layers hold at least
+the window of the next token.
 """
 from __future__ import annotations
 
@@ -72,6 +74,10 @@ CASES = [
     Case("qwen3-gqa4-q8_0-fa", dict(arch="qwen3", n_layer=3, n_head=8, n_head_kv=2, head_dim=32),
          type_kv="q8_0", flash_attn=True),
     Case("smollm2", {}, steps=120),
+    # interleaved sliding windows of N_SWA tokens: sinks (gpt-oss), five window layers to one (gemma3)
+    Case("gpt-oss-sinks-iswa", dict(arch="gpt-oss", n_layer=4, n_head=4, n_head_kv=2, head_dim=32, sliding_window=32)),
+    Case("gemma3-iswa-q8_0-fa", dict(arch="gemma3", n_layer=6, n_head=4, n_head_kv=2, head_dim=32, sliding_window=32),
+         type_kv="q8_0", flash_attn=True),
 ]
 
 
@@ -112,8 +118,9 @@ class LlamaFuzz:
         self.llm = self.new_llama()
         self.per_cell = _native.bytes_per_cell(self.llm._ctx.ctx)
         n_model = self.llm._model
-        self.heads = [(layer, head) for layer in range(llama_cpp.llama_model_n_layer(n_model.model))
+        self.heads = [(layer, head) for layer in self.llm.compressed_layers()
                       for head in range(llama_cpp.llama_model_n_head_kv(n_model.model))]
+        self.n_swa = self.case.model.get("sliding_window", 0)  # 0: no window layers
 
     def new_llama(self) -> Llama:
         return Llama(str(self.path), kv_budget=self.budget, kv_buffer=b, kv_method=self.method, n_ctx=N_CTX,
@@ -201,8 +208,10 @@ class LlamaFuzz:
             if p == 0:
                 assert llm.kv_stats().cells_used == 0
         else:
-            # refused only where a compression scored the positions: the cache is untouched
-            assert before.compressions > 0 and p < n
+            # refused only where a compression scored the positions, or where the window layers no
+            # longer hold what the next token would attend to: the cache is untouched
+            window_dropped = self.n_swa and _native.seq_stats(llm._ctx.ctx).cells_window < n
+            assert (before.compressions > 0 or window_dropped) and p < n
             after = llm.kv_stats()
             assert (after.n_tokens, after.cells_used) == (before.n_tokens, before.cells_used)
             for (layer, head), kept in zip(self.heads, kept_before):
@@ -275,10 +284,21 @@ class LlamaFuzz:
             # compress_now() scored the newest token: its re-evaluation is refused and the restored
             # prompt is evaluated from scratch (Llama.compress_now's note)
             assert self.llm.kv_stats().prompt_tokens_evaluated == held
+            # evaluated from scratch, the cache's last compression came before its newest token again
+            self.scored_to_end = False
             return
         assert self.llm.kv_stats().prompt_tokens_evaluated == 1
-        np.testing.assert_array_equal(logits_again, logits)
-        assert second == first
+        if self.n_swa:
+            # llama.cpp restores an iSWA memory's cells elsewhere than they were, so the re-evaluated
+            # token's logits round differently (without a budget too: up to 8e-4 on a tiny gemma3 with
+            # q8_0 K/V and flash attention; 6e-3 seen here after truncations): close, and the same
+            # greedy token where it is no near tie
+            np.testing.assert_allclose(logits_again, logits, rtol=0, atol=2e-2)
+            runner_up, best = np.sort(logits)[-2:]
+            assert best - runner_up < 4e-2 or second[0] == first[0]
+        else:
+            np.testing.assert_array_equal(logits_again, logits)
+            assert second == first
         s = self.llm.kv_stats()
         assert (s.compressions, s.cells_used, s.n_tokens, s.evicted_tokens) == (
             stats_first.compressions, stats_first.cells_used, stats_first.n_tokens, stats_first.evicted_tokens)
@@ -328,6 +348,10 @@ class LlamaFuzz:
         assert s.cells_used <= self.budget + b and s.cells_peak <= self.budget + b
         assert s.cells_used == n if s.compressions == 0 else s.cells_used <= n
         assert s.kv_bytes_used == s.cells_used * self.per_cell and s.kv_bytes_full == n * self.per_cell
+        if self.n_swa and n:
+            # the window layers hold at least the window of the next token
+            assert llama_cpp.llama_memory_seq_pos_min(mem, 0) <= max(0, n - self.n_swa + 1)
+            assert s.kv_bytes_window > 0
         for layer, head in self.heads:
             kept = llm.kept_positions(layer, head)
             assert len(kept) == s.cells_used

@@ -131,15 +131,26 @@ def test_native_selection_equals_reference_with_sinks(tiny_model, arch, type_kv,
 
 
 def test_gemma3_scores_with_the_pre_scaled_queries(tiny_model):
-    # Gemma 3 scales Q before attention and passes a scale of 1: the engine must record that one
-    llm = make_llm(model_path(tiny_model, "gemma3"))
+    # Gemma 3 scales Q before attention and passes a scale of 1: the engine must use that one, also
+    # in a context restored from a state that compresses before it has built any graph
+    path = model_path(tiny_model, "gemma3")
+    llm = make_llm(path)
+    restored = make_llm(path)
     try:
         llm.eval(random_tokens(BUDGET + BUFFER, seed=2))
         n_head, n_head_kv, d = shape(llm)
         _, _, scale = _native.layer_inputs(llm._ctx.ctx, 5, WINDOW, n_head * d, n_head_kv * d)
         assert scale == 1.0
+        restored.load_state(llm.save_state())
+        _, _, scale = _native.layer_inputs(restored._ctx.ctx, 5, WINDOW, n_head * d, n_head_kv * d)
+        assert scale == 1.0
+        # so the restored context keeps what the original keeps
+        assert restored.compress_now() and llm.compress_now()
+        for head in range(n_head_kv):
+            np.testing.assert_array_equal(restored.kept_positions(5, head), llm.kept_positions(5, head))
     finally:
         llm.close()
+        restored.close()
 
 
 @pytest.mark.parametrize("arch", list(MODELS))
