@@ -185,3 +185,19 @@ def test_inspect_rejects_a_missing_layer(tiny_model, tmp_path: Path) -> None:
     result = run_cli("inspect", tiny_model(arch="llama"), "Hello", "--layer", "7", "--max-tokens", "2", cwd=tmp_path)
     assert result.returncode == 2 and "--layer 7" in result.stderr
     assert not (tmp_path / "rkv-inspect.html").exists()
+
+
+def test_inspect_shows_the_compressed_layers_of_a_sliding_window_model(tiny_model, tmp_path: Path) -> None:
+    # tiny gpt-oss, 4 layers: 0 and 2 have a window (llama.cpp's), 1 and 3 full attention (the budget's)
+    model = tiny_model(arch="gpt-oss", n_layer=4, n_head=4, n_head_kv=2, head_dim=32)
+    out = tmp_path / "view.html"
+    result = run_cli("inspect", model, "The capital of France", "--raw", "--kv-budget", "16", "--kv-buffer", "8",
+                     "--max-tokens", "30", "--ignore-eos", "--color", "never", "--html", out)
+    assert result.returncode == 0, result.stderr
+    assert "layer 1, KV head 0" in result.stdout  # the first compressed layer, by default
+    page = out.read_text(encoding="utf-8")
+    assert re.findall(r'<section class="layer" id="layer-(\d+)"', page) == ["1", "3"]
+    refused = run_cli("inspect", model, "Hello", "--raw", "--kv-budget", "16", "--kv-buffer", "8", "--layer", "0",
+                      "--max-tokens", "2", cwd=tmp_path)
+    assert refused.returncode == 2
+    assert "--layer 0 is a sliding-window layer" in refused.stderr and "layers 1, 3" in refused.stderr
