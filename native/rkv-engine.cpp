@@ -469,35 +469,35 @@ bool rkv_engine::window_holds(uint32_t strm, llama_seq_id seq_id, llama_pos pos)
     return std::all_of(held.begin(), held.end(), [](bool h) { return h; });
 }
 
-bool rkv_engine::stream_seq_rm(uint32_t strm, llama_seq_id seq_id, llama_pos p0, llama_pos p1) {
-    auto & st = streams[strm];
+rkv_engine::seq_rm_verdict rkv_engine::stream_seq_rm(uint32_t strm, llama_seq_id seq_id, llama_pos p0, llama_pos p1) const {
+    const auto & st = streams[strm];
     const llama_seq_id seq = seq_id >= 0 ? seq_id : (llama_seq_id) strm; // one sequence per stream (check)
     const llama_pos pos_max = kv.v_cells[strm].seq_pos_max(seq);
     if (p0 <= 0 && p1 > pos_max) {
-        // the whole sequence goes: the stream starts afresh
-        st = rkv_stream_state();
-        return true;
+        return RKV_SEQ_RM_CLEARS;
     }
     // the window layers have dropped what is older than their window: a truncation whose next token
     // would attend to dropped tokens there is refused, as one into the compressed part is (a fresh
     // evaluation of the prompt is what gives the same cache)
     if (swa && p0 <= pos_max && p1 > pos_max && !window_holds(strm, seq, p0)) {
-        return false;
+        return RKV_SEQ_RM_REFUSED;
     }
     // a truncation above the last compression leaves what a fresh run of the same tokens would hold
-    return st.pos_compact < 0 || p0 > st.pos_scored;
+    return st.pos_compact < 0 || p0 > st.pos_scored ? RKV_SEQ_RM_ALLOWED : RKV_SEQ_RM_REFUSED;
 }
 
 bool rkv_engine::seq_rm(llama_seq_id seq_id, llama_pos p0, llama_pos p1) {
-    if (seq_id >= 0) {
-        return stream_seq_rm(stream_of(seq_id), seq_id, p0, p1);
-    }
+    const uint32_t s0 = seq_id >= 0 ? stream_of(seq_id) : 0;
+    const uint32_t s1 = seq_id >= 0 ? s0 + 1 : (uint32_t) streams.size();
     // any sequence: all streams must agree before anything changes
-    std::vector<rkv_stream_state> saved = streams;
-    for (uint32_t s = 0; s < streams.size(); ++s) {
-        if (!stream_seq_rm(s, -1, p0, p1)) {
-            streams = std::move(saved);
+    for (uint32_t s = s0; s < s1; ++s) {
+        if (stream_seq_rm(s, seq_id, p0, p1) == RKV_SEQ_RM_REFUSED) {
             return false;
+        }
+    }
+    for (uint32_t s = s0; s < s1; ++s) {
+        if (stream_seq_rm(s, seq_id, p0, p1) == RKV_SEQ_RM_CLEARS) {
+            streams[s] = rkv_stream_state(); // the whole sequence goes: the stream starts afresh
         }
     }
     return true;

@@ -92,7 +92,9 @@ struct rkv_engine {
 
     bool batch_fits(const llama_batch_allocr & balloc);
     bool seq_rm(llama_seq_id seq_id, llama_pos p0, llama_pos p1);
-    bool stream_seq_rm(uint32_t strm, llama_seq_id seq_id, llama_pos p0, llama_pos p1);
+    enum seq_rm_verdict { RKV_SEQ_RM_REFUSED, RKV_SEQ_RM_ALLOWED, RKV_SEQ_RM_CLEARS };
+    // what removing [p0, p1) of a stream's sequence (seq_id -1: whichever it holds) would do
+    seq_rm_verdict stream_seq_rm(uint32_t strm, llama_seq_id seq_id, llama_pos p0, llama_pos p1) const;
     bool seq_shift(llama_seq_id seq_id, llama_pos p0, llama_pos p1);
     void stream_cp(uint32_t strm_src, uint32_t strm_dst);
     void state_write(llama_io_write_i & io, llama_seq_id seq_id) const;
