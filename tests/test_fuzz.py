@@ -2,7 +2,7 @@
 checked after every step (issue 14, item 1).
 
 A fixed seed per case makes every failure reproducible: the failing step prints its seed, case and
-the operations that led to it. `make test` runs a little over 1,000 steps in all; a long run:
+the operations that led to it. `make test` runs about 1,700 steps in all; a long run:
 
     .venv/bin/python -m pytest -q tests/test_fuzz.py --fuzz-steps 10000
 
