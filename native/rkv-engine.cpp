@@ -161,9 +161,6 @@ std::string rkv_engine::check(const llama_kv_cache & kv, const llama_context & l
             // MLA (DeepSeek-V2/V3, Kimi): one latent K row per token, V read out of it
             return "caches that keep no V rows (multi-head latent attention, e.g. deepseek2) are not supported";
         }
-        if (hp.is_swa(layer.il)) {
-            return "the cache holds sliding-window layers";
-        }
         const ggml_tensor * sinks = kv.model.layers[layer.il].attn_sinks;
         if (sinks && (sinks->type != GGML_TYPE_F32 || sinks->ne[0] != (int64_t) hp.n_head(layer.il))) {
             return "attention sinks that are not one F32 logit per query head are not supported";
@@ -355,18 +352,23 @@ bool rkv_engine::compress(uint32_t strm, llama_context * lctx) {
     return true;
 }
 
+size_t rkv_engine::cell_bytes(const llama_kv_cache & cache) {
+    size_t bytes = 0;
+    for (const auto & layer : cache.layers) {
+        bytes += ggml_row_size(layer.k->type, cache.hparams.n_embd_k_gqa(layer.il));
+        if (layer.v) {
+            bytes += ggml_row_size(layer.v->type, cache.hparams.n_embd_v_gqa(layer.il));
+        }
+    }
+    return bytes;
+}
+
 void rkv_engine::fill_stats(llama_seq_id seq_id, rkv_seq_stats & out) const {
     const uint32_t strm = stream_of(seq_id);
     const auto & st = streams[strm];
     const auto & cells = kv.v_cells[strm];
 
-    size_t bytes_per_cell = 0;
-    for (const auto & layer : kv.layers) {
-        bytes_per_cell += ggml_row_size(layer.k->type, kv.hparams.n_embd_k_gqa(layer.il));
-        if (layer.v) {
-            bytes_per_cell += ggml_row_size(layer.v->type, kv.hparams.n_embd_v_gqa(layer.il));
-        }
-    }
+    const size_t bytes_per_cell = cell_bytes(kv);
 
     const llama_pos pos_max = cells.seq_pos_max(seq_id);
     out.n_compressions   = st.n_compressions;
@@ -382,15 +384,8 @@ void rkv_engine::fill_stats(llama_seq_id seq_id, rkv_seq_stats & out) const {
     out.kv_bytes_window      = 0;
     out.cells_window         = 0;
     if (swa) {
-        size_t swa_bytes_per_cell = 0;
-        for (const auto & layer : swa->layers) {
-            swa_bytes_per_cell += ggml_row_size(layer.k->type, kv.hparams.n_embd_k_gqa(layer.il));
-            if (layer.v) {
-                swa_bytes_per_cell += ggml_row_size(layer.v->type, kv.hparams.n_embd_v_gqa(layer.il));
-            }
-        }
         out.cells_window    = swa->v_cells[strm].get_used();
-        out.kv_bytes_window = (int64_t) (out.cells_window*swa_bytes_per_cell);
+        out.kv_bytes_window = (int64_t) (out.cells_window*cell_bytes(*swa));
     }
 }
 

@@ -102,5 +102,7 @@ struct rkv_engine {
 
     uint32_t n_head_kv(uint32_t layer) const;
 
+    // K+V bytes one cell of a cache takes over its layers
+    static size_t cell_bytes(const llama_kv_cache & cache);
     void fill_stats(llama_seq_id seq_id, rkv_seq_stats & out) const;
 };

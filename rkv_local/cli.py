@@ -538,7 +538,7 @@ def cmd_chat(args: argparse.Namespace) -> int:
 def cmd_inspect(args: argparse.Namespace) -> int:
     import llama_cpp
 
-    from .inspect_view import collect, render_html, render_terminal
+    from .inspect_view import collect, render_html, render_terminal, shown_layers
 
     sampling = _sampling(args)
     with closing(_load(args)) as llm:
@@ -546,7 +546,7 @@ def cmd_inspect(args: argparse.Namespace) -> int:
             sampling["logit_bias"] = _eog_bias(llm)
         n_layer = int(llama_cpp.llama_model_n_layer(llm.model))
         n_head_kv = int(llama_cpp.llama_model_n_head_kv(llm.model))
-        layers = llm.compressed_layers() or list(range(n_layer))
+        layers = shown_layers(llm)
         if args.layer is None:
             args.layer = layers[0]
         if not 0 <= args.layer < n_layer:

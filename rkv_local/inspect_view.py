@@ -48,14 +48,21 @@ class InspectData:
         return mask
 
 
+def shown_layers(llm) -> List[int]:
+    """The layers an inspection shows: those the budget compresses (a sliding-window model's window
+    layers keep llama.cpp's window, not a budget), every layer without a budget."""
+    import llama_cpp
+
+    return llm.compressed_layers() or list(range(int(llama_cpp.llama_model_n_layer(llm.model))))
+
+
 def collect(llm, model: str, settings: str, n_prompt: int, stats_line: str = "") -> InspectData:
     """Read the sequence held by ``llm`` (an ``rkv_local.Llama``) and every head's kept positions."""
     import llama_cpp
 
     tokens = [int(t) for t in llm._input_ids]  # the evaluated tokens: exactly what the KV cache saw
     texts = [llm.detokenize([t], special=True).decode("utf-8", errors="replace") for t in tokens]
-    # a sliding-window model's window layers keep llama.cpp's window, not a budget: not shown
-    layers = llm.compressed_layers() or list(range(int(llama_cpp.llama_model_n_layer(llm.model))))
+    layers = shown_layers(llm)
     n_head_kv = int(llama_cpp.llama_model_n_head_kv(llm.model))
     kept = {
         (layer, head): np.sort(np.asarray(llm.kept_positions(layer, head), dtype=np.int64))
