@@ -270,6 +270,7 @@ class BatchedLlama:
             view.__dict__.update(self._proto.__dict__)
             view._owner, view._seq_id, view._next_token, view.cancelled = self, seq_id, None, False
             view._sampler, view.n_tokens, view._tokens_evaluated = None, 0, 0
+            view._detokenizer = self._proto._detokenizer.fork()   # what it remembers is this request's
             view._n_ctx = self.n_ctx_seq
             view.input_ids = np.zeros((self.n_ctx_seq,), dtype=np.intc)
             self._active[seq_id] = view

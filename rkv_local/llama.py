@@ -10,9 +10,11 @@ from typing import Any, Generator, Optional, Sequence
 import llama_cpp
 import numpy as np
 from llama_cpp._utils import suppress_stdout_stderr
+from llama_cpp.llama_tokenizer import LlamaTokenizer
 
 from . import _native
 from ._native import CompressionConfig
+from .detokenize import Detokenizer, PieceTable
 
 # the physical cache is rounded to this: llama.cpp attends to n_kv = PAD(used, 256) cells anyway
 CACHE_PAD = 256
@@ -116,8 +118,10 @@ class Llama(llama_cpp.Llama):
         self._prompt_tokens = 0
         self._prompt_tokens_evaluated = 0
         self._prompt_pending = False
+        self._detokenizer: Optional[Detokenizer] = None
         if kv_budget is None:
             super().__init__(model_path, **kwargs)
+            self._detokenizer = Detokenizer(PieceTable(self._model))
             return
 
         config = CompressionConfig(
@@ -167,6 +171,7 @@ class Llama(llama_cpp.Llama):
             self.close()
             raise ValueError(f"cannot compress this model's KV cache: {exc}") from exc
         self._kv_config = config
+        self._detokenizer = Detokenizer(PieceTable(self._model))
         self._n_ctx_logical = int(n_ctx_logical) or self._model.n_ctx_train()
         # llama-cpp-python sizes these by its n_ctx: with a budget, positions (and so input_ids) run
         # up to the logical context. Logits are not kept per position (no logits_all): `scores`
@@ -191,6 +196,15 @@ class Llama(llama_cpp.Llama):
         if getattr(self, "_n_ctx_logical", None):
             return self._n_ctx_logical
         return super().n_ctx()
+
+    def detokenize(self, tokens: list[int], prev_tokens: Optional[list[int]] = None, special: bool = False) -> bytes:
+        # llama-cpp-python's completion loop detokenizes the whole completion at every token: ours costs
+        # the new tokens only (rkv_local.detokenize), with the same bytes. Its LlamaTokenizer ignores
+        # prev_tokens; another tokenizer (tokenizer=...) is asked as before.
+        detokenizer = self.__dict__.get("_detokenizer")
+        if detokenizer is None or type(self.tokenizer_) is not LlamaTokenizer:
+            return super().detokenize(tokens, prev_tokens=prev_tokens, special=special)
+        return detokenizer(tokens, special)
 
     # ------------------------------------------------------------------
     # evaluation: counters, and truncations the compressed cache refuses
