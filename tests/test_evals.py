@@ -130,41 +130,54 @@ def test_append_record_after_a_torn_line(tmp_path):
 def test_bench(smollm2_path, tmp_path):
     out = tmp_path / "bench"
     rc = invoke(bench, [str(smollm2_path), *COMMON, "--methods", "rkv", "--budgets", "32", "--kv-buffer", "16",
-                        "--lengths", "48,96", "--prompt-tokens", "40", "--sample-every", "16", "--out", str(out)])
+                        "--lengths", "48,96", "--prompt-tokens", "40", "--sample-every", "16",
+                        "--loops", "eval,completion", "--out", str(out)])
     assert rc == 0
     result = json.loads((out / "bench.json").read_text())
     limits = [r for r in result["runs"] if r.get("kind") == "limit"]
     runs = [r for r in result["runs"] if r.get("kind") != "limit"]
-    assert len(runs) == 4 and {r["label"] for r in runs} == {"full", "rkv@32"}
-    # the physical limit: a full cache timed up to B + b = 48 cells, once per length
-    assert len(limits) == 2 and all(r["label"] == "limit@48" and r["n_tokens"] == 48 for r in limits)
+    assert len(runs) == 8 and {r["label"] for r in runs} == {"full", "rkv@32", "full (completion)",
+                                                             "rkv@32 (completion)"}
+    # the physical limit: a full cache timed up to B + b = 48 cells, once per length and loop (the
+    # completion loop samples its last token without evaluating it)
+    assert len(limits) == 4
+    assert {(r["label"], r["n_tokens"]) for r in limits} == {("limit@48", 48), ("limit@48 (completion)", 47)}
     for r in runs:
         assert r["decode_tps"] > 0 and r["prefill_tps"] > 0
-        assert r["n_tokens"] == r["prompt_tokens"] + r["length"]
+        assert r["n_tokens"] == r["prompt_tokens"] + r["length"] - (r["loop"] == "completion")
         assert r["kv_bytes_used"] > 0 and r["peak_rss_bytes"] > 0
         assert r["checkpoints"][-1]["generated"] == r["length"]
-    full = {r["length"]: r for r in runs if r["label"] == "full"}
+    full = {(r["length"], r["loop"]): r for r in runs if r["method"] == "full"}
     for r in runs:
-        if r["label"] == "rkv@32":
+        if r["method"] == "rkv":
             assert r["compressions"] > 0 and r["cells_peak"] <= 32 + 16
-            assert r["kv_bytes_used"] < full[r["length"]]["kv_bytes_used"]
+            assert r["kv_bytes_used"] < full[r["length"], r["loop"]]["kv_bytes_used"]
         else:
             assert r["compressions"] == 0 and r["kv_bytes_used"] == r["kv_bytes_full"]
     summary = {(s["length"], s["label"]): s for s in result["summary"]}
     assert summary[(96, "full")]["decode_speedup"] == pytest.approx(1.0)
     assert summary[(96, "full")]["tail_speedup"] == pytest.approx(1.0)
+    assert summary[(96, "full (completion)")]["decode_speedup"] == pytest.approx(1.0)
     for r in runs:
-        # checkpoints every 16 tokens: the last quarter of 96 starts at the last one at or below 72, 64
+        # checkpoints every 16 tokens and at each quarter: the last quarter of 96 starts at 72
         points = {p["generated"]: p["seconds"] for p in r["checkpoints"]}
         if r["length"] == 96:
-            assert r["tail_tps"] == pytest.approx((96 - 64) / (points[96] - points[64]))
+            assert r["tail_tps"] == pytest.approx((96 - 72) / (points[96] - points[72]))
+            assert r["quarter_tps"] == pytest.approx([24 / points[24], 24 / (points[48] - points[24]),
+                                                      24 / (points[72] - points[48]), r["tail_tps"]])
         assert r["tail_tps"] > 0
     assert 0 < summary[(96, "rkv@32")]["kv_fraction"] < 1
     rkv96 = summary[(96, "rkv@32")]
-    assert rkv96["limit_tps"] == pytest.approx(np.median([r["tail_tps"] for r in limits]))
+    assert rkv96["limit_tps"] == pytest.approx(np.median([r["tail_tps"] for r in limits if r["loop"] == "eval"]))
     assert rkv96["share_of_limit"] == pytest.approx(rkv96["decode_tps"] / rkv96["limit_tps"])
+    assert rkv96["x_eval"] == pytest.approx(1.0)
+    streamed = summary[(96, "rkv@32 (completion)")]
+    assert streamed["x_eval"] == pytest.approx(streamed["decode_tps"] / rkv96["decode_tps"])
+    assert streamed["limit_tps"] == pytest.approx(np.median([r["tail_tps"] for r in limits
+                                                             if r["loop"] == "completion"]))
     assert summary[(96, "full")]["share_of_limit"] is None
-    assert "| 96 | rkv@32 |" in (out / "bench.md").read_text()
+    markdown = (out / "bench.md").read_text()
+    assert "| 96 | rkv@32 |" in markdown and "| 96 | rkv@32 (completion) |" in markdown and "¼ 4 / ¼ 1" in markdown
     assert_png(out / "bench_speed.png")
     assert_png(out / "bench_memory.png")
 
