@@ -47,6 +47,27 @@ def _available_memory() -> Optional[int]:
     return None
 
 
+@dataclass
+class StepStats:
+    """Where the scheduler's time went, summed over its decode steps since the ``BatchedLlama`` started.
+
+    A step runs from the end of one ``llama_decode`` to the end of the next: waiting for the
+    sequences' next tokens (their Python loops: detokenization, chunks, handoffs between threads),
+    packing the batch, ``llama_decode`` itself, then sampling each sequence's next token. What is
+    not ``decode_seconds`` is the batching's own cost."""
+
+    steps: int = 0
+    tokens: int = 0               # tokens decoded (prompt chunks included)
+    step_seconds: float = 0.0     # the whole steps
+    decode_seconds: float = 0.0   # inside llama_decode
+    sample_seconds: float = 0.0   # sampling after each decode
+
+    @property
+    def overhead(self) -> float:
+        """The share of the steps' time spent outside llama_decode."""
+        return 1.0 - self.decode_seconds / self.step_seconds if self.step_seconds > 0 else 0.0
+
+
 class RequestCancelled(Exception):
     """The request was cancelled (a client went away) while it waited for the scheduler."""
 
@@ -196,6 +217,7 @@ class BatchedLlama:
         self._pending: List[_Submission] = []
         self._active: Dict[int, _SequenceView] = {}
         self._last_batch: set = set()
+        self._step_stats = StepStats()
         self._ctx_lock = threading.Lock()   # llama_decode and anything else that touches the context
         self._scheduler = threading.Thread(target=self._run, name="rkv-batch-scheduler", daemon=True)
         self._closed = False
@@ -384,13 +406,27 @@ class BatchedLlama:
         return sub.token
 
     def _run(self) -> None:
+        step_start = time.perf_counter()
         while True:
             with self._lock:
+                if not self._active and not self._pending:
+                    step_start = None   # idle: the wait for a new request is no step
                 batch = self._gather()
                 if batch is None:
                     return
+            if step_start is None:
+                step_start = time.perf_counter()
             if batch:
-                self._decode(batch)
+                decode_s, sample_s = self._decode(batch)
+                end = time.perf_counter()
+                with self._lock:
+                    stats = self._step_stats
+                    stats.steps += 1
+                    stats.tokens += sum(len(sub.tokens) for sub in batch)
+                    stats.step_seconds += end - step_start
+                    stats.decode_seconds += decode_s
+                    stats.sample_seconds += sample_s
+                step_start = end
 
     def _gather(self) -> Optional[List[_Submission]]:
         """The submissions of the next decode (called with the lock held); None once closed."""
@@ -420,7 +456,8 @@ class BatchedLlama:
         self._last_batch = {sub.view._seq_id for sub in batch}
         return batch
 
-    def _decode(self, batch: List[_Submission]) -> None:
+    def _decode(self, batch: List[_Submission]) -> Tuple[float, float]:
+        """Decode one batch and sample; the seconds spent in llama_decode and in sampling."""
         b = self._batch.batch
         n = 0
         last: Dict[int, int] = {}
@@ -436,7 +473,9 @@ class BatchedLlama:
             last[id(sub)] = n - 1
         b.n_tokens = n
         with self._ctx_lock:
+            start = time.perf_counter()
             rc = llama_cpp.llama_decode(self._ctx.ctx, b)
+            decoded = time.perf_counter()
             if rc != 0:
                 error = RuntimeError(f"llama_decode returned {rc} for a batch of {n} tokens of "
                                      f"{len(batch)} sequences")
@@ -455,8 +494,10 @@ class BatchedLlama:
                         sub.token = sub.view._sampler.sample(self._ctx, last[id(sub)])
                     except Exception as exc:  # noqa: BLE001 - handed to the request
                         sub.error = exc
+            sampled = time.perf_counter()
         for sub in batch:
             sub.done.set()
+        return decoded - start, sampled - decoded
 
     # ------------------------------------------------------------------
     # figures and lifetime
@@ -486,6 +527,11 @@ class BatchedLlama:
             per_cell = _native.bytes_per_cell(self._ctx.ctx)
         return KVStats("full", None, None, 0, 0, n, n, n * per_cell, n * per_cell, n, 0.0,
                        n_ctx=self.n_ctx_seq, cells_max=self.cells_per_seq)
+
+    def step_stats(self) -> StepStats:
+        """A copy of the scheduler's time figures (see ``StepStats``)."""
+        with self._lock:
+            return StepStats(**vars(self._step_stats))
 
     def _check_open(self) -> None:
         if self._closed:

@@ -276,8 +276,15 @@ def test_bench_parallel_fills_a_fixed_kv_memory(smollm2_path, tmp_path):
                                          if n == fit or n & (n - 1) == 0}
     assert rows[("full", 1)]["kv_bytes"] == result["rows"][0]["kv_memory"] == fit * rows[("rkv@128", 1)]["kv_bytes"]
     for r in result["rows"]:
-        assert r["generated"] == r["n_seq"] * (160 if r["label"] != "limit@160" else r["generated_per_seq"])
+        # the limit's short caches generate as many tokens, in requests of 160 - prompt tokens back to back
+        assert r["generated"] == r["n_seq"] * 160
+        if r["label"] == "limit@160":
+            assert r["tokens_per_request"] == 160 - result["settings"]["prompt_tokens"] - 1
+            assert r["requests_per_seq"] == -(-160 // r["tokens_per_request"]) > 1
+        else:
+            assert r["requests_per_seq"] == 1
         assert r["aggregate_tps"] > 0 and r["per_seq_tps"] == pytest.approx(r["aggregate_tps"] / r["n_seq"])
+        assert r["steps"] >= 160 and 0 < r["step_overhead"] < 1
     assert rows[("rkv@128", 1)]["share_of_limit"] > 0 and rows[("rkv@128", 1)]["x_full"] > 0
     assert "limit@160" in (out / "throughput.md").read_text()
     assert_png(out / "throughput.png")

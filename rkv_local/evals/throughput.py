@@ -12,7 +12,15 @@ per-sequence tokens/s, the K/V bytes the context holds, and the process's peak R
 The physical limit printed beside each compressed point: the aggregate speed of the same number
 of *short* full-cache sequences (caches of B + b tokens: prompt, then B + b - prompt generated
 tokens), which is the fastest a budgeted cache could decode on this machine; the measured
-aggregate is reported as a share of it.
+aggregate is reported as a share of it. The limit goes through the same loop (`stream_batch`,
+llama-cpp-python's completion loop) and generates as many tokens as the rows it is compared with:
+each of its sequences runs requests of B + b - prompt tokens back to back until it has generated
+L. Their prompts after the first are prefilled within the run: that time, estimated as the first
+prompts' (all sequences' prompts decoded together, before any token), is taken out of the decode
+time.
+
+`outside decode`: the share of the scheduler's steps spent outside `llama_decode` (waiting for
+the sequences' Python loops to hand in their next tokens, sampling, handoffs; `StepStats`).
 
 Outputs in `--out`: `throughput.json`, `throughput.md`, `throughput.png`.
 """
@@ -48,8 +56,13 @@ def sweep(n_max: int) -> list[int]:
 
 
 def run_point(model_path: Path, config: RunConfig, prompt: list[int], length: int, n_seq: int, n_ctx: int,
-              eog: list[int], args) -> dict[str, Any]:
-    """``n_seq`` sequences of ``length`` generated tokens decoded together."""
+              eog: list[int], args, request_tokens: int = 0) -> dict[str, Any]:
+    """``n_seq`` sequences of ``length`` generated tokens decoded together; with ``request_tokens``,
+    each generates its ``length`` tokens in requests of at most that many, back to back."""
+    per_request = request_tokens or length
+    rounds = -(-length // per_request)
+    lengths = [per_request] * (rounds - 1) + [length - per_request * (rounds - 1)]
+    requests = [n for n in lengths for _ in range(n_seq)]   # the first round: one request per sequence
     release_memory()
     base = proc_status().get("VmRSS", 0)
     reset_peak_rss()
@@ -59,8 +72,9 @@ def run_point(model_path: Path, config: RunConfig, prompt: list[int], length: in
     first: dict[int, float] = {}
     try:
         t0 = time.perf_counter()
-        for i, chunk in batch.stream_batch([prompt] * n_seq, max_tokens=length, temperature=0.0,
-                                           logit_bias={t: float("-inf") for t in eog}):
+        for i, chunk in batch.stream_batch([prompt] * len(requests), temperature=0.0,
+                                           logit_bias={t: float("-inf") for t in eog},
+                                           settings=[dict(max_tokens=n) for n in requests]):
             if isinstance(chunk, Exception):
                 raise SystemExit(f"error: {config.label} with {n_seq} sequences: {chunk}")
             first.setdefault(i, time.perf_counter())
@@ -68,16 +82,21 @@ def run_point(model_path: Path, config: RunConfig, prompt: list[int], length: in
                 raise SystemExit(f"error: a sequence ended early ({chunk['choices'][0]['finish_reason']})")
         seconds = time.perf_counter() - t0
         kv_bytes = batch.cells_per_seq * n_seq * _native.bytes_per_cell(batch._ctx.ctx)
+        steps = batch.step_stats()
     finally:
         batch.close()
     peak = proc_status().get("VmHWM", 0)
-    # decoding proper: from the moment every sequence has its first token (all prompts done) to the end
-    decode_seconds = seconds - (max(first.values()) - t0)
-    decode_tps = n_seq * (length - 1) / decode_seconds
+    # decoding proper: from the moment every sequence has its first token (all prompts done) to the
+    # end, less the later rounds' prompts (each round's prompts taken to cost what the first's did)
+    prefill = max(first[i] for i in range(n_seq)) - t0
+    decode_seconds = seconds - prefill * rounds
+    generated = sum(requests)
+    decode_tps = (generated - len(requests)) / decode_seconds   # each first token came with its prompt
     return {"label": config.label, "method": config.method, "budget": config.budget, "length": length,
-            "n_seq": n_seq, "generated": n_seq * length, "seconds": seconds,
+            "n_seq": n_seq, "generated": generated, "requests_per_seq": rounds, "seconds": seconds,
             "aggregate_tps": decode_tps, "per_seq_tps": decode_tps / n_seq,
-            "aggregate_tps_with_prefill": n_seq * length / seconds, "kv_bytes": kv_bytes,
+            "aggregate_tps_with_prefill": generated / seconds, "kv_bytes": kv_bytes,
+            "step_overhead": steps.overhead, "steps": steps.steps,
             "peak_rss_delta_bytes": max(peak - base, 0) if peak else None}
 
 
@@ -121,8 +140,9 @@ def run(args: argparse.Namespace) -> int:
             short_len = budgeted.budget + budgeted.buffer - len(prompt) - 1
             if short_len < 1:
                 raise SystemExit("error: the prompt alone fills budget + buffer; lower --prompt-tokens")
-            row = run_point(model_path, config, prompt, short_len, -n_seq, budgeted.budget + budgeted.buffer, eog, args)
-            row.update(label=f"limit@{budgeted.budget + budgeted.buffer}", length=length, generated_per_seq=short_len)
+            row = run_point(model_path, config, prompt, length, -n_seq, budgeted.budget + budgeted.buffer, eog, args,
+                            request_tokens=short_len)
+            row.update(label=f"limit@{budgeted.budget + budgeted.buffer}", tokens_per_request=short_len)
         row["kv_memory"] = memory
         rows.append(row)
         progress.set_postfix_str(f"{row['label']} x{row['n_seq']}: {row['aggregate_tps']:.1f} tok/s", refresh=False)
@@ -147,14 +167,16 @@ def run(args: argparse.Namespace) -> int:
 def render_markdown(result: dict[str, Any]) -> str:
     s = result["settings"]
     headers = ["length", "config", "sequences", "aggregate tok/s", "per sequence tok/s", "with prefill tok/s",
-               "× full (1 seq)", "share of limit", "K/V MiB", "peak RSS Δ MiB"]
+               "× full (1 seq)", "share of limit", "outside decode", "K/V MiB", "peak RSS Δ MiB"]
     rows = [[r["length"], r["label"], r["n_seq"], r["aggregate_tps"], r["per_seq_tps"],
              r["aggregate_tps_with_prefill"], r.get("x_full"),
-             r.get("share_of_limit"), r["kv_bytes"] / MIB,
+             r.get("share_of_limit"), f"{100 * r['step_overhead']:.1f}%", r["kv_bytes"] / MIB,
              (r["peak_rss_delta_bytes"] or 0) / MIB] for r in result["rows"]]
     head = (f"Model `{s['model']}`, prompt {s['prompt_tokens']} tokens, {s['threads']} threads. KV memory fixed "
             f"per length at one full-cache sequence of prompt + length tokens; each configuration runs 1, 2, 4, "
             f"... sequences up to as many as fit. `limit@N`: the same number of short full-cache sequences "
-            f"(N cells each, so they generate N - prompt tokens), the fastest a budgeted cache can decode "
-            f"here; `share of limit` is a budgeted row's aggregate speed over the limit's with as many sequences.\n\n")
+            f"(N cells each: requests of N - prompt tokens back to back, as many tokens as the other rows), the "
+            f"fastest a budgeted cache can decode here; `share of limit` is a budgeted row's aggregate speed over "
+            f"the limit's with as many sequences; `outside decode`: the share of the scheduler's steps spent "
+            f"outside llama_decode.\n\n")
     return head + markdown_table(headers, rows)
