@@ -87,7 +87,10 @@ class _Closed:
 class Llama(llama_cpp.Llama):
     """Drop-in for ``llama_cpp.Llama``.
 
-    Without ``kv_budget`` it is llama-cpp-python's ``Llama``, unchanged. With a budget, each
+    Without ``kv_budget`` it is llama-cpp-python's ``Llama`` except for ``detokenize``, which the
+    completion loop calls with the whole completion at every token: it answers at the cost of the new
+    tokens (``rkv_local.detokenize``), with llama-cpp-python's bytes, except that pieces longer than
+    32 bytes are kept instead of dropped. With a budget, each
     layer and KV head keeps at most ``kv_budget`` tokens (plus ``kv_buffer`` decoded between two
     compressions): the physical cache holds ``kv_budget + kv_buffer`` cells while positions,
     ``max_tokens`` and the context run up to the logical ``n_ctx`` (default: the model's

@@ -50,8 +50,10 @@ import numpy as np
 from tqdm import tqdm
 
 from .. import _native, llama_cpp
-from .decoding import ChatTemplate, eog_tokens, greedy_token
+from . import throughput
+from .decoding import eog_tokens, greedy_token
 from .measure import gpu_memory_bytes, machine_info, max_rss_bytes, proc_status, release_memory, reset_peak_rss
+from .prompts import build_prompt
 from .report import log, markdown_table, progress_bar, write_json, write_results
 from .runs import RunConfig, add_kv_arguments, add_model_arguments, configs_from_args, open_llama, parse_int_list, resolve
 
@@ -61,19 +63,6 @@ EXAMPLE = "example:\n  rkv-local bench qwen2.5-coder-0.5b --methods rkv,snapkv -
 
 CACHE_PAD = 256
 MIB = 2**20
-
-PROBLEMS = [
-    "A train leaves a station at 9:00 travelling at 80 km/h. A second train leaves the same station at 10:30 "
-    "on the same track at 120 km/h. When and where does the second train catch up?",
-    "A shop sells pencils at 3 for $1.20 and pens at $0.85 each. Maya buys 12 pencils and 5 pens and pays with "
-    "a $20 bill. How much change does she get?",
-    "The sum of three consecutive odd integers is 147. What is the product of the smallest and the largest?",
-    "A rectangle's length is 4 cm more than twice its width and its perimeter is 62 cm. Find its area.",
-    "A tank fills in 6 hours through pipe A and in 9 hours through pipe B; pipe C empties it in 12 hours. "
-    "Starting empty with all three open, how long until the tank is full?",
-]
-INSTRUCTION = "Solve every problem. Please reason step by step, and put each final answer within \\boxed{}."
-
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     add_model_arguments(parser)
@@ -116,23 +105,6 @@ def parse_loops(text: str) -> list[str]:
 
 def run_label(config_label: str, loop: str) -> str:
     return config_label if loop == "eval" else f"{config_label} ({loop})"
-
-
-def build_prompt(llm, target_tokens: int) -> list[int]:
-    """A chat prompt of built-in word problems, about ``target_tokens`` long (at least one problem)."""
-    template = ChatTemplate(llm)
-
-    def render(content: str) -> list[int]:
-        return template.tokens(template.render([{"role": "user", "content": content}]))
-
-    problems: list[str] = []
-    i = 0
-    while True:
-        problems.append(f"{len(problems) + 1}. {PROBLEMS[i % len(PROBLEMS)]}")
-        i += 1
-        tokens = render("\n".join(problems) + "\n\n" + INSTRUCTION)
-        if len(tokens) >= target_tokens or len(problems) >= 10_000:
-            return tokens
 
 
 class Timeline:
@@ -439,8 +411,6 @@ def limit_text(result: dict[str, Any]) -> str:
 
 def run(args: argparse.Namespace) -> int:
     if args.parallel:
-        from . import throughput
-
         return throughput.run(args)
     model_path = resolve(args.model)
     configs = configs_from_args(args, include_full=not args.no_full)

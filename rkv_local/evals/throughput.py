@@ -32,7 +32,9 @@ from pathlib import Path
 from typing import Any
 
 from .. import BatchedLlama, _native
+from .decoding import eog_tokens
 from .measure import machine_info, proc_status, release_memory, reset_peak_rss
+from .prompts import build_prompt
 from .report import log, markdown_table, progress_bar, write_results
 from .runs import RunConfig, configs_from_args, open_llama, resolve
 
@@ -101,9 +103,6 @@ def run_point(model_path: Path, config: RunConfig, prompt: list[int], length: in
 
 
 def run(args: argparse.Namespace) -> int:
-    from .bench import build_prompt
-    from .decoding import eog_tokens
-
     model_path = resolve(args.model)
     configs = configs_from_args(args, include_full=True)
     out: Path = args.out
