@@ -4,36 +4,35 @@ Each request gets a sequence of its own (one KV stream, compressed on its own) a
 llama-cpp-python's own ``create_completion`` / ``create_chat_completion`` on a per-sequence view
 of the model, so prompts, chat templates, sampling, stop strings, end-of-generation handling and
 the OpenAI-shaped results are exactly those of ``Llama``. Only evaluation differs: a view hands
-its tokens to one scheduler thread, which packs every waiting sequence into the next
-``llama_decode`` (continuous batching: one token per decoding sequence, prompts in chunks of at
-most ``kv_buffer`` tokens beside them) and samples each sequence's next token with that
-sequence's own sampler right after the decode. A finished request frees its stream for the next.
+its tokens to the scheduler (``rkv_local.scheduler``), whose thread packs every waiting sequence
+into the next ``llama_decode`` (continuous batching: one token per decoding sequence, prompts in
+chunks of at most ``kv_buffer`` tokens beside them) and samples each sequence's next token with
+that sequence's own sampler right after the decode. A finished request frees its stream for the next.
 """
 from __future__ import annotations
 
+import operator
 import os
 import queue
+import random
 import threading
-import time
 import warnings
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
-from dataclasses import dataclass, field
 from typing import Any, Dict, Iterator, List, Optional, Sequence, Tuple, Union
 
 import llama_cpp
 import numpy as np
 from llama_cpp import _internals as internals
+from llama_cpp import llama_chat_format
 
 from . import _native
 from .llama import CACHE_PAD, KVStats, Llama
+from .scheduler import DecodeScheduler, RequestCancelled, StepStats
+
+__all__ = ["BatchedLlama", "RequestCancelled", "StepStats"]
 
 Prompt = Union[str, List[int], List[Dict[str, Any]]]   # text, tokens, or chat messages
-
-# how long the scheduler waits for the sequences of the last decode to hand in their next token,
-# so that they decode together; a sequence whose reader is slower than this waits for the next call
-GATHER_TIMEOUT_S = 0.05
-
 
 def _available_memory() -> Optional[int]:
     """MemAvailable of /proc/meminfo in bytes; None where there is none."""
@@ -47,41 +46,30 @@ def _available_memory() -> Optional[int]:
     return None
 
 
-@dataclass
-class StepStats:
-    """Where the scheduler's time went, summed over its decode steps since the ``BatchedLlama`` started.
+class _SequenceContext:
+    """A view's context: the shared one, except that llama-cpp-python's cache calls act on the view's
+    own sequence, under the lock of the decodes (llama-cpp-python names sequence 0, or -1 for it)."""
 
-    A step runs from the end of one ``llama_decode`` to the end of the next: waiting for the
-    sequences' next tokens (their Python loops: detokenization, chunks, handoffs between threads),
-    packing the batch, ``llama_decode`` itself, then sampling each sequence's next token. What is
-    not ``decode_seconds`` is the batching's own cost."""
+    def __init__(self, ctx: internals.LlamaContext, seq_id: int, scheduler: DecodeScheduler) -> None:
+        self._shared, self._seq_id, self._scheduler = ctx, seq_id, scheduler
 
-    steps: int = 0
-    tokens: int = 0               # tokens decoded (prompt chunks included)
-    step_seconds: float = 0.0     # the whole steps
-    decode_seconds: float = 0.0   # inside llama_decode
-    sample_seconds: float = 0.0   # sampling after each decode
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._shared, name)
 
-    @property
-    def overhead(self) -> float:
-        """The share of the steps' time spent outside llama_decode."""
-        return 1.0 - self.decode_seconds / self.step_seconds if self.step_seconds > 0 else 0.0
+    def kv_cache_seq_rm(self, seq_id: int, p0: int, p1: int) -> bool:
+        with self._scheduler.ctx_lock:
+            if self._scheduler.closed:
+                raise RuntimeError("this BatchedLlama was closed")
+            return bool(llama_cpp.llama_memory_seq_rm(llama_cpp.llama_get_memory(self._shared.ctx), self._seq_id,
+                                                      p0, p1))
 
+    def kv_cache_clear(self) -> None:
+        self.kv_cache_seq_rm(self._seq_id, -1, -1)
 
-class RequestCancelled(Exception):
-    """The request was cancelled (a client went away) while it waited for the scheduler."""
+    def _refused(self, *args: Any, **kwargs: Any) -> None:
+        raise RuntimeError("a BatchedLlama request cannot copy, keep or shift sequences of the shared cache")
 
-
-@dataclass(eq=False)
-class _Submission:
-    """Tokens one sequence hands to the scheduler; answered with its next token."""
-
-    view: "_SequenceView"
-    tokens: List[int]
-    sample: bool
-    done: threading.Event = field(default_factory=threading.Event)
-    token: Optional[int] = None
-    error: Optional[BaseException] = None
+    kv_cache_seq_cp = kv_cache_seq_keep = kv_cache_seq_shift = _refused
 
 
 class _SequenceView(Llama):
@@ -107,12 +95,18 @@ class _SequenceView(Llama):
         if self.n_tokens + len(tokens) > self._n_ctx:
             raise ValueError(f"evaluating {len(tokens)} tokens after {self.n_tokens} would exceed the context "
                              f"(n_ctx = {self._n_ctx})")
+        n_vocab = self._owner._n_vocab
+        for token in tokens:
+            # checked here: the scheduler decodes this request's tokens in one call with others'
+            if not isinstance(token, (int, np.integer)) or not 0 <= token < n_vocab:
+                raise ValueError(f"{token!r} is not a token id of this model (0 to {n_vocab - 1})")
+        tokens = [operator.index(token) for token in tokens]
         chunk = self._owner.chunk_size
         for start in range(0, len(tokens), chunk):
             part = tokens[start:start + chunk]
             # only the last chunk's logits are sampled, as Llama.generate samples after eval
             # the scheduler records the part in input_ids and n_tokens (before it samples)
-            self._next_token = self._owner._submit(self, part, sample=start + chunk >= len(tokens))
+            self._next_token = self._owner._scheduler.submit(self, part, sample=start + chunk >= len(tokens))
 
     def sample(self, *args: Any, **kwargs: Any) -> int:
         if self._next_token is None:
@@ -121,7 +115,10 @@ class _SequenceView(Llama):
         return token
 
     def reset(self) -> None:
-        self.n_tokens = 0  # a view starts from an empty sequence; the scheduler frees it at the end
+        # llama-cpp-python resets before evaluating a prompt it cannot continue: a second completion in
+        # one sequence() block, or one whose prefix the compressed cache refused to truncate to
+        self.n_tokens = 0
+        self._ctx.kv_cache_clear()
 
     def n_ctx(self) -> int:
         return self._n_ctx
@@ -138,6 +135,25 @@ class _SequenceView(Llama):
 
     def kv_stats(self) -> KVStats:
         return self._owner.kv_stats(self._seq_id, n_tokens=self.n_tokens)
+
+    def compress_now(self) -> bool:
+        if self._kv_config is None:
+            raise RuntimeError("this BatchedLlama has no kv_budget")
+        with self._owner._scheduler.ctx_lock:
+            return _native.compress(self._ctx.ctx, self._seq_id)
+
+    def kept_positions(self, layer: int, head: int) -> np.ndarray:
+        if self._kv_config is None:
+            return np.arange(self.n_tokens, dtype=np.int32)
+        with self._owner._scheduler.ctx_lock:
+            return _native.kept_positions(self._ctx.ctx, layer, head, self._seq_id)
+
+    def save_state(self) -> llama_cpp.LlamaState:
+        raise RuntimeError("the state of one BatchedLlama request cannot be saved (llama.cpp's state is the whole "
+                           "context's); use Llama for save_state/load_state")
+
+    def load_state(self, state: llama_cpp.LlamaState) -> None:
+        self.save_state()
 
     def close(self) -> None:
         pass  # the model and the context belong to the BatchedLlama
@@ -193,6 +209,11 @@ class BatchedLlama:
                 raise ValueError(f"{name} is not supported by BatchedLlama")
         if n_ctx < 0:
             raise ValueError(f"n_ctx must be positive (or 0: the model's training context), got {n_ctx}")
+        handler = kwargs.get("chat_handler")
+        if isinstance(handler, (llama_chat_format.Llava15ChatHandler, llama_chat_format.MTMDChatHandler)):
+            # they decode image chunks on sequence 0 themselves, outside the batch's scheduler
+            raise ValueError(f"{type(handler).__name__} (a multimodal chat handler) is not supported by "
+                             f"BatchedLlama; use Llama for images")
         if not kwargs.setdefault("flash_attn", True) and n_seq_max > 1:
             warnings.warn("BatchedLlama without flash attention: in llama.cpp, a sequence's logits then depend "
                           "on the other sequences in its decode calls", RuntimeWarning, stacklevel=2)
@@ -213,15 +234,9 @@ class BatchedLlama:
             raise
         self._free = list(range(n_seq_max))
         self._slots = threading.Semaphore(n_seq_max)
-        self._lock = threading.Condition()
-        self._pending: List[_Submission] = []
-        self._active: Dict[int, _SequenceView] = {}
-        self._last_batch: set = set()
-        self._step_stats = StepStats()
-        self._ctx_lock = threading.Lock()   # llama_decode and anything else that touches the context
-        self._scheduler = threading.Thread(target=self._run, name="rkv-batch-scheduler", daemon=True)
+        self._lock = threading.Lock()      # the free sequences and the prototype's seed
+        self._scheduler = DecodeScheduler(self._ctx, self.n_batch, verbose)
         self._closed = False
-        self._scheduler.start()
 
     def _setup(self, n_ctx: int, n_batch: int, verbose: bool) -> None:
         proto = self._proto
@@ -262,7 +277,6 @@ class BatchedLlama:
                 _native.enable(self._ctx.ctx, self.kv_config)
             except _native.RkvError as exc:
                 raise ValueError(f"cannot compress this model's KV cache: {exc}") from exc
-        self._batch = internals.LlamaBatch(n_tokens=per_call, embd=0, n_seq_max=1, verbose=verbose)
         self._n_vocab = proto.n_vocab()
 
     def _check_memory(self, kv_bytes: int, cells: int) -> None:
@@ -287,26 +301,29 @@ class BatchedLlama:
         self._slots.acquire()
         with self._lock:
             seq_id = self._free.pop(0)
+            # a request without a seed draws one as llama-cpp-python's completions do on one Llama: each
+            # from the last (copying the prototype's would give every request the same samples)
+            self._proto._seed = random.Random(self._proto._seed).randint(0, 2**32)
+            seed = self._proto._seed
+        try:
             # a shallow copy (copy.copy would go through Llama's pickling, which reloads the model)
             view = _SequenceView.__new__(_SequenceView)
             view.__dict__.update(self._proto.__dict__)
             view._owner, view._seq_id, view._next_token, view.cancelled = self, seq_id, None, False
-            view._sampler, view.n_tokens, view._tokens_evaluated = None, 0, 0
+            view._sampler, view.n_tokens, view._tokens_evaluated, view._seed = None, 0, 0, seed
             view._detokenizer = self._proto._detokenizer.fork()   # what it remembers is this request's
+            view._ctx = _SequenceContext(self._ctx, seq_id, self._scheduler)
             view._n_ctx = self.n_ctx_seq
             view.input_ids = np.zeros((self.n_ctx_seq,), dtype=np.intc)
-            self._active[seq_id] = view
-        try:
+            self._scheduler.add(seq_id, view)
             yield view
         finally:
             self._release(seq_id)
 
     def _release(self, seq_id: int) -> None:
         """Empty a finished request's stream (a compressed one starts afresh) and give it back."""
-        with self._lock:
-            del self._active[seq_id]
-            self._lock.notify_all()   # the scheduler no longer waits for it
-        with self._ctx_lock:          # not during a decode
+        self._scheduler.remove(seq_id)
+        with self._scheduler.ctx_lock:   # not during a decode
             if not self._closed:
                 llama_cpp.llama_memory_seq_rm(llama_cpp.llama_get_memory(self._ctx.ctx), seq_id, -1, -1)
         with self._lock:
@@ -387,119 +404,6 @@ class BatchedLlama:
         return self.create_completion(prompt, **settings)
 
     # ------------------------------------------------------------------
-    # the scheduler
-    # ------------------------------------------------------------------
-
-    def _submit(self, view: _SequenceView, tokens: List[int], sample: bool) -> Optional[int]:
-        """Decode ``tokens`` of ``view``'s sequence in the next call; the token sampled after them."""
-        if view.cancelled:
-            raise RequestCancelled("the request was cancelled")
-        sub = _Submission(view, tokens, sample)
-        with self._lock:
-            if self._closed:
-                raise RuntimeError("this BatchedLlama is closed")
-            self._pending.append(sub)
-            self._lock.notify_all()
-        sub.done.wait()
-        if sub.error is not None:
-            raise sub.error
-        return sub.token
-
-    def _run(self) -> None:
-        step_start = time.perf_counter()
-        while True:
-            with self._lock:
-                if not self._active and not self._pending:
-                    step_start = None   # idle: the wait for a new request is no step
-                batch = self._gather()
-                if batch is None:
-                    return
-            if step_start is None:
-                step_start = time.perf_counter()
-            if batch:
-                decode_s, sample_s = self._decode(batch)
-                end = time.perf_counter()
-                with self._lock:
-                    stats = self._step_stats
-                    stats.steps += 1
-                    stats.tokens += sum(len(sub.tokens) for sub in batch)
-                    stats.step_seconds += end - step_start
-                    stats.decode_seconds += decode_s
-                    stats.sample_seconds += sample_s
-                step_start = end
-
-    def _gather(self) -> Optional[List[_Submission]]:
-        """The submissions of the next decode (called with the lock held); None once closed."""
-        while not (self._pending or self._closed):
-            self._lock.wait()
-        if self._closed:
-            for sub in self._pending:
-                sub.error = RuntimeError("this BatchedLlama was closed")
-                sub.done.set()
-            self._pending.clear()
-            return None
-        # give the sequences of the last decode a moment to hand in their next tokens
-        deadline = time.monotonic() + GATHER_TIMEOUT_S
-        while self._pending and not self._closed:
-            waiting = {sub.view._seq_id for sub in self._pending}
-            expected = {s for s in self._last_batch if s in self._active}
-            left = deadline - time.monotonic()
-            if expected <= waiting or left <= 0:
-                break
-            self._lock.wait(left)
-        batch, room = [], self.n_batch
-        for sub in list(self._pending):
-            if len(sub.tokens) <= room:
-                batch.append(sub)
-                room -= len(sub.tokens)
-                self._pending.remove(sub)
-        self._last_batch = {sub.view._seq_id for sub in batch}
-        return batch
-
-    def _decode(self, batch: List[_Submission]) -> Tuple[float, float]:
-        """Decode one batch and sample; the seconds spent in llama_decode and in sampling."""
-        b = self._batch.batch
-        n = 0
-        last: Dict[int, int] = {}
-        for sub in batch:
-            view = sub.view
-            for k, token in enumerate(sub.tokens):
-                b.token[n] = token
-                b.pos[n] = view.n_tokens + k
-                b.n_seq_id[n] = 1
-                b.seq_id[n][0] = view._seq_id
-                b.logits[n] = sub.sample and k == len(sub.tokens) - 1
-                n += 1
-            last[id(sub)] = n - 1
-        b.n_tokens = n
-        with self._ctx_lock:
-            start = time.perf_counter()
-            rc = llama_cpp.llama_decode(self._ctx.ctx, b)
-            decoded = time.perf_counter()
-            if rc != 0:
-                error = RuntimeError(f"llama_decode returned {rc} for a batch of {n} tokens of "
-                                     f"{len(batch)} sequences")
-                for sub in batch:
-                    sub.error = error
-            else:
-                # what Llama.eval records, recorded before sampling: logits processors (min_tokens,
-                # ...) read the view's input_ids up to the tokens just decoded, as with Llama
-                for sub in batch:
-                    view = sub.view
-                    view.input_ids[view.n_tokens:view.n_tokens + len(sub.tokens)] = sub.tokens
-                    view.n_tokens += len(sub.tokens)
-                    view._tokens_evaluated += len(sub.tokens)
-                for sub in filter(lambda sub: sub.sample, batch):
-                    try:
-                        sub.token = sub.view._sampler.sample(self._ctx, last[id(sub)])
-                    except Exception as exc:  # noqa: BLE001 - handed to the request
-                        sub.error = exc
-            sampled = time.perf_counter()
-        for sub in batch:
-            sub.done.set()
-        return decoded - start, sampled - decoded
-
-    # ------------------------------------------------------------------
     # figures and lifetime
     # ------------------------------------------------------------------
 
@@ -515,7 +419,7 @@ class BatchedLlama:
                            total("n_tokens"), total("compress_seconds"), n_ctx=self.n_ctx_seq,
                            cells_max=self.cells_per_seq * self.n_seq_max, kv_bytes_window=total("kv_bytes_window"))
         cfg = self.kv_config
-        with self._ctx_lock:
+        with self._scheduler.ctx_lock:
             if cfg is not None:
                 s = _native.seq_stats(self._ctx.ctx, seq_id)
                 return KVStats(cfg.method, cfg.budget, cfg.buffer, s.n_compressions, s.n_evicted, s.cells_used,
@@ -529,9 +433,8 @@ class BatchedLlama:
                        n_ctx=self.n_ctx_seq, cells_max=self.cells_per_seq)
 
     def step_stats(self) -> StepStats:
-        """A copy of the scheduler's time figures (see ``StepStats``)."""
-        with self._lock:
-            return StepStats(**vars(self._step_stats))
+        """Where the scheduler's time went (see ``StepStats``)."""
+        return self._scheduler.stats()
 
     def _check_open(self) -> None:
         if self._closed:
@@ -541,13 +444,10 @@ class BatchedLlama:
         """Stop the scheduler (waiting requests fail) and free the context and the model."""
         if getattr(self, "_closed", True):
             return
-        with self._lock:
-            self._closed = True
-            self._lock.notify_all()
-        self._scheduler.join()
-        with self._ctx_lock:   # a request that ends now no longer touches the context
-            self._batch.close()
-            self._ctx.close()      # ours, before the model it uses: the prototype's stack holds the model
+        self._closed = True
+        self._scheduler.close()
+        with self._scheduler.ctx_lock:   # a request that ends now no longer touches the context
+            self._ctx.close()            # ours, before the model it uses: the prototype's stack holds the model
             self._proto.close()
 
     def __enter__(self) -> "BatchedLlama":

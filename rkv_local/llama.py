@@ -74,6 +74,14 @@ def n_ctx_train(model_path: str | os.PathLike[str], verbose: bool = True) -> int
         llama_cpp.llama_model_free(model)
 
 
+class ComposableProcessors(llama_cpp.LogitsProcessorList):
+    """A logits processor list whose ``extend`` returns the list (llama-cpp-python composes with it)."""
+
+    def extend(self, processors: Any) -> "ComposableProcessors":  # type: ignore[override]
+        super().extend(processors)
+        return self
+
+
 class _Closed:
     """Stands for the model, context and batch of a closed ``Llama``."""
 
@@ -258,14 +266,19 @@ class Llama(llama_cpp.Llama):
     # ------------------------------------------------------------------
 
     def create_completion(self, prompt: Any, *args: Any, **kwargs: Any) -> Any:
-        if self._kv_config is not None:
-            bound = _CREATE_COMPLETION.bind(self, prompt, *args, **kwargs)
-            if bound.arguments.get("logprobs") is not None:
-                raise ValueError(
-                    "logprobs are not supported with a kv_budget: they need the logits of every position "
-                    "(logits_all), which a budgeted cache does not keep; create the Llama without kv_budget "
-                    "and with logits_all=True for logprobs"
-                )
+        bound = _CREATE_COMPLETION.bind(self, prompt, *args, **kwargs)
+        if self._kv_config is not None and bound.arguments.get("logprobs") is not None:
+            raise ValueError(
+                "logprobs are not supported with a kv_budget: they need the logits of every position "
+                "(logits_all), which a budgeted cache does not keep; create the Llama without kv_budget "
+                "and with logits_all=True for logprobs"
+            )
+        processors = bound.arguments.get("logits_processor")
+        if bound.arguments.get("logit_bias") and processors is not None:
+            # llama-cpp-python adds its logit_bias processor with `processors = processors.extend(...)`:
+            # a list's extend returns None, and both would be lost
+            bound.arguments["logits_processor"] = ComposableProcessors(processors)
+            return super().create_completion(*bound.args[1:], **bound.kwargs)
         return super().create_completion(prompt, *args, **kwargs)
 
     def _create_completion(self, *args: Any, **kwargs: Any) -> Any:

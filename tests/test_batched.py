@@ -5,7 +5,9 @@ or decoded together with others, with and without a budget, streamed or not.
 """
 from __future__ import annotations
 
+import gc
 import threading
+import weakref
 from pathlib import Path
 from typing import Any, Dict, List
 
@@ -154,3 +156,108 @@ def test_a_closed_batch_refuses_requests(tiny_model) -> None:
     batch.close()
     with pytest.raises(RuntimeError, match="closed"):
         batch.create_completion("hello", max_tokens=2)
+
+
+def test_requests_without_a_seed_draw_their_own_samples(smollm2_path: Path) -> None:
+    """Each request draws its seed as llama-cpp-python's completions do on one Llama (issue 21, item 2):
+    copying the prototype's seed gave every unseeded request the same text."""
+    with BatchedLlama(smollm2_path, n_seq_max=3, n_threads=2, **BUDGET) as batch:
+        texts = [r["choices"][0]["text"] for r in batch.generate_batch(["Once upon a time"] * 3, max_tokens=24,
+                                                                       temperature=0.9)]
+        texts.append(batch.create_completion("Once upon a time", max_tokens=24, temperature=0.9)["choices"][0]["text"])
+    assert len(set(texts)) == 4, texts
+
+
+@pytest.mark.parametrize("prompt", [[1.5, 2.5], [1, 10**9], [1, -3], ["a"]])
+def test_a_request_of_no_tokens_fails_alone_and_the_batch_serves_on(tiny_model, prompt: List[Any]) -> None:
+    """A bad token list raised inside the scheduler thread and every later request waited forever
+    (issue 21, item 3); now it is refused before it reaches the shared decode."""
+    with BatchedLlama(tiny_model(arch="llama"), n_seq_max=2, verbose=False) as batch:
+        with pytest.raises(ValueError, match="is not a token id of this model"):
+            batch.create_completion(prompt, max_tokens=2)
+        out = batch.create_completion("Hello", max_tokens=4, temperature=0.0)
+        assert out["choices"][0]["finish_reason"] == "length" and batch.kv_stats().cells_used == 0
+
+
+def test_an_unreferenced_batched_llama_is_freed(tiny_model) -> None:
+    """The scheduler thread holds the scheduler, not the BatchedLlama (issue 21, item 7): dropping the
+    last reference frees the model and context and stops the thread."""
+    batch = BatchedLlama(tiny_model(arch="llama"), n_seq_max=2, verbose=False)
+    batch.generate_batch(["Hello", "World"], max_tokens=3, temperature=0.0)
+    freed, thread = weakref.ref(batch), batch._scheduler._thread
+    del batch
+    gc.collect()
+    assert freed() is None
+    thread.join(10)
+    assert not thread.is_alive()
+
+
+def test_step_stats_split_a_step_into_decode_and_the_rest(smollm2_path: Path) -> None:
+    with BatchedLlama(smollm2_path, n_seq_max=2, n_threads=2, **BUDGET) as batch:
+        assert batch.step_stats().steps == 0
+        batch.generate_batch(["Once upon a time", "The capital of France is"], max_tokens=20, temperature=0.0)
+        stats = batch.step_stats()
+    # one step per generated token at least (two prompts may share the first), every token decoded counted
+    assert 19 <= stats.steps <= 40 and stats.tokens >= 2 * 19
+    assert 0 < stats.decode_seconds < stats.step_seconds and 0 < stats.sample_seconds < stats.step_seconds
+    assert 0 < stats.overhead < 1
+
+
+def test_a_second_completion_in_one_sequence_truncates_its_own_sequence(smollm2_path: Path) -> None:
+    """llama-cpp-python truncates to reuse a prompt's prefix, naming sequence 0; on a view that hit
+    another request's sequence, and the next decode of both failed (issue 21, item 1)."""
+    calls = [("first", "Once upon a time", 8), ("second", "The capital of France is", 60),
+             ("second", "The capital of France is a", 8),      # past the compressed part: evaluated afresh
+             ("second", "The capital of France is a", 8),      # the whole prompt cached
+             ("first", "Once upon a time there", 8)]           # its own sequence untouched
+    lone = {name: Llama(smollm2_path, n_threads=2, flash_attn=True, verbose=False, **BUDGET)
+            for name in ("first", "second")}
+    try:
+        expected = [lone[name].create_completion(prompt, max_tokens=n, temperature=0.0)["choices"][0]["text"]
+                    for name, prompt, n in calls]
+    finally:
+        for llm in lone.values():
+            llm.close()
+    with BatchedLlama(smollm2_path, n_seq_max=2, n_threads=2, **BUDGET) as batch:
+        with batch.sequence() as first, batch.sequence() as second:
+            views = {"first": first, "second": second}
+            got = []
+            for name, prompt, n in calls:
+                got.append(views[name].create_completion(prompt, max_tokens=n, temperature=0.0)["choices"][0]["text"])
+                if len(got) == 2:
+                    assert second.kv_stats().compressions > 0   # the next truncation falls in the compressed part
+    assert got == expected
+
+
+def test_function_calling_that_completes_twice_leaves_other_requests_alone(smollm2_path: Path) -> None:
+    tools = [{"type": "function", "function": {
+        "name": "get_weather", "description": "The weather in a city",
+        "parameters": {"type": "object", "properties": {"city": {"type": "string"}}, "required": ["city"]}}}]
+    messages = [{"role": "user", "content": "What is the weather in Paris?"}]
+    with BatchedLlama(smollm2_path, n_seq_max=2, n_threads=2, chat_format="chatml-function-calling",
+                      **BUDGET) as batch:
+        tool_call, plain = batch.generate_batch([messages, "Once upon a time"], max_tokens=24, temperature=0.0,
+                                                settings=[dict(tools=tools, tool_choice="auto"), {}])
+    assert not isinstance(tool_call, Exception), tool_call
+    assert not isinstance(plain, Exception), plain
+    assert tool_call["object"] == "chat.completion" and plain["choices"][0]["finish_reason"] == "length"
+
+
+def test_multimodal_chat_handlers_are_refused(tiny_model) -> None:
+    from llama_cpp.llama_chat_format import Llava15ChatHandler
+
+    handler = Llava15ChatHandler.__new__(Llava15ChatHandler)   # no CLIP model needed to be refused
+    with pytest.raises(ValueError, match="multimodal chat handler"):
+        BatchedLlama(tiny_model(arch="llama"), n_seq_max=2, chat_handler=handler, verbose=False)
+
+
+def test_state_operations_of_a_request_act_on_its_sequence_or_are_refused(smollm2_path: Path) -> None:
+    with BatchedLlama(smollm2_path, n_seq_max=2, n_threads=2, **BUDGET) as batch:
+        with batch.sequence() as first, batch.sequence() as second:
+            first.create_completion("Hello", max_tokens=4, temperature=0.0)
+            second.create_completion("Once upon a time " * 8, max_tokens=4, temperature=0.0)
+            held = second.kv_stats().cells_used
+            assert second.compress_now() and second.kv_stats().cells_used < held
+            assert len(second.kept_positions(0, 0)) == 32 and first.kv_stats().compressions == 0
+            with pytest.raises(RuntimeError, match="cannot be saved"):
+                second.save_state()

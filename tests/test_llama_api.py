@@ -615,3 +615,24 @@ def test_logprobs_are_refused_with_a_budget(tiny: str) -> None:
         assert llm.create_completion("Hello", max_tokens=4, temperature=0.0)["usage"]["completion_tokens"] <= 4
     finally:
         llm.close()
+
+
+def test_logit_bias_and_a_logits_processor_both_apply(tiny: str, eog_ids) -> None:
+    """llama-cpp-python composes them with `list.extend`, which returns None: both were dropped
+    (issue 21, item 8: the server's min_tokens lost every logit_bias)."""
+    calls = [0]
+
+    def count(_ids: np.ndarray, scores: np.ndarray) -> np.ndarray:
+        calls[0] += 1
+        return scores
+
+    for budget in (None, B):
+        llm = Llama(tiny, n_ctx=256, **THREADS) if budget is None else budgeted(tiny)
+        try:
+            processors = llama_cpp.LogitsProcessorList([count])
+            out = llm.create_completion([1, 2, 3], max_tokens=3, temperature=0.0, logit_bias={4242: 1000.0},
+                                        logits_processor=processors)
+            assert out["choices"][0]["text"] == llm.detokenize([4242] * 3).decode()
+            assert calls[0] >= 3 and len(processors) == 1   # the caller's list is left as it was
+        finally:
+            llm.close()
