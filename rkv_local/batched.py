@@ -367,29 +367,41 @@ class BatchedLlama:
 
     def stream_batch(self, prompts: Sequence[Prompt], **kwargs: Any) -> Iterator[Tuple[int, Any]]:
         """``(index, chunk)`` of every request as its pieces come; a failed request yields
-        ``(index, exception)`` once."""
+        ``(index, exception)`` once. Leaving the loop early (``break``, ``close()``, an exception)
+        cancels the requests still running or waiting."""
         settings = self._settings(prompts, kwargs)
         out: "queue.Queue[Tuple[int, Any]]" = queue.Queue()
         finished = object()
+        left = threading.Event()   # the reader went away
 
         def run(i: int, prompt: Prompt, s: Dict[str, Any]) -> None:
             try:
-                for chunk in self._one(prompt, dict(s, stream=True)):
-                    out.put((i, chunk))
+                if not left.is_set():
+                    chunks = self._one(prompt, dict(s, stream=True))
+                    try:
+                        for chunk in chunks:
+                            if left.is_set():
+                                break
+                            out.put((i, chunk))
+                    finally:
+                        chunks.close()   # frees the request's sequence now
             except Exception as exc:  # noqa: BLE001 - handed to the reader
                 out.put((i, exc))
             out.put((i, finished))
 
         with ThreadPoolExecutor(max_workers=len(prompts) or 1, thread_name_prefix="rkv-request") as pool:
-            for i, (prompt, s) in enumerate(zip(prompts, settings)):
-                pool.submit(run, i, prompt, s)
-            remaining = len(prompts)
-            while remaining:
-                i, item = out.get()
-                if item is finished:
-                    remaining -= 1
-                else:
-                    yield i, item
+            try:
+                for i, (prompt, s) in enumerate(zip(prompts, settings)):
+                    pool.submit(run, i, prompt, s)
+                remaining = len(prompts)
+                while remaining:
+                    i, item = out.get()
+                    if item is finished:
+                        remaining -= 1
+                    else:
+                        yield i, item
+            finally:
+                left.set()
 
     @staticmethod
     def _settings(prompts: Sequence[Prompt], kwargs: Dict[str, Any]) -> List[Dict[str, Any]]:

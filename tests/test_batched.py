@@ -261,3 +261,17 @@ def test_state_operations_of_a_request_act_on_its_sequence_or_are_refused(smollm
             assert len(second.kept_positions(0, 0)) == 32 and first.kv_stats().compressions == 0
             with pytest.raises(RuntimeError, match="cannot be saved"):
                 second.save_state()
+
+
+def test_leaving_stream_batch_early_cancels_its_requests(smollm2_path: Path) -> None:
+    """Closing the iterator waited for every request to finish (issue 21, item 5)."""
+    with BatchedLlama(smollm2_path, n_seq_max=2, n_threads=2, **BUDGET) as batch:
+        stream = batch.stream_batch(["Once upon a time"] * 3, max_tokens=600, temperature=0.0,
+                                    logit_bias={batch._proto.token_eos(): float("-inf")})
+        for _ in zip(range(6), stream):
+            pass
+        stream.close()
+        decoded = batch.step_stats().tokens
+        stats = batch.kv_stats()
+    # the two running requests stopped within a step or two of the reader; the third never started
+    assert decoded < 2 * 40 and stats.cells_used == 0
