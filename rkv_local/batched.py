@@ -11,7 +11,6 @@ that sequence's own sampler right after the decode. A finished request frees its
 """
 from __future__ import annotations
 
-import operator
 import os
 import queue
 import random
@@ -44,6 +43,10 @@ def _available_memory() -> Optional[int]:
     except OSError:
         pass
     return None
+
+
+_NO_REQUEST_STATE = ("the state of one BatchedLlama request cannot be saved or loaded (llama.cpp's state is the "
+                     "whole context's); use Llama for save_state/load_state")
 
 
 class _SequenceContext:
@@ -100,7 +103,6 @@ class _SequenceView(Llama):
             # checked here: the scheduler decodes this request's tokens in one call with others'
             if not isinstance(token, (int, np.integer)) or not 0 <= token < n_vocab:
                 raise ValueError(f"{token!r} is not a token id of this model (0 to {n_vocab - 1})")
-        tokens = [operator.index(token) for token in tokens]
         chunk = self._owner.chunk_size
         for start in range(0, len(tokens), chunk):
             part = tokens[start:start + chunk]
@@ -149,11 +151,10 @@ class _SequenceView(Llama):
             return _native.kept_positions(self._ctx.ctx, layer, head, self._seq_id)
 
     def save_state(self) -> llama_cpp.LlamaState:
-        raise RuntimeError("the state of one BatchedLlama request cannot be saved (llama.cpp's state is the whole "
-                           "context's); use Llama for save_state/load_state")
+        raise RuntimeError(_NO_REQUEST_STATE)
 
     def load_state(self, state: llama_cpp.LlamaState) -> None:
-        self.save_state()
+        raise RuntimeError(_NO_REQUEST_STATE)
 
     def close(self) -> None:
         pass  # the model and the context belong to the BatchedLlama

@@ -112,7 +112,7 @@ class Timeline:
     the run, and its end."""
 
     def __init__(self, llm, length: int, step: int, progress: Optional[tqdm]) -> None:
-        self._llm, self._length, self._step, self._progress = llm, length, step, progress
+        self._llm, self._step, self._progress = llm, step, progress
         self._marks = {length * q // 4 for q in range(1, 5)}
         self.start = time.perf_counter()
         self.points: list[dict[str, Any]] = []
@@ -277,12 +277,11 @@ def tail_tps(points: list[dict[str, Any]]) -> Optional[float]:
 
 def quarter_tps(points: list[dict[str, Any]], length: int) -> list[Optional[float]]:
     """Decode tokens/s over each quarter of the ``length`` generated tokens (checkpoints at the quarters)."""
-    seconds = {p["generated"]: p["seconds"] for p in points}
-    seconds.setdefault(0, 0.0)
+    seconds = {0: 0.0, **{p["generated"]: p["seconds"] for p in points}}
     marks = [length * q // 4 for q in range(5)]
     out: list[Optional[float]] = []
     for a, b in zip(marks, marks[1:]):
-        span = seconds.get(b, 0.0) - seconds.get(a, 0.0) if a in seconds and b in seconds else 0.0
+        span = seconds[b] - seconds[a] if a in seconds and b in seconds else 0.0
         out.append((b - a) / span if span > 0 else None)
     return out
 
@@ -313,7 +312,7 @@ def summarize(runs: list[dict[str, Any]]) -> list[dict[str, Any]]:
                                             k[1])):
         g = groups[key]
         first = g[0]
-        quarters = [med([{"q": r["quarter_tps"][q]} for r in g if r.get("quarter_tps")], "q") for q in range(4)]
+        quarters = [med([{"q": r["quarter_tps"][q]} for r in g], "q") for q in range(4)]
         rows.append({
             "length": key[0], "label": key[1], "config_label": first.get("config_label", key[1]),
             "loop": loop_of(first), "method": first["method"], "budget": first["budget"],
