@@ -11,6 +11,7 @@ that sequence's own sampler right after the decode. A finished request frees its
 """
 from __future__ import annotations
 
+import ctypes
 import os
 import queue
 import random
@@ -68,6 +69,14 @@ class _SequenceContext:
 
     def kv_cache_clear(self) -> None:
         self.kv_cache_seq_rm(self._seq_id, -1, -1)
+
+    def print_timings(self) -> None:   # Llama(verbose=True) after each completion
+        with self._scheduler.ctx_lock:
+            if not self._scheduler.closed:
+                self._shared.print_timings()
+
+    def reset_timings(self) -> None:
+        pass  # the shared context's counters cover every request: one request must not reset the others'
 
     def _refused(self, *args: Any, **kwargs: Any) -> None:
         raise RuntimeError("a BatchedLlama request cannot copy, keep or shift sequences of the shared cache")
@@ -199,6 +208,7 @@ class BatchedLlama:
         kv_lambda: float = 0.1,
         n_ctx: int = 0,
         n_batch: int = 512,
+        n_ubatch: Optional[int] = None,
         verbose: bool = False,
         **kwargs: Any,
     ) -> None:
@@ -210,6 +220,9 @@ class BatchedLlama:
                 raise ValueError(f"{name} is not supported by BatchedLlama")
         if n_ctx < 0:
             raise ValueError(f"n_ctx must be positive (or 0: the model's training context), got {n_ctx}")
+        for name, value in (("n_batch", n_batch), ("n_ubatch", n_ubatch)):
+            if value is not None and value < 1:
+                raise ValueError(f"{name} must be at least 1, got {value}")
         handler = kwargs.get("chat_handler")
         if isinstance(handler, (llama_chat_format.Llava15ChatHandler, llama_chat_format.MTMDChatHandler)):
             # they decode image chunks on sequence 0 themselves, outside the batch's scheduler
@@ -227,25 +240,26 @@ class BatchedLlama:
         proto_ctx = dict(n_ctx=n_ctx) if kv_budget is not None else dict(n_ctx=CACHE_PAD, n_batch=CACHE_PAD)
         self._proto = Llama(os.fspath(model_path), verbose=verbose, **proto_ctx, **budget, **kwargs)
         try:
-            self._setup(n_ctx, n_batch, verbose)
+            self._setup(n_ctx, n_batch, n_ubatch, verbose)
         except BaseException:
             if getattr(self, "_ctx", None) is not None:
                 self._ctx.close()
             self._proto.close()
             raise
         self._free = list(range(n_seq_max))
-        self._slots = threading.Semaphore(n_seq_max)
-        self._lock = threading.Lock()      # the free sequences and the prototype's seed
+        self._lock = threading.Lock()      # the free sequences, the prototype's seed, closing
+        self._sequence_freed = threading.Condition(self._lock)
+        self._model_freed = False
         self._scheduler = DecodeScheduler(self._ctx, self.n_batch, verbose)
         self._closed = False
 
-    def _setup(self, n_ctx: int, n_batch: int, verbose: bool) -> None:
+    def _setup(self, n_ctx: int, n_batch: int, n_ubatch: Optional[int], verbose: bool) -> None:
         proto = self._proto
         self.kv_config = proto.kv_config
         if self.kv_config is not None:
             cells = proto._ctx.n_ctx()                      # budget + buffer, padded
             self.n_ctx_seq = proto.n_ctx()                  # the logical context
-            self.chunk_size = self.kv_config.buffer
+            self.chunk_size = min(n_batch, self.kv_config.buffer)   # a request's prompt tokens per decode call
             # the decodes of all sequences plus prompt chunks (llama.cpp's default batch of 512 unless the
             # buffer is larger); the engine takes at most `buffer` tokens of a sequence per call
             buffer = self.kv_config.buffer
@@ -261,7 +275,8 @@ class BatchedLlama:
         params.n_ctx = cells * self.n_seq_max
         params.n_seq_max = self.n_seq_max
         params.kv_unified = False          # one stream per sequence: each is compressed on its own
-        params.n_batch = params.n_ubatch = per_call
+        params.n_batch = per_call
+        params.n_ubatch = min(n_ubatch or per_call, per_call)   # llama.cpp splits a call into ubatches
         self._check_memory(_native.bytes_per_cell(proto._ctx.ctx) * cells * self.n_seq_max, cells)
         proto._ctx.close()
         try:
@@ -273,6 +288,12 @@ class BatchedLlama:
             ) from exc
         proto._ctx = self._ctx
         proto.context_params = params
+        if proto._lora_adapter is not None:
+            # what llama-cpp-python did to the prototype's own context (freed above) with lora_path
+            adapters = (llama_cpp.llama_adapter_lora_p_ctypes * 1)(proto._lora_adapter)
+            scales = (ctypes.c_float * 1)(proto.lora_scale)
+            if llama_cpp.llama_set_adapters_lora(self._ctx.ctx, adapters, 1, scales):
+                raise ValueError(f"cannot apply the LoRA adapter {proto.lora_path} to the batched context")
         if self.kv_config is not None:
             try:
                 _native.enable(self._ctx.ctx, self.kv_config)
@@ -298,9 +319,10 @@ class BatchedLlama:
     @contextmanager
     def sequence(self) -> Iterator[_SequenceView]:
         """A view of the model on a free sequence (waits for one), freed when the block ends."""
-        self._check_open()
-        self._slots.acquire()
-        with self._lock:
+        with self._sequence_freed:
+            while not self._free and not self._closed:
+                self._sequence_freed.wait()
+            self._check_open()
             seq_id = self._free.pop(0)
             # a request without a seed draws one as llama-cpp-python's completions do on one Llama: each
             # from the last (copying the prototype's would give every request the same samples)
@@ -322,14 +344,17 @@ class BatchedLlama:
             self._release(seq_id)
 
     def _release(self, seq_id: int) -> None:
-        """Empty a finished request's stream (a compressed one starts afresh) and give it back."""
+        """Empty a finished request's stream (a compressed one starts afresh) and give it back; the
+        last request to leave a closed BatchedLlama frees the model."""
         self._scheduler.remove(seq_id)
         with self._scheduler.ctx_lock:   # not during a decode
-            if not self._closed:
+            if not self._scheduler.closed:
                 llama_cpp.llama_memory_seq_rm(llama_cpp.llama_get_memory(self._ctx.ctx), seq_id, -1, -1)
-        with self._lock:
+        with self._sequence_freed:
             self._free.append(seq_id)
-        self._slots.release()
+            self._sequence_freed.notify()
+            if self._closed:
+                self._free_model_if_idle()
 
     def create_completion(self, prompt: Union[str, List[int]], **kwargs: Any) -> Any:
         """``Llama.create_completion`` on a sequence of its own; with ``stream=True`` an iterator."""
@@ -423,6 +448,7 @@ class BatchedLlama:
     def kv_stats(self, seq_id: Optional[int] = None, *, n_tokens: Optional[int] = None) -> KVStats:
         """One sequence's figures, or (``seq_id`` None) the sums over all sequences, with
         ``cells_max`` the cells of the whole context."""
+        self._check_open()
         if seq_id is None:
             parts = [self.kv_stats(s) for s in range(self.n_seq_max)]
             total = lambda name: sum(getattr(p, name) for p in parts)  # noqa: E731
@@ -454,12 +480,30 @@ class BatchedLlama:
             raise RuntimeError("this BatchedLlama is closed")
 
     def close(self) -> None:
-        """Stop the scheduler (waiting requests fail) and free the context and the model."""
-        if getattr(self, "_closed", True):
+        """Stop the scheduler and free the context and the model.
+
+        Requests in flight fail at their next decode (``RuntimeError``), and those waiting for a
+        sequence at once; the model is freed when the last request has left its sequence (a
+        stream's iterator: when it is read to its end, closed or collected), so that none of
+        them touches freed memory on its way out.
+        """
+        if getattr(self, "_closed", True):   # closed, or __init__ failed
             return
-        self._closed = True
+        with self._sequence_freed:
+            if self._closed:
+                return
+            self._closed = True
+            self._sequence_freed.notify_all()
         self._scheduler.close()
-        with self._scheduler.ctx_lock:   # a request that ends now no longer touches the context
+        with self._sequence_freed:
+            self._free_model_if_idle()
+
+    def _free_model_if_idle(self) -> None:
+        """Once closed and every sequence is back (called with the lock held)."""
+        if len(self._free) < self.n_seq_max or self._model_freed:
+            return
+        self._model_freed = True
+        with self._scheduler.ctx_lock:
             self._ctx.close()            # ours, before the model it uses: the prototype's stack holds the model
             self._proto.close()
 

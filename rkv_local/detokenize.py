@@ -15,6 +15,7 @@ except that a piece longer than its 32-byte buffer is kept whole instead of drop
 """
 from __future__ import annotations
 
+import codecs
 import ctypes
 import operator
 from typing import Dict, List, Sequence
@@ -24,6 +25,37 @@ import llama_cpp
 # shorter lists are joined from the piece table and leave the remembered list alone: the loop asks
 # for a token or two at a time between its calls for the whole completion
 REMEMBER_MIN_TOKENS = 16
+
+
+class CompletionBytes(bytes):
+    """Bytes given to llama-cpp-python's completion loop, whose strict ``decode`` fails only on an
+    incomplete last character.
+
+    The loop's stream step decodes ever longer runs of the tokens not yet sent, strictly, until one
+    decodes: that holds back a character split across tokens. A byte sequence that can never decode
+    (a character cut short and followed by another one, which a model can write) then holds back the
+    rest of the stream until the end, and every later token retries every run: O(n) decodes per
+    token. Here invalid bytes are dropped, as the loop's final ``decode(errors="ignore")`` drops them,
+    so the stream goes on and its chunks join to the completion's text. The bytes themselves (their
+    lengths and offsets, which the loop uses for stop strings) are llama-cpp-python's.
+    """
+
+    __slots__ = ()
+
+    def decode(self, encoding: str = "utf-8", errors: str = "strict") -> str:
+        if errors != "strict" or codecs.lookup(encoding).name != "utf-8":
+            return super().decode(encoding, errors)
+        try:
+            return super().decode(encoding)
+        except UnicodeDecodeError:
+            pass
+        decoder = codecs.getincrementaldecoder("utf-8")("ignore")
+        text = decoder.decode(self, final=False)
+        incomplete = decoder.getstate()[0]
+        if incomplete:
+            raise UnicodeDecodeError("utf-8", bytes(self), len(self) - len(incomplete), len(self),
+                                     "unexpected end of data")
+        return text
 
 
 class PieceTable:
@@ -72,31 +104,33 @@ class Detokenizer:
         """A detokenizer for another stream, sharing the piece table."""
         return Detokenizer(self.pieces)
 
-    def __call__(self, tokens: Sequence[int], special: bool = False) -> bytes:
+    def __call__(self, tokens: Sequence[int], special: bool = False, completion: bool = False) -> bytes:
+        """The bytes of ``tokens``; ``completion``: as ``CompletionBytes``, for the completion loop."""
         if not isinstance(tokens, list):
             tokens = list(tokens)
         special = bool(special)
+        kind = CompletionBytes if completion else bytes
         if len(tokens) < REMEMBER_MIN_TOKENS:
-            text = b"".join([self.pieces.piece(token, special) for token in tokens])
+            text = kind(b"".join([self.pieces.piece(token, special) for token in tokens]))
         else:
-            text = self._remembered(tokens, special)
+            text = self._remembered(tokens, special, kind)
         if text[:1] == b" " and tokens[0] == self.pieces.bos:
-            return text[1:]
+            return kind(text[1:])
         return text
 
-    def _remembered(self, tokens: List[int], special: bool) -> bytes:
+    def _remembered(self, tokens: List[int], special: bool, kind: type) -> bytes:
         n, k = len(tokens), len(self._tokens)
         if special == self._special and k:
             if n == k and tokens == self._tokens:
-                return bytes(self._text)
+                return kind(self._text)
             if n > k and tokens[:k] == self._tokens:
                 self._extend(tokens[k:], special)
-                return bytes(self._text)
+                return kind(self._text)
             if n < k and tokens == self._tokens[:n]:
-                return bytes(self._text[:self._ends[n - 1]])
+                return kind(self._text[:self._ends[n - 1]])
         self._tokens, self._text, self._ends, self._special = [], bytearray(), [], special
         self._extend(tokens, special)
-        return bytes(self._text)
+        return kind(self._text)
 
     def _extend(self, tokens: List[int], special: bool) -> None:
         pieces = [self.pieces.piece(token, special) for token in tokens]   # may refuse a token: nothing changed yet

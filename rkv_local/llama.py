@@ -149,11 +149,6 @@ class Llama(llama_cpp.Llama):
                              "create the embedding model without kv_budget")
         for name in ("n_batch", "n_ubatch"):
             value = kwargs.get(name)
-            if value is not None and value > config.buffer:
-                raise ValueError(
-                    f"{name} ({value}) exceeds kv_buffer ({config.buffer}): with a budget one decode call "
-                    f"may carry at most kv_buffer tokens"
-                )
             if value is not None and value < 1:
                 raise ValueError(f"{name} must be at least 1, got {value}")
         n_ctx_logical = kwargs.pop("n_ctx", None) or 0
@@ -172,8 +167,10 @@ class Llama(llama_cpp.Llama):
         # the window cache keeps only what the window needs (n_swa + n_ubatch cells, padded), as
         # llama.cpp's own server does. A truncation past what it holds re-evaluates the prompt.
         kwargs.setdefault("swa_full", False)
-        n_batch = kwargs.pop("n_batch", None) or config.buffer
-        n_ubatch = kwargs.pop("n_ubatch", None) or n_batch
+        # with a budget one decode call carries at most kv_buffer tokens (the engine compresses between
+        # calls): a larger n_batch (llama-cpp-python's default is 512) evaluates a prompt in such calls
+        n_batch = min(kwargs.pop("n_batch", None) or config.buffer, config.buffer)
+        n_ubatch = min(kwargs.pop("n_ubatch", None) or n_batch, n_batch)
         physical = -(-(config.budget + config.buffer) // CACHE_PAD) * CACHE_PAD
         super().__init__(model_path, n_ctx=physical, n_batch=n_batch, n_ubatch=n_ubatch, **kwargs)
         try:
@@ -211,11 +208,12 @@ class Llama(llama_cpp.Llama):
     def detokenize(self, tokens: list[int], prev_tokens: Optional[list[int]] = None, special: bool = False) -> bytes:
         # llama-cpp-python's completion loop detokenizes the whole completion at every token: ours costs
         # the new tokens only (rkv_local.detokenize), with the same bytes. Its LlamaTokenizer ignores
-        # prev_tokens; another tokenizer (tokenizer=...) is asked as before.
+        # prev_tokens; another tokenizer (tokenizer=...) is asked as before. The loop passes prev_tokens:
+        # its bytes decode past invalid UTF-8 (CompletionBytes), so a stream goes on after it.
         detokenizer = self.__dict__.get("_detokenizer")
         if detokenizer is None or type(self.tokenizer_) is not LlamaTokenizer:
             return super().detokenize(tokens, prev_tokens=prev_tokens, special=special)
-        return detokenizer(tokens, special)
+        return detokenizer(tokens, special, completion=prev_tokens is not None)
 
     # ------------------------------------------------------------------
     # evaluation: counters, and truncations the compressed cache refuses

@@ -102,9 +102,20 @@ class DecodeScheduler:
                 raise RuntimeError("this BatchedLlama is closed")
             self._pending.append(sub)
             self._lock.notify_all()
-        while not sub.done.wait(ALIVE_CHECK_S):
-            if not self._thread.is_alive():   # never expected: _run fails batches, not itself
-                raise RuntimeError("the BatchedLlama's scheduler stopped; create a new BatchedLlama")
+        try:
+            while not sub.done.wait(ALIVE_CHECK_S):
+                if not self._thread.is_alive():   # never expected: _run fails batches, not itself
+                    raise RuntimeError("the BatchedLlama's scheduler stopped; create a new BatchedLlama")
+        except BaseException:
+            # an interrupt (KeyboardInterrupt, ...): withdraw the tokens, or let their decode end before
+            # the request unwinds and its sequence is emptied
+            with self._lock:
+                queued = sub in self._pending
+                if queued:
+                    self._pending.remove(sub)
+            while not queued and not sub.done.wait(ALIVE_CHECK_S) and self._thread.is_alive():
+                pass
+            raise
         if sub.error is not None:
             raise sub.error
         return sub.token

@@ -519,8 +519,40 @@ def make_tiny_model(
         writer.add_key_value(entry.key, entry.value, entry.value_type, entry.item_type)
     for name, tensor in _tiny_tensors(shape, n_vocab, np.random.default_rng(seed)):
         writer.add_tensor(name, tensor)
+    return _write_atomically(writer, path)
 
-    # Write beside the destination and rename, so a reader never sees half a file.
+
+def make_tiny_lora(
+    path: str | os.PathLike[str],
+    arch: str = "llama",
+    n_layer: int = 2,
+    n_embd: int = 128,
+    rank: int = 4,
+    alpha: float = 4.0,
+    seed: int = 0,
+) -> Path:
+    """Write a random LoRA adapter GGUF for a tiny model of ``make_tiny_model`` (its ``arch``,
+    ``n_layer`` and ``n_embd = n_head * head_dim``); return its path.
+
+    It adapts every layer's query projection (``blk.N.attn_q.weight``), with weights large enough
+    to change what a random model writes.
+    """
+    from gguf import GGUFWriter
+
+    writer = GGUFWriter(None, arch)
+    writer.add_type("adapter")
+    writer.add_string("adapter.type", "lora")
+    writer.add_float32("adapter.lora.alpha", alpha)
+    rng = np.random.default_rng(seed)
+    for layer in range(n_layer):
+        # numpy shapes are GGUF's reversed: A is (rank, n_in), B (n_out, rank)
+        writer.add_tensor(f"blk.{layer}.attn_q.weight.lora_a", _normal(rng, (rank, n_embd), 1.0))
+        writer.add_tensor(f"blk.{layer}.attn_q.weight.lora_b", _normal(rng, (n_embd, rank), 1.0))
+    return _write_atomically(writer, path)
+
+
+def _write_atomically(writer: Any, path: str | os.PathLike[str]) -> Path:
+    """Write beside the destination and rename, so a reader never sees half a file."""
     destination = Path(path)
     destination.parent.mkdir(parents=True, exist_ok=True)
     # (Not mkstemp: its 0600 mode would carry over to the final file.)

@@ -10,7 +10,7 @@ The matrix, and where each row is tested:
 | a state truncated, garbage, corrupt in its compression part, from another model | here |
 | a state from another budget, buffer or window | test_llama_api.py (`a_state_from_other_settings`) |
 | a state from another method; a budgeted state into a Llama without a budget | here |
-| kv_budget ≤ window, 0, negative, beyond the model's context; kv_buffer 0; kv_lambda NaN or outside [0, 1]; kv_window 0; n_batch above the buffer | test_llama_api.py (`bad_settings_are_refused`), here for 0 and negative |
+| kv_budget ≤ window, 0, negative, beyond the model's context; kv_buffer 0; kv_lambda NaN or outside [0, 1]; kv_window 0; n_batch 0 | test_llama_api.py (`bad_settings_are_refused`), here for 0 and negative |
 | a prompt past the logical context | here |
 | a closed instance used again | test_llama_api.py (`a_closed_instance_raises`) |
 """

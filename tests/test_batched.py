@@ -6,14 +6,20 @@ or decoded together with others, with and without a budget, streamed or not.
 from __future__ import annotations
 
 import gc
+import signal
+import time
+from contextlib import closing
 import threading
 import weakref
 from pathlib import Path
-from typing import Any, Dict, List
+from typing import Any, Dict, List, Optional
 
+import numpy as np
 import pytest
 
-from rkv_local import BatchedLlama, Llama
+from rkv_local import BatchedLlama, Llama, llama_cpp
+from rkv_local.evals.decoding import eog_tokens
+from rkv_local.testing import make_tiny_lora
 
 QUESTIONS = ["Why is the sky blue?", "What is 2+2?", "Name three fruits.", "Tell me about cats.",
              "What is the capital of France?", "Explain gravity.", "How do birds fly?", "Write a haiku."]
@@ -156,6 +162,147 @@ def test_a_closed_batch_refuses_requests(tiny_model) -> None:
     batch.close()
     with pytest.raises(RuntimeError, match="closed"):
         batch.create_completion("hello", max_tokens=2)
+
+
+def endless(batch: BatchedLlama, started: Optional[threading.Event] = None) -> Dict[str, Any]:
+    """Settings of a request that runs until it is stopped: end tokens banned, ``started`` set at its
+    first sampled token."""
+    eog = eog_tokens(batch._proto)
+
+    def ban(_ids: np.ndarray, scores: np.ndarray) -> np.ndarray:
+        if started is not None:
+            started.set()
+        scores[eog] = -np.inf
+        return scores
+
+    return dict(max_tokens=10**6, temperature=0.0, logits_processor=llama_cpp.LogitsProcessorList([ban]))
+
+
+def test_closing_with_requests_in_flight_fails_them_and_frees_the_model_after_the_last(tiny_model) -> None:
+    """close() freed the model under requests still running: the next to tokenize died of SIGSEGV
+    (issue 21, item 4). Now running requests fail at their next decode, waiting ones at once, and
+    the model is freed when the last request leaves its sequence, here a stream left unread."""
+    batch = BatchedLlama(tiny_model(arch="llama"), n_seq_max=2, verbose=False)
+    stream = batch.create_completion("Hello", stream=True, **endless(batch))
+    first = next(stream)                                    # holds sequence 0, suspended
+    started, errors = threading.Event(), {}
+
+    def run(name: str, **settings: Any) -> None:
+        try:
+            batch.create_completion("World", **settings)
+        except Exception as exc:  # noqa: BLE001 - what the test reads
+            errors[name] = exc
+
+    running = threading.Thread(target=run, args=("running",), kwargs=endless(batch, started))
+    running.start()
+    assert started.wait(60)                                 # sequence 1 decoding
+    waiting = threading.Thread(target=run, args=("waiting",), kwargs=dict(max_tokens=4))
+    waiting.start()                                         # no free sequence: it waits
+    batch.close()
+    running.join(60)
+    waiting.join(60)
+    assert not running.is_alive() and not waiting.is_alive()
+    assert {name: str(exc) for name, exc in errors.items()} == {
+        "running": "this BatchedLlama is closed", "waiting": "this BatchedLlama is closed"}
+    assert first["choices"][0]["finish_reason"] is None and not batch._model_freed   # the stream still holds it
+    assert batch._proto.tokenize(b"still loaded")
+    with pytest.raises(RuntimeError, match="closed"):
+        list(stream)
+    assert batch._model_freed
+    with pytest.raises(RuntimeError, match="closed"):
+        batch.kv_stats()
+
+
+def test_closing_under_many_requests_ends_each_with_its_text_or_an_error(tiny_model) -> None:
+    """Requests tokenizing, decoding, sampling and leaving while close() runs: each ends with a result
+    or "closed", and the process lives on."""
+    batch = BatchedLlama(tiny_model(arch="llama"), n_seq_max=2, verbose=False)
+    outcomes: List[str] = []
+    started = threading.Event()
+
+    def client() -> None:
+        for _ in range(200):
+            try:
+                batch.create_completion("Hello there", max_tokens=3, temperature=0.0)
+                outcomes.append("text")
+            except RuntimeError as exc:
+                assert "closed" in str(exc)
+                outcomes.append("closed")
+                return
+            started.set()
+
+    clients = [threading.Thread(target=client) for _ in range(4)]
+    for c in clients:
+        c.start()
+    assert started.wait(60)
+    batch.close()
+    for c in clients:
+        c.join(60)
+    assert outcomes.count("closed") == 4 and "text" in outcomes and batch._model_freed
+
+
+def test_lora_n_batch_and_n_ubatch_reach_the_batched_context(tiny_model, tmp_path: Path) -> None:
+    """They were dropped (issue 21, item 6): a LoRA adapter never applied (the server answered with the
+    base model), the chunking settings replaced by the batch's."""
+    model = tiny_model(arch="llama")
+    adapter = make_tiny_lora(tmp_path / "adapter.gguf")
+    greedy = dict(max_tokens=12, temperature=0.0)
+
+    def lone(**kwargs: Any) -> str:
+        with closing(Llama(str(model), n_ctx=256, verbose=False, **kwargs)) as llm:
+            return llm.create_completion("Hello world", **greedy)["choices"][0]["text"]
+
+    adapted, base = lone(lora_path=str(adapter)), lone()
+    assert adapted != base
+    with BatchedLlama(model, n_seq_max=2, lora_path=str(adapter), verbose=False) as batch:
+        assert [r["choices"][0]["text"] for r in batch.generate_batch(["Hello world"] * 2, **greedy)] == [adapted] * 2
+    with BatchedLlama(model, n_seq_max=2, n_batch=8, n_ubatch=4, verbose=False, **BUDGET) as batch:
+        assert batch.chunk_size == 8
+        assert llama_cpp.llama_n_ubatch(batch._ctx.ctx) == 4
+        long_prompt = "Hello world " * 40
+        texts = [r["choices"][0]["text"] for r in batch.generate_batch([long_prompt] * 2, **greedy)]
+    with closing(Llama(str(model), verbose=False, **BUDGET)) as llm:
+        assert texts == [llm.create_completion(long_prompt, **greedy)["choices"][0]["text"]] * 2
+
+
+def test_an_interrupted_request_withdraws_its_tokens(tiny_model) -> None:
+    """A KeyboardInterrupt while a request waited for its decode left its tokens queued: the scheduler
+    decoded them later, into a sequence the request had given back (issue 21, item 9)."""
+    with BatchedLlama(tiny_model(arch="llama"), n_seq_max=2, verbose=False) as batch:
+        scheduler = batch._scheduler
+        with batch.sequence() as first, batch.sequence() as second:
+            with scheduler.ctx_lock:   # the scheduler's next decode waits for it
+                decoding = threading.Thread(target=scheduler.submit, args=(first, [1, 2], False))
+                decoding.start()
+                deadline = time.monotonic() + 10
+                while scheduler._pending and time.monotonic() < deadline:
+                    time.sleep(0.01)   # taken into the decode that waits for the lock
+                previous = signal.signal(signal.SIGALRM, interrupt)
+                signal.setitimer(signal.ITIMER_REAL, 0.2)
+                try:
+                    with pytest.raises(KeyboardInterrupt):
+                        scheduler.submit(second, [3], False)   # queued behind it
+                finally:
+                    signal.signal(signal.SIGALRM, previous)
+                assert scheduler._pending == []
+            decoding.join(10)
+            assert (first.n_tokens, second.n_tokens) == (2, 0)
+        out = batch.create_completion("Hello", max_tokens=4, temperature=0.0)
+        assert out["choices"][0]["finish_reason"] == "length" and batch.kv_stats().cells_used == 0
+
+
+def test_verbose_requests_print_the_shared_timings_under_the_lock(tiny_model, capfd) -> None:
+    """With verbose=True each completion prints the context's timings (llama-cpp-python's habit),
+    under the lock of the decodes; none resets the counters the other requests share."""
+    with BatchedLlama(tiny_model(arch="llama"), n_seq_max=2, verbose=True) as batch:
+        capfd.readouterr()
+        batch.generate_batch(["Hello", "World"], max_tokens=3, temperature=0.0)
+    printed = capfd.readouterr().err
+    assert printed.count("llama_perf_context_print:        eval time") == 2, printed
+
+
+def interrupt(*_: Any) -> None:
+    raise KeyboardInterrupt
 
 
 def test_requests_without_a_seed_draw_their_own_samples(smollm2_path: Path) -> None:

@@ -13,13 +13,15 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any, Dict, Iterator, List, Sequence
 
+import codecs
+
 import numpy as np
 import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from rkv_local import BatchedLlama, Llama, _library
-from rkv_local.detokenize import REMEMBER_MIN_TOKENS, Detokenizer, PieceTable
+from rkv_local.detokenize import REMEMBER_MIN_TOKENS, CompletionBytes, Detokenizer, PieceTable
 import llama_cpp
 
 THREADS = dict(n_threads=1, n_threads_batch=1, verbose=False)
@@ -57,8 +59,17 @@ class VocabFacts:
         self.bytes = [t for t, p in enumerate(pieces) if len(p) == 1 and p[0] >= 0x80]   # parts of a character
         self.spaced = [t for t, p in enumerate(pieces) if p[:1] == b" "][:200]
         self.by_byte = {p: t for t, p in enumerate(pieces) if len(p) == 1}
+        self.whole = {t for t, p in enumerate(pieces) if whole_characters(p)}
         self.special = [t for t in range(self.n_vocab)
                         if llama_cpp.llama_vocab_get_attr(llm._model.vocab, t) & llama_cpp.LLAMA_TOKEN_ATTR_CONTROL]
+
+
+def whole_characters(piece: bytes) -> bool:
+    try:
+        piece.decode("utf-8")
+        return True
+    except UnicodeDecodeError:
+        return False
 
 
 _facts: Dict[str, VocabFacts] = {}
@@ -104,6 +115,28 @@ def test_every_call_sequence_gives_llama_cpp_pythons_bytes(vocab: Llama, data: s
         else:   # a short list in between leaves the remembered one alone
             short = data.draw(token_lists(facts, 0, REMEMBER_MIN_TOKENS - 1))
             assert detokenizer(short, special) == stock_detokenize(vocab, short, special)
+
+
+@settings(max_examples=300, deadline=None)
+@given(data=st.binary(max_size=24) | st.text(max_size=8).map(str.encode))
+def test_completion_bytes_decode_strictly_only_an_incomplete_last_character(data: bytes) -> None:
+    """The completion loop's strict decode: invalid bytes dropped as errors="ignore" drops them, an
+    incomplete last character still an error (the loop holds it back); other decodes unchanged."""
+    wrapped = CompletionBytes(data)
+    assert wrapped == data and len(wrapped) == len(data)
+    assert wrapped.decode("utf-8", errors="ignore") == data.decode("utf-8", errors="ignore")
+    assert wrapped.decode("utf-8", "replace") == data.decode("utf-8", "replace")
+    decoder = codecs.getincrementaldecoder("utf-8")("ignore")
+    ignored = decoder.decode(data, final=False)
+    if decoder.getstate()[0]:
+        with pytest.raises(UnicodeDecodeError, match="unexpected end of data"):
+            wrapped.decode()
+    else:
+        assert wrapped.decode() == wrapped.decode("UTF8") == ignored == data.decode("utf-8", errors="ignore")
+    try:
+        assert wrapped.decode() == data.decode()   # valid UTF-8: as before
+    except UnicodeDecodeError:
+        pass
 
 
 def test_a_completion_growing_token_by_token_costs_its_new_tokens(vocab: Llama) -> None:
@@ -220,7 +253,9 @@ def character_split(facts: VocabFacts, text: str) -> List[int]:
 def scripts(llm: Llama, facts: VocabFacts) -> Dict[str, List[int]]:
     rng = np.random.default_rng(11)
     words = llm.tokenize("The answer is 42, naïve café: 東京 ✅ done.\nNext line".encode(), add_bos=False)
-    plain = [int(t) for t in rng.choice(sorted(set(range(facts.n_vocab)) - facts.long - set(facts.special)
+    # tokens of whole characters: random parts of characters would make invalid UTF-8, where the
+    # streams differ on purpose (test_a_stream_goes_on_after_invalid_utf8)
+    plain = [int(t) for t in rng.choice(sorted(facts.whole - facts.long - set(facts.special)
                                                - set(eog_of(llm))), 60)]
     split = character_split(facts, "é ✅ 東京 🎉!")
     return {
@@ -312,3 +347,48 @@ def test_batched_requests_equal_llama_cpp_pythons_loop(tiny_vocab_model: str, pa
             ThreadPoolExecutor(len(requests)) as pool:
         results = list(pool.map(lambda s, r: complete(batch, s, eos, **r), named.values(), requests))
     assert results == expected
+
+
+def test_a_stream_goes_on_after_invalid_utf8(pair) -> None:
+    """A character cut short and followed by another one never decodes. llama-cpp-python's stream then
+    holds back everything after it until the end, retrying every held-back run at each token (O(n)
+    decodes per token); ours sends each token's text as it comes, the invalid bytes dropped, and the
+    chunks join to the completion's text, which is llama-cpp-python's."""
+    ours, stock, facts = pair
+    eos = eog_of(ours)[0]
+    words = ours.tokenize(b"The answer is 42, naive cafe done. Next line", add_bos=False)
+    cut_short = [facts.by_byte[b"\xe0"], facts.by_byte[b"\xa4"]]   # 2 of a 3-byte character
+    lone = facts.by_byte[b"\xa4"]   # a continuation byte after a whole character
+    script = words + cut_short + words * 4 + [lone] + words
+    prompt = ours.tokenize(b"Once upon a time", add_bos=False)
+    for stop in ([], ["Next line The"]):
+        kwargs = dict(prompt=prompt, max_tokens=len(script) + 5, stop=stop)
+        whole = complete(ours, script, eos, **kwargs)
+        assert whole == complete(stock, script, eos, **kwargs)
+        assert "\ufffd" not in whole["choices"][0]["text"]
+
+        if not stop:
+            text = whole["choices"][0]["text"]
+            # the text sent before the end token is sampled: all but the last token or so (ours), only
+            # what came before the cut character (llama-cpp-python's)
+            assert len(streamed_before_the_end(ours, script, eos, kwargs, text)) >= len(text) - 8
+            assert len(streamed_before_the_end(stock, script, eos, kwargs, text)) < len(text) // 4
+
+
+def streamed_before_the_end(llm: Any, script: List[int], end: int, kwargs: Dict[str, Any], text: str) -> str:
+    """Streams the script; returns the text of the chunks that came before ``end`` was sampled, after
+    checking that all chunks join to ``text``."""
+    sampled = [0]
+
+    def counting(_ids: np.ndarray, scores: np.ndarray) -> np.ndarray:
+        sampled[0] += 1
+        return scores
+
+    processors = forcing(script, end)
+    processors.insert(0, counting)
+    if isinstance(llm, llama_cpp.Llama) and not isinstance(llm, Llama):
+        llm.reset()
+    chunks = [(sampled[0], chunk["choices"][0]["text"])
+              for chunk in llm.create_completion(temperature=0.0, logits_processor=processors, stream=True, **kwargs)]
+    assert "".join(t for _, t in chunks) == text
+    return "".join(t for n, t in chunks if n <= len(script))
