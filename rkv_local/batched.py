@@ -27,7 +27,7 @@ from llama_cpp import _internals as internals
 from llama_cpp import llama_chat_format
 
 from . import _native
-from .llama import CACHE_PAD, KVStats, Llama
+from .llama import CACHE_PAD, KVStats, Llama, check_kv_arguments
 from .scheduler import DecodeScheduler, RequestCancelled, StepStats
 
 __all__ = ["BatchedLlama", "RequestCancelled", "StepStats"]
@@ -212,6 +212,7 @@ class BatchedLlama:
         verbose: bool = False,
         **kwargs: Any,
     ) -> None:
+        check_kv_arguments(kwargs)
         max_seq = int(llama_cpp.llama_max_parallel_sequences())
         if not 1 <= n_seq_max <= max_seq:
             raise ValueError(f"n_seq_max must be between 1 and {max_seq} (llama.cpp's limit), got {n_seq_max}")

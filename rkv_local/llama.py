@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import ctypes
+import difflib
 import inspect
 import os
 from dataclasses import dataclass
@@ -92,6 +93,20 @@ class _Closed:
         pass
 
 
+KV_ARGUMENTS = ("kv_budget", "kv_buffer", "kv_method", "kv_window", "kv_lambda")
+_LLAMA_CPP_PARAMETERS = frozenset(inspect.signature(llama_cpp.Llama.__init__).parameters)
+
+
+def check_kv_arguments(kwargs: dict) -> None:
+    """Refuse a misspelled ``kv_*`` argument: llama-cpp-python's ``Llama`` swallows unknown keyword
+    arguments, so ``kv_budgt=64`` would silently run without a budget."""
+    for name in kwargs:
+        if name.startswith("kv_") and name not in _LLAMA_CPP_PARAMETERS:   # kv_overrides is llama-cpp-python's
+            close = difflib.get_close_matches(name, KV_ARGUMENTS, n=1, cutoff=0.5)
+            hint = f"; did you mean {close[0]}?" if close else f" (the kv_* arguments: {', '.join(KV_ARGUMENTS)})"
+            raise TypeError(f"unexpected keyword argument {name!r}{hint}")
+
+
 class Llama(llama_cpp.Llama):
     """Drop-in for ``llama_cpp.Llama``.
 
@@ -120,6 +135,7 @@ class Llama(llama_cpp.Llama):
         kv_lambda: float = 0.1,
         **kwargs: Any,
     ) -> None:
+        check_kv_arguments(kwargs)
         model_path = os.fspath(model_path)  # llama-cpp-python takes str only
         if not os.path.exists(model_path):  # llama-cpp-python's message, before the metadata is read
             raise ValueError(f"Model path does not exist: {model_path}")

@@ -13,7 +13,7 @@ from typing import Optional
 import numpy as np
 import pytest
 
-from rkv_local import KVStats, Llama, _native
+from rkv_local import BatchedLlama, KVStats, Llama, _native
 import llama_cpp
 
 from engine_helpers import greedy, last_logits, random_tokens
@@ -319,6 +319,20 @@ def test_prefix_reuse_of_a_compressed_cache(tiny: str) -> None:
             again.close()
     finally:
         fresh.close()
+
+
+@pytest.mark.parametrize("cls", [Llama, BatchedLlama])
+def test_a_misspelled_kv_argument_is_refused_with_the_right_name(tiny: str, cls: type) -> None:
+    """llama-cpp-python's Llama swallows unknown keyword arguments: kv_budgt=64 ran without a budget
+    (issue 22)."""
+    for wrong, right in (("kv_budgt", "kv_budget"), ("kv_metod", "kv_method"), ("kv_bufer", "kv_buffer"),
+                         ("kv_windw", "kv_window"), ("kv_lamda", "kv_lambda")):
+        with pytest.raises(TypeError, match=f"unexpected keyword argument '{wrong}'; did you mean {right}\\?"):
+            cls(tiny, verbose=False, **{wrong: 64})
+    with pytest.raises(TypeError, match="the kv_\\* arguments: kv_budget, kv_buffer"):
+        cls(tiny, verbose=False, kv_zzz=1)
+    llm = cls(tiny, kv_overrides={"general.name": "renamed"}, n_ctx=64, verbose=False)   # llama-cpp-python's own
+    llm.close()
 
 
 def test_n_batch_of_llama_cpp_python_code_works_with_a_budget(smollm2_path: Path) -> None:
