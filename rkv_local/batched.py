@@ -123,7 +123,21 @@ class _SequenceView(Llama):
         if self._next_token is None:
             raise RuntimeError("sample() before eval(): a sequence view samples what its last decode produced")
         token, self._next_token = self._next_token, None
+        self._sampled.append(token)
         return token
+
+    def generate(self, tokens: Sequence[int], *args: Any, **kwargs: Any) -> Any:
+        self._sampled = []
+        return (yield from Llama.generate(self, tokens, *args, **kwargs))
+
+    def usage(self) -> Dict[str, int]:
+        """The last completion's ``usage``, as llama-cpp-python counts it for a whole answer (its
+        prompt; the tokens it wrote, an end token not counted): a stream has none."""
+        written = len(self._sampled)
+        if written and llama_cpp.llama_vocab_is_eog(self._model.vocab, self._sampled[-1]):
+            written -= 1
+        return dict(prompt_tokens=self._prompt_tokens, completion_tokens=written,
+                    total_tokens=self._prompt_tokens + written)
 
     def reset(self) -> None:
         # llama-cpp-python resets before evaluating a prompt it cannot continue: a second completion in
@@ -335,6 +349,7 @@ class BatchedLlama:
             view.__dict__.update(self._proto.__dict__)
             view._owner, view._seq_id, view._next_token, view.cancelled = self, seq_id, None, False
             view._sampler, view.n_tokens, view._tokens_evaluated, view._seed = None, 0, 0, seed
+            view._sampled = []
             view._detokenizer = self._proto._detokenizer.fork()   # what it remembers is this request's
             view._ctx = _SequenceContext(self._ctx, seq_id, self._scheduler)
             view._n_ctx = self.n_ctx_seq

@@ -19,6 +19,7 @@ import os
 from contextlib import closing
 import re
 import shutil
+import signal
 import sys
 import time
 from dataclasses import dataclass
@@ -202,6 +203,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="llama-cpp-python chat format (default: the model's own template)")
     p.add_argument("--api-key", default=None, metavar="KEY", help="require this bearer token")
     p.add_argument("--seed", type=int, default=None, metavar="S", help="random seed (requests may give their own)")
+    p.add_argument("--shutdown-timeout", type=float, default=30.0, metavar="SECONDS",
+                   help="on SIGTERM or Ctrl-C, new requests get 503 and running ones this long to finish; then "
+                        "open streams end with an error event, other requests with a 503 (default 30)")
 
     from .evals import add_commands  # the evaluation commands; the runtime itself never imports evals
 
@@ -620,15 +624,25 @@ def cmd_serve(args: argparse.Namespace) -> int:
     except ValueError as exc:
         raise CliError(str(exc).splitlines()[0] if str(exc) else repr(exc)) from None
     alias = args.model_alias or args.model
-    app = server.create_app(llm, model_alias=alias, api_key=args.api_key)
+    app = server.create_app(llm, model_alias=alias, api_key=args.api_key, shutdown_timeout_s=args.shutdown_timeout)
     budget = (f"kv budget {args.kv_budget} + buffer {args.kv_buffer} ({args.kv_method})"
               if args.kv_budget is not None else "full KV cache")
     print(f"{PROG}: serving {alias} with {budget}, {args.parallel} request(s) at a time, "
           f"on http://{args.host}:{args.port}/v1", file=sys.stderr, flush=True)
+    class Server(uvicorn.Server):
+        def handle_exit(self, sig: int, frame: Any) -> None:
+            server.begin_shutdown(app)   # new requests: 503; running ones: until --shutdown-timeout
+            super().handle_exit(sig, frame)
+
+    config = uvicorn.Config(app, host=args.host, port=args.port, log_level="info" if args.verbose else "warning",
+                            timeout_graceful_shutdown=args.shutdown_timeout + 5)
+    # uvicorn raises the signal again once it has stopped; here it has been handled: exit 0
+    handled = {sig: signal.signal(sig, lambda *_: None) for sig in (signal.SIGINT, signal.SIGTERM)}
     try:
-        uvicorn.run(app, host=args.host, port=args.port, log_level="info" if args.verbose else "warning",
-                    timeout_graceful_shutdown=5)
+        Server(config).run()
     finally:
+        for sig, handler in handled.items():
+            signal.signal(sig, handler)
         if server.drain(app):  # a request thread still inside the model would crash on a closed one
             llm.close()
     return 0

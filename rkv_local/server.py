@@ -32,9 +32,9 @@ import json
 import re
 import threading
 import time
-from typing import Any, AsyncIterator, Dict, List, Optional, Set, Tuple
+from typing import Any, AsyncIterator, Dict, List, Literal, Optional, Set, Tuple, Union
 
-__all__ = ["SERVER_EXTRAS", "ServerExtrasMissing", "create_app", "drain"]
+__all__ = ["SERVER_EXTRAS", "ServerExtrasMissing", "begin_shutdown", "create_app", "drain"]
 
 # what llama-cpp-python 0.3.36 declares for its own `server` extra; pyproject.toml repeats it
 SERVER_EXTRAS = (
@@ -52,12 +52,13 @@ class ServerExtrasMissing(ImportError):
 
 
 try:
+    import anyio
     from fastapi import Depends, FastAPI, Request
     from fastapi.exceptions import RequestValidationError
     from fastapi.responses import JSONResponse, Response
     from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
     from llama_cpp.server.types import CreateChatCompletionRequest, CreateCompletionRequest
-    from pydantic import Field
+    from pydantic import BaseModel, ConfigDict, Field
     from sse_starlette.sse import EventSourceResponse
     from starlette.concurrency import run_in_threadpool
     from starlette.exceptions import HTTPException as StarletteHTTPException
@@ -73,6 +74,8 @@ from .batched import BatchedLlama, RequestCancelled
 
 # how often a request that waits (for a sequence, or for its answer) checks that its client is still there
 DISCONNECT_POLL_S = 0.25
+# a stopping server answers new requests 503 with this Retry-After (seconds)
+RETRY_AFTER_S = 5
 
 
 class APIError(Exception):
@@ -87,7 +90,13 @@ class APIError(Exception):
         return {"error": {"message": self.message, "type": self.type, "param": self.param, "code": self.code}}
 
     def response(self) -> JSONResponse:
-        return JSONResponse(self.body(), status_code=self.status)
+        headers = {"Retry-After": str(RETRY_AFTER_S)} if self.status == 503 else None
+        return JSONResponse(self.body(), status_code=self.status, headers=headers)
+
+
+def _shutting_down() -> APIError:
+    return APIError(503, "the server is shutting down; retry on another instance or after its restart",
+                    type="server_error", code="server_shutting_down")
 
 
 def _api_error(exc: BaseException) -> APIError:
@@ -105,15 +114,20 @@ class _ClientGone(Exception):
     """The client closed the connection while its request waited."""
 
 
+class _ShutdownDeadline(Exception):
+    """The server is stopping and the request's time to finish has run out."""
+
+
 class _Job:
     """One request on a thread of its own: wait for a sequence, run the completion on its view,
     and hand ``("result" | "chunk" | "error" | "end", value)`` items to the event loop."""
 
-    def __init__(self, served: "_Served", method: str, kwargs: Dict[str, Any]) -> None:
+    def __init__(self, served: "_Served", method: str, kwargs: Dict[str, Any], include_usage: bool = False) -> None:
         self._served = served
         self._method = method
         self._kwargs = kwargs
         self._stream = bool(kwargs.get("stream"))
+        self._include_usage = include_usage
         self._loop = asyncio.get_running_loop()
         self.items: "asyncio.Queue[Tuple[str, Any]]" = asyncio.Queue()
         self._cancelled = threading.Event()
@@ -152,14 +166,19 @@ class _Job:
                     if not self._stream:
                         self._put("result", result)
                         return
+                    chunk = None
                     try:
                         for chunk in result:
                             self._put("chunk", chunk)
                             if self._cancelled.is_set():
-                                break
+                                return
                     finally:
                         view.cancelled = True  # whatever is left of the generators may not decode any more
                         result.close()
+                    if self._include_usage and chunk is not None:
+                        # OpenAI's stream_options.include_usage: a last chunk with the usage and no choice
+                        self._put("chunk", dict({k: v for k, v in chunk.items() if k != "choices"},
+                                                choices=[], usage=view.usage()))
                 finally:
                     self._served.finished(view)
         except RequestCancelled:
@@ -174,8 +193,10 @@ class _Job:
 class _Served:
     """The model, its name and the requests in flight."""
 
-    def __init__(self, llm: BatchedLlama, model_alias: str, api_key: Optional[str]) -> None:
+    def __init__(self, llm: BatchedLlama, model_alias: str, api_key: Optional[str],
+                 shutdown_timeout_s: float = 30.0) -> None:
         self.llm = llm
+        self.shutdown_timeout_s = shutdown_timeout_s
         self.model_alias = model_alias
         self.api_key = api_key
         self.created = int(time.time())
@@ -183,6 +204,13 @@ class _Served:
         self._jobs: Set[_Job] = set()
         self.n_finished = 0
         self.last_finished: Optional[Dict[str, Any]] = None   # kv_stats of the last request, as it ended
+        self.stopping = False
+        self.deadline = float("inf")   # time.monotonic() by which a stopping server ends what still runs
+
+    def begin_shutdown(self) -> None:
+        """Take no new request; let the running ones finish for ``shutdown_timeout_s`` seconds."""
+        if not self.stopping:
+            self.stopping, self.deadline = True, time.monotonic() + self.shutdown_timeout_s
 
     def finished(self, view: Any) -> None:
         try:
@@ -272,15 +300,23 @@ def _parse_grammar(view: Any, text: str) -> "llama_cpp.LlamaGrammar":
     return grammar
 
 
-async def _next_item(job: _Job, request: Request) -> Tuple[str, Any]:
-    """The job's next item; raises ``_ClientGone`` if the client leaves meanwhile."""
+async def _next_item(job: _Job, served: "_Served", request: Optional[Request] = None,
+                     shutdown: Optional["anyio.Event"] = None) -> Tuple[str, Any]:
+    """The job's next item; raises ``_ClientGone`` if the client of ``request`` leaves meanwhile
+    (a stream's disconnection is sse-starlette's to watch), and ``_ShutdownDeadline`` once a
+    stopping server's time for running requests has run out (``shutdown``: set by sse-starlette
+    when the server is told to stop)."""
     getter = asyncio.ensure_future(job.items.get())
     try:
         while True:
+            if shutdown is not None and shutdown.is_set():
+                served.begin_shutdown()
+            if time.monotonic() > served.deadline:   # checked first: a stream's items come without pause
+                raise _ShutdownDeadline
             done, _ = await asyncio.wait({getter}, timeout=DISCONNECT_POLL_S)
             if done:
                 return getter.result()
-            if await request.is_disconnected():
+            if request is not None and await request.is_disconnected():
                 raise _ClientGone
     finally:
         getter.cancel()  # a no-op once it has its item; an item not taken stays in the queue
@@ -294,13 +330,19 @@ def _has_finish_reason(chunk: Any) -> bool:
 
 
 async def _respond(served: _Served, request: Request, method: str, kwargs: Dict[str, Any]) -> Response:
-    job = _Job(served, method, kwargs)
+    options = kwargs.pop("stream_options", None) or {}
+    if served.stopping:
+        return _shutting_down().response()
+    job = _Job(served, method, kwargs, include_usage=bool(kwargs.get("stream") and options.get("include_usage")))
     job.start()
     try:
-        kind, first = await _next_item(job, request)
+        kind, first = await _next_item(job, served, request)
     except _ClientGone:
         job.cancel()
         return Response(status_code=499)  # nobody reads it
+    except _ShutdownDeadline:
+        job.cancel()
+        return _shutting_down().response()
     except BaseException:  # cancelled: the server is stopping
         job.cancel()
         raise
@@ -316,7 +358,12 @@ async def _respond(served: _Served, request: Request, method: str, kwargs: Dict[
         try:
             yield {"data": json.dumps(first)}
             while True:
-                kind, value = await job.items.get()
+                try:
+                    kind, value = await _next_item(job, served, shutdown=shutdown)
+                except _ShutdownDeadline:
+                    finished = True
+                    yield {"event": "error", "data": json.dumps(_shutting_down().body())}
+                    break
                 if kind == "chunk":
                     finished = finished or _has_finish_reason(value)
                     yield {"data": json.dumps(value)}
@@ -332,16 +379,63 @@ async def _respond(served: _Served, request: Request, method: str, kwargs: Dict[
         finally:
             job.cancel()  # a client that went away frees its sequence
 
-    return EventSourceResponse(events())
+    # on SIGTERM sse-starlette would cut every stream at once (no finish_reason, no error): with a
+    # shutdown event it waits; the stream itself ends at the server's deadline, with an error event
+    shutdown = anyio.Event()
+    return EventSourceResponse(events(), shutdown_event=shutdown,
+                               shutdown_grace_period=served.shutdown_timeout_s + 4 * DISCONNECT_POLL_S)
+
+
+class StreamOptions(BaseModel):
+    include_usage: bool = Field(default=False, description="A last chunk with the usage of the request.")
+
+
+class CompletionRequest(CreateCompletionRequest):
+    """llama-cpp-python's completion request with OpenAI's ``stream_options``."""
+
+    stream_options: Optional[StreamOptions] = None
+
+
+class ChatMessage(BaseModel):
+    """A chat message as OpenAI's API allows it: ``content`` a text, a list of parts or null (an
+    assistant's tool call; llama-cpp-python's types want a text there); other fields (``name``,
+    ``tool_calls``, ``tool_call_id``, ...) go to the chat format as given."""
+
+    model_config = ConfigDict(extra="allow")
+    role: Literal["system", "user", "assistant", "tool", "function"]
+    content: Optional[Union[str, List[Dict[str, Any]]]] = None
 
 
 class ChatRequest(CreateChatCompletionRequest):
-    """llama-cpp-python's chat request with OpenAI's newer name for ``max_tokens``: the openai
-    client sends ``max_completion_tokens``, and an unknown field is ignored, so without it a
-    request's limit would silently become the whole context."""
+    """llama-cpp-python's chat request with OpenAI's newer name for ``max_tokens`` and its
+    ``stream_options``: the openai client sends ``max_completion_tokens``, and an unknown field is
+    ignored, so without it a request's limit would silently become the whole context."""
 
     max_completion_tokens: Optional[int] = Field(
         default=None, description="The maximum number of tokens to generate (OpenAI's name for max_tokens).")
+    stream_options: Optional[StreamOptions] = None
+    messages: List[ChatMessage] = Field(default=[], description="The conversation so far.")
+
+
+def _text_messages(messages: List[Dict[str, Any]]) -> List[Dict[str, Any]]:
+    """Messages whose ``content`` the chat template can read: a list of text parts (what many
+    OpenAI clients send) joined by newlines, and null (an assistant's tool call) as empty text
+    where no call carries the message. Other parts are refused: the model reads text."""
+    texts = []
+    for i, message in enumerate(messages):
+        content = message.get("content")
+        if isinstance(content, list):
+            parts = []
+            for part in content:
+                kind = part.get("type") if isinstance(part, dict) else type(part).__name__
+                if kind != "text":
+                    raise _unsupported(f"messages.{i}.content", f"a content part of type {kind!r} (text parts only)")
+                parts.append(part.get("text") or "")
+            message = dict(message, content="\n".join(parts))
+        elif content is None and not (message.get("tool_calls") or message.get("function_call")):
+            message = dict(message, content="")
+        texts.append(message)
+    return texts
 
 
 def _max_tokens(body: ChatRequest) -> Optional[int]:
@@ -364,15 +458,18 @@ def _unsupported(name: str, why: str) -> APIError:
     return APIError(400, f"{name} is not supported by rkv-local serve: {why}", param=name, code="unsupported_parameter")
 
 
-def create_app(llm: BatchedLlama, *, model_alias: str, api_key: Optional[str] = None) -> FastAPI:
+def create_app(llm: BatchedLlama, *, model_alias: str, api_key: Optional[str] = None,
+               shutdown_timeout_s: float = 30.0) -> FastAPI:
     """The FastAPI app serving ``llm`` under the name ``model_alias``.
 
     ``/v1/completions``, ``/v1/chat/completions`` (streamed or not), ``/v1/models``, ``/health``
     and ``GET /rkv/stats`` (KV figures of the whole context and of each sequence). With
     ``api_key`` every route but ``/health`` wants ``Authorization: Bearer <api_key>``. The caller
-    keeps ``llm``: close it after the server stopped, once ``drain(app)`` returned True.
+    keeps ``llm``: close it after the server stopped, once ``drain(app)`` returned True. A caller
+    that stops the server calls ``begin_shutdown(app)`` first (``rkv-local serve`` does on SIGTERM
+    and SIGINT), so that no answer ends without a ``finish_reason`` or an error.
     """
-    served = _Served(llm, model_alias, api_key)
+    served = _Served(llm, model_alias, api_key, shutdown_timeout_s)
 
     @contextlib.asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
@@ -414,7 +511,7 @@ def create_app(llm: BatchedLlama, *, model_alias: str, api_key: Optional[str] = 
     auth = [Depends(authenticate)]
 
     @app.post("/v1/completions", dependencies=auth, tags=["OpenAI V1"], summary="Completion")
-    async def completions(request: Request, body: CreateCompletionRequest) -> Response:
+    async def completions(request: Request, body: CompletionRequest) -> Response:
         if isinstance(body.prompt, list):
             if len(body.prompt) > 1:
                 raise _unsupported("prompt", f"one prompt per request, got {len(body.prompt)}")
@@ -436,6 +533,7 @@ def create_app(llm: BatchedLlama, *, model_alias: str, api_key: Optional[str] = 
             raise _unsupported("logprobs", "a batched sequence keeps the logits of its last token only")
         body.max_tokens = _max_tokens(body)
         kwargs = body.model_dump(exclude={"model", "n", "user", "logprobs", "top_logprobs", "max_completion_tokens"})
+        kwargs["messages"] = _text_messages(kwargs["messages"])
         return await _respond(served, request, "create_chat_completion", kwargs)
 
     @app.get("/v1/models", dependencies=auth, tags=["OpenAI V1"], summary="Models")
@@ -461,6 +559,13 @@ def create_app(llm: BatchedLlama, *, model_alias: str, api_key: Optional[str] = 
         return await run_in_threadpool(collect)
 
     return app
+
+
+def begin_shutdown(app: FastAPI) -> None:
+    """Tell the app the server is stopping: new requests get 503 (with ``Retry-After``), running
+    ones have ``shutdown_timeout_s`` to finish; then an open stream ends with an ``error`` event and
+    ``[DONE]``, a request still waiting for its answer with a 503."""
+    app.state.rkv.begin_shutdown()
 
 
 def drain(app: FastAPI, timeout_s: float = 5.0) -> bool:

@@ -6,6 +6,7 @@ SmolLM2-135M with a budget of 32 + 16 cells, so every answer is compressed on it
 from __future__ import annotations
 
 import json
+import signal
 import socket
 import subprocess
 import sys
@@ -46,6 +47,7 @@ def chat(question: str) -> List[Dict[str, str]]:
 class Server:
     def __init__(self, proc: subprocess.Popen, port: int, log: Path) -> None:
         self.proc, self.port, self.log = proc, port, log
+        self.stopped = False   # a test stopped it
         self.base = f"http://127.0.0.1:{port}"
 
     def client(self, api_key: str = "none", timeout: float = TIMEOUT_S) -> "openai.OpenAI":
@@ -82,7 +84,7 @@ def serve(model: Path, tmp_path: Path, *options: str) -> Iterator[Server]:
                 assert time.monotonic() < deadline, f"the server did not start: {log.read_text()[-3000:]}"
                 time.sleep(0.2)
         yield server
-        assert proc.poll() is None, f"the server died: {log.read_text()[-3000:]}"
+        assert server.stopped or proc.poll() is None, f"the server died: {log.read_text()[-3000:]}"
     finally:
         proc.terminate()
         try:
@@ -268,7 +270,7 @@ def test_serve_listens_on_loopback_by_default(server4: Server) -> None:
 def test_unknown_fields_are_ignored_and_the_answer_is_the_same(server_short: Server) -> None:
     """Fields of newer OpenAI API versions (or of nobody's) change nothing: the answer is the one
     of the same request without them, as with llama-cpp-python's own server."""
-    unknown = {"frobnicate": True, "stream_options": {"include_usage": True}, "service_tier": "auto",
+    unknown = {"frobnicate": True, "service_tier": "auto",
                "metadata": {"who": "test"}, "store": False, "parallel_tool_calls": False}
     plain = {"prompt": "The capital of France is", "max_tokens": 12, "temperature": 0}
     status, alone = _post(server_short, "/v1/completions", plain)
@@ -308,6 +310,90 @@ def test_max_completion_tokens_limits_a_chat_as_max_tokens_does(server_short: Se
     with pytest.raises(openai.BadRequestError, match="differ") as info:
         client.chat.completions.create(model="smol", messages=question, max_tokens=6, max_completion_tokens=8)
     assert info.value.body["param"] == "max_completion_tokens"
+
+
+def test_content_as_text_parts_or_null_reads_as_text(server_short: Server) -> None:
+    """Many OpenAI clients send a message's content as a list of parts, and null for an assistant's
+    tool call: both gave a 500 (issue 22)."""
+    client = server_short.client()
+    greedy = dict(model="smol", max_tokens=8, temperature=0, logit_bias=NO_END)
+    plain = client.chat.completions.create(messages=[{"role": "user", "content": "Name three fruits.\nBe brief."}],
+                                           **greedy)
+    parts = client.chat.completions.create(messages=[{"role": "user", "content": [
+        {"type": "text", "text": "Name three fruits."}, {"type": "text", "text": "Be brief."}]}], **greedy)
+    assert parts.choices[0].message.content == plain.choices[0].message.content
+    history = [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": None},
+               {"role": "user", "content": "Name three fruits."}]
+    empty = [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": ""},
+             {"role": "user", "content": "Name three fruits."}]
+    assert (client.chat.completions.create(messages=history, **greedy).choices[0].message.content
+            == client.chat.completions.create(messages=empty, **greedy).choices[0].message.content)
+    with pytest.raises(openai.BadRequestError, match="content part of type 'image_url'") as info:
+        client.chat.completions.create(messages=[{"role": "user", "content": [
+            {"type": "image_url", "image_url": {"url": "data:image/png;base64,AAAA"}}]}], **greedy)
+    assert info.value.body["param"] == "messages.0.content"
+
+
+def test_stream_options_include_usage_ends_a_stream_with_its_usage(server_short: Server) -> None:
+    """stream_options.include_usage was ignored: clients that count tokens from streams got none."""
+    client = server_short.client()
+    for create, request in ((client.chat.completions.create, dict(messages=chat("Tell me about cats."))),
+                            (client.completions.create, dict(prompt="Once upon a time"))):
+        for limit in (5, 40):   # "length", and an end token reached ("stop")
+            settings = dict(model="smol", max_tokens=limit, temperature=0, **request)
+            whole = create(**settings)
+            chunks = list(create(stream=True, stream_options={"include_usage": True}, **settings))
+            assert chunks[-1].choices == [] and chunks[-1].usage == whole.usage, (chunks[-1], whole.usage)
+            assert all(chunk.usage is None for chunk in chunks[:-1])
+            assert chunks[-2].choices[0].finish_reason == whole.choices[0].finish_reason
+            assert all(chunk.usage is None for chunk in create(stream=True, **settings))
+
+
+def test_sigterm_lets_running_requests_finish_and_ends_the_others_with_an_error(smollm2_path: Path,
+                                                                                 tmp_path: Path) -> None:
+    """On SIGTERM the server's streams simply stopped after 0.5 s, without a finish_reason or an
+    error (issue 22). Now a request that finishes within --shutdown-timeout gets its whole answer,
+    a longer one ends with an error the client sees (a stream's error event, or a 503), and the
+    server exits 0."""
+    with serve(smollm2_path, tmp_path, *BUDGET, "--parallel", "3", "--shutdown-timeout", "4",
+               "--model-alias", "smol") as server:
+        client = server.client()
+        endless = dict(model="smol", messages=chat("Tell me about cats."), max_tokens=100000, temperature=0,
+                       logit_bias=NO_END)
+        outcomes: Dict[str, Any] = {}
+        streaming = threading.Event()
+
+        def run(name: str, **kwargs: Any) -> None:
+            try:
+                if kwargs.get("stream"):
+                    chunks = []
+                    for chunk in client.chat.completions.create(**kwargs):
+                        chunks.append(chunk)
+                        streaming.set()
+                    outcomes[name] = (len(chunks), chunks[-1].choices[0].finish_reason)
+                else:
+                    outcomes[name] = client.chat.completions.create(**kwargs).choices[0].finish_reason
+            except openai.APIError as exc:
+                outcomes[name] = exc
+
+        clients = {"long stream": dict(endless, stream=True), "long answer": endless,
+                   "short stream": dict(endless, max_tokens=24, stream=True)}
+        threads = {name: threading.Thread(target=run, args=(name,), kwargs=kwargs) for name, kwargs in clients.items()}
+        threads["long stream"].start()
+        assert streaming.wait(TIMEOUT_S)
+        threads["long answer"].start()
+        threads["short stream"].start()
+        time.sleep(0.5)
+        server.stopped = True
+        server.proc.send_signal(signal.SIGTERM)
+        for thread in threads.values():
+            thread.join(TIMEOUT_S)
+        assert server.proc.wait(TIMEOUT_S) == 0, server.log.read_text()[-3000:]
+    long_stream, long_answer = outcomes["long stream"], outcomes["long answer"]
+    assert isinstance(long_stream, openai.APIError) and "shutting down" in long_stream.message, long_stream
+    assert isinstance(long_answer, openai.APIStatusError) and long_answer.status_code == 503, long_answer
+    assert long_answer.response.headers["Retry-After"] == "5"
+    assert outcomes["short stream"][1] == "length", outcomes["short stream"]
 
 
 def test_max_tokens_beyond_the_context_ends_at_the_context(server_short: Server) -> None:
