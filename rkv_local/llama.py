@@ -146,7 +146,8 @@ class Llama(llama_cpp.Llama):
         self._prompt_tokens_evaluated = 0
         self._prompt_pending = False
         self._detokenizer: Optional[Detokenizer] = None
-        if kv_budget is None:
+        # a vocabulary-only Llama (tokenizing) has no cache: a budget in shared settings is moot
+        if kv_budget is None or kwargs.get("vocab_only"):
             super().__init__(model_path, **kwargs)
             self._detokenizer = Detokenizer(PieceTable(self._model))
             return
