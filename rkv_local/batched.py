@@ -28,6 +28,7 @@ from llama_cpp import llama_chat_format
 
 from . import _native
 from .llama import CACHE_PAD, KVStats, Llama, check_kv_arguments
+from .sampling import check_grammar, check_logit_bias
 from .scheduler import DecodeScheduler, RequestCancelled, StepStats
 
 __all__ = ["BatchedLlama", "RequestCancelled", "StepStats"]
@@ -381,6 +382,13 @@ class BatchedLlama:
         return self._run_request("create_chat_completion", dict(messages=messages, **kwargs))
 
     def _run_request(self, method: str, kwargs: Dict[str, Any]) -> Any:
+        # a stream is lazy: its view would only see these when read, after waiting for a sequence
+        with self._sequence_freed:   # the model is freed under this lock
+            self._check_open()
+            if kwargs.get("logit_bias"):
+                check_logit_bias(kwargs["logit_bias"], self._proto.n_vocab())
+            if kwargs.get("grammar") is not None:
+                check_grammar(self._proto._model.vocab, kwargs["grammar"])
         if not kwargs.get("stream"):
             with self.sequence() as view:
                 return getattr(view, method)(**kwargs)

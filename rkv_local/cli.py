@@ -50,6 +50,13 @@ def _positive_int(text: str) -> int:
     return value
 
 
+def _non_negative_int(text: str) -> int:
+    value = int(text)
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"must be 0 or more, got {value}")
+    return value
+
+
 def _add_model_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("model", metavar="MODEL",
                    help="GGUF file, or a known model name: smollm2-135m, qwen2.5-coder-0.5b (downloaded once)")
@@ -187,7 +194,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = _add_command(sub, "serve", cmd_serve, help="OpenAI-compatible HTTP server, concurrent requests batched",
                      description="Serve MODEL over an OpenAI-compatible API (/v1/completions, /v1/chat/completions, "
-                                 "streamed or not, /v1/models) with the budgeted KV cache, plus GET /rkv/stats. Up "
+                                 "streamed or not, /v1/models) with the budgeted KV cache, plus GET /rkv/stats and GET "
+                                 "/metrics (Prometheus). Up "
                                  "to --parallel requests decode together, each in a KV stream (and budget) of its "
                                  "own; more wait for a free one. Flash attention is always on, so that a request "
                                  "gives the same text alone or beside others. Needs the server extras: "
@@ -203,6 +211,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="llama-cpp-python chat format (default: the model's own template)")
     p.add_argument("--api-key", default=None, metavar="KEY", help="require this bearer token")
     p.add_argument("--seed", type=int, default=None, metavar="S", help="random seed (requests may give their own)")
+    p.add_argument("--max-queue", type=_non_negative_int, default=None, metavar="N",
+                   help="at most N requests wait for a sequence; more get 503 with Retry-After (default: no limit)")
     p.add_argument("--shutdown-timeout", type=float, default=30.0, metavar="SECONDS",
                    help="on SIGTERM or Ctrl-C, new requests get 503 and running ones this long to finish; then "
                         "open streams end with an error event, other requests with a 503 (default 30)")
@@ -624,7 +634,8 @@ def cmd_serve(args: argparse.Namespace) -> int:
     except ValueError as exc:
         raise CliError(str(exc).splitlines()[0] if str(exc) else repr(exc)) from None
     alias = args.model_alias or args.model
-    app = server.create_app(llm, model_alias=alias, api_key=args.api_key, shutdown_timeout_s=args.shutdown_timeout)
+    app = server.create_app(llm, model_alias=alias, api_key=args.api_key, shutdown_timeout_s=args.shutdown_timeout,
+                            max_queue=args.max_queue)
     budget = (f"kv budget {args.kv_budget} + buffer {args.kv_buffer} ({args.kv_method})"
               if args.kv_budget is not None else "full KV cache")
     print(f"{PROG}: serving {alias} with {budget}, {args.parallel} request(s) at a time, "

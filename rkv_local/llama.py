@@ -16,11 +16,13 @@ from llama_cpp.llama_tokenizer import LlamaTokenizer
 from . import _native
 from ._native import CompressionConfig
 from .detokenize import Detokenizer, PieceTable
+from .sampling import check_grammar, check_logit_bias
 
 # the physical cache is rounded to this: llama.cpp attends to n_kv = PAD(used, 256) cells anyway
 CACHE_PAD = 256
 
 _CREATE_COMPLETION = inspect.signature(llama_cpp.Llama.create_completion)
+_GENERATE = inspect.signature(llama_cpp.Llama.generate)
 
 
 @dataclass(frozen=True)
@@ -264,6 +266,9 @@ class Llama(llama_cpp.Llama):
         self, tokens: Sequence[int], *args: Any, **kwargs: Any
     ) -> Generator[int, Optional[Sequence[int]], None]:
         tokens = list(tokens)
+        grammar = _GENERATE.bind(self, tokens, *args, **kwargs).arguments.get("grammar")
+        if grammar is not None:
+            check_grammar(self._model.vocab, grammar)
         self._prompt_tokens = len(tokens)
         self._prompt_tokens_evaluated = 0
         self._prompt_pending = True
@@ -277,7 +282,7 @@ class Llama(llama_cpp.Llama):
             llama_cpp.llama_memory_clear(llama_cpp.llama_get_memory(self._ctx.ctx), True)
 
     # ------------------------------------------------------------------
-    # completions: refusals with a budget
+    # completions: refusals with a budget, sampling settings llama.cpp would crash or ignore on
     # ------------------------------------------------------------------
 
     def create_completion(self, prompt: Any, *args: Any, **kwargs: Any) -> Any:
@@ -288,6 +293,11 @@ class Llama(llama_cpp.Llama):
                 "(logits_all), which a budgeted cache does not keep; create the Llama without kv_budget "
                 "and with logits_all=True for logprobs"
             )
+        # refused here, not at the first sample: a stream would otherwise fail after its first chunk
+        if bound.arguments.get("logit_bias"):
+            check_logit_bias(bound.arguments["logit_bias"], self.n_vocab())
+        if bound.arguments.get("grammar") is not None:
+            check_grammar(self._model.vocab, bound.arguments["grammar"])
         processors = bound.arguments.get("logits_processor")
         if bound.arguments.get("logit_bias") and processors is not None:
             # llama-cpp-python adds its logit_bias processor with `processors = processors.extend(...)`:

@@ -32,11 +32,12 @@ import json
 import re
 import threading
 import time
-from typing import Any, AsyncIterator, Dict, List, Literal, Optional, Set, Tuple, Union
+from typing import Any, AsyncIterator, Dict, Iterator, List, Literal, Optional, Set, Tuple, Union
 
 __all__ = ["SERVER_EXTRAS", "ServerExtrasMissing", "begin_shutdown", "create_app", "drain"]
 
-# what llama-cpp-python 0.3.36 declares for its own `server` extra; pyproject.toml repeats it
+# what llama-cpp-python 0.3.36 declares for its own `server` extra, and prometheus_client (GET /metrics);
+# pyproject.toml repeats it
 SERVER_EXTRAS = (
     "uvicorn>=0.22.0",
     "fastapi>=0.100.0",
@@ -44,6 +45,7 @@ SERVER_EXTRAS = (
     "sse-starlette>=1.6.1",
     "starlette-context>=0.3.6,<0.4",
     "PyYAML>=5.1",
+    "prometheus_client",
 )
 
 
@@ -58,6 +60,8 @@ try:
     from fastapi.responses import JSONResponse, Response
     from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
     from llama_cpp.server.types import CreateChatCompletionRequest, CreateCompletionRequest
+    from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Gauge, generate_latest
+    from prometheus_client.core import GaugeMetricFamily
     from pydantic import BaseModel, ConfigDict, Field
     from sse_starlette.sse import EventSourceResponse
     from starlette.concurrency import run_in_threadpool
@@ -71,6 +75,7 @@ except ImportError as exc:  # pragma: no cover - depends on the installed extras
 import llama_cpp
 
 from .batched import BatchedLlama, RequestCancelled
+from .sampling import check_grammar, check_logit_bias
 
 # how often a request that waits (for a sequence, or for its answer) checks that its client is still there
 DISCONNECT_POLL_S = 0.25
@@ -156,6 +161,7 @@ class _Job:
     def _run(self) -> None:
         try:
             with self._served.llm.sequence() as view:
+                started = time.monotonic()
                 with self._lock:
                     self._view, self.seq_id = view, view._seq_id
                     view.cancelled = self._cancelled.is_set()
@@ -180,7 +186,7 @@ class _Job:
                         self._put("chunk", dict({k: v for k, v in chunk.items() if k != "choices"},
                                                 choices=[], usage=view.usage()))
                 finally:
-                    self._served.finished(view)
+                    self._served.finished(view, time.monotonic() - started)
         except RequestCancelled:
             pass
         except BaseException as exc:  # noqa: BLE001 - handed to the client
@@ -190,13 +196,67 @@ class _Job:
             self._put("end", None)
 
 
+class _Metrics:
+    """What ``GET /metrics`` shows, in Prometheus' text format: counters kept as requests come and go,
+    and the gauges of the queue and of each sequence's cache read when scraped. A registry of the
+    app's own, so that several apps in one process do not mix their figures."""
+
+    def __init__(self, served: "_Served") -> None:
+        self.registry = CollectorRegistry()
+        self._served = served
+        self.requests = Counter("rkv_requests", "Requests received, by endpoint", ["endpoint"],
+                                registry=self.registry)
+        self.rejected = Counter("rkv_requests_rejected", "Requests refused with a 503, by reason",
+                                ["reason"], registry=self.registry)
+        self.finished_requests = Counter("rkv_requests_finished", "Requests that ran on a sequence and left it",
+                                         registry=self.registry)
+        self.prompt_tokens = Counter("rkv_prompt_tokens", "Prompt tokens of finished requests",
+                                     registry=self.registry)
+        self.completion_tokens = Counter("rkv_completion_tokens", "Tokens written by finished requests",
+                                         registry=self.registry)
+        self.tokens_per_second = Gauge("rkv_completion_tokens_per_second",
+                                       "Tokens written per second by the last finished request, its prompt "
+                                       "included in the time (rate(rkv_completion_tokens_total) for the server)",
+                                       registry=self.registry)
+        self.registry.register(self)
+
+    def finished(self, usage: Dict[str, int], seconds: float) -> None:
+        self.finished_requests.inc()
+        self.prompt_tokens.inc(usage["prompt_tokens"])
+        self.completion_tokens.inc(usage["completion_tokens"])
+        if seconds > 0:
+            self.tokens_per_second.set(usage["completion_tokens"] / seconds)
+
+    def collect(self) -> Iterator[GaugeMetricFamily]:
+        """The gauges read at scrape time (prometheus_client's custom-collector protocol)."""
+        served, llm = self._served, self._served.llm
+        running, waiting = served.counts()
+        yield GaugeMetricFamily("rkv_requests_running", "Requests decoding on a sequence", value=len(running))
+        yield GaugeMetricFamily("rkv_requests_waiting", "Requests waiting for a free sequence", value=waiting)
+        if llm._closed:
+            return
+        figures = {
+            "rkv_sequence_cells": ("KV cells the sequence holds now (per layer and KV head)", "cells_used"),
+            "rkv_sequence_tokens": ("Logical length of the sequence (its positions)", "n_tokens"),
+            "rkv_sequence_compressions": ("Compressions of the sequence's current request", "compressions"),
+            "rkv_sequence_kv_bytes": ("KV-cache bytes the sequence holds now", "kv_bytes_used"),
+        }
+        families = {name: GaugeMetricFamily(name, doc, labels=["seq_id"]) for name, (doc, _) in figures.items()}
+        for seq_id in range(llm.n_seq_max):
+            stats = llm.kv_stats(seq_id)
+            for name, (_, field) in figures.items():
+                families[name].add_metric([str(seq_id)], getattr(stats, field))
+        yield from families.values()
+
+
 class _Served:
     """The model, its name and the requests in flight."""
 
     def __init__(self, llm: BatchedLlama, model_alias: str, api_key: Optional[str],
-                 shutdown_timeout_s: float = 30.0) -> None:
+                 shutdown_timeout_s: float = 30.0, max_queue: Optional[int] = None) -> None:
         self.llm = llm
         self.shutdown_timeout_s = shutdown_timeout_s
+        self.max_queue = max_queue
         self.model_alias = model_alias
         self.api_key = api_key
         self.created = int(time.time())
@@ -206,23 +266,35 @@ class _Served:
         self.last_finished: Optional[Dict[str, Any]] = None   # kv_stats of the last request, as it ended
         self.stopping = False
         self.deadline = float("inf")   # time.monotonic() by which a stopping server ends what still runs
+        self.metrics = _Metrics(self)
 
     def begin_shutdown(self) -> None:
         """Take no new request; let the running ones finish for ``shutdown_timeout_s`` seconds."""
         if not self.stopping:
             self.stopping, self.deadline = True, time.monotonic() + self.shutdown_timeout_s
 
-    def finished(self, view: Any) -> None:
+    def finished(self, view: Any, seconds: float) -> None:
+        # figures only: the request itself is done, whatever fails here
         try:
             stats = dict(seq_id=view._seq_id, **dataclasses.asdict(view.kv_stats()))
-        except Exception:  # noqa: BLE001 - figures only; the request itself is done
+        except Exception:  # noqa: BLE001
             stats = None
+        try:
+            self.metrics.finished(view.usage(), seconds)
+        except Exception:  # noqa: BLE001
+            pass
         with self._lock:
             self.n_finished += 1
             self.last_finished = stats
 
     def add(self, job: _Job) -> None:
+        """Take the request, or refuse it with a 503 when ``max_queue`` requests already wait."""
         with self._lock:
+            if self.max_queue is not None and len(self._jobs) >= self.llm.n_seq_max + self.max_queue:
+                self.metrics.rejected.labels(reason="queue_full").inc()
+                raise APIError(503, f"the server is busy: {self.max_queue} request(s) already wait for one of its "
+                                    f"{self.llm.n_seq_max} sequence(s); retry later",
+                               type="server_error", code="queue_full")
             self._jobs.add(job)
 
     def remove(self, job: _Job) -> None:
@@ -269,34 +341,20 @@ class _Served:
 
 
 def _check_token_ids(logit_bias: Dict[str, float], n_vocab: int) -> None:
-    """Refuse a ``logit_bias`` key that is not a token id of the model. llama-cpp-python applies
-    the bias inside a sampler callback, where an IndexError is printed and swallowed: every bias
-    of the request would be dropped silently (and a negative id would bias the vocabulary's end)."""
-    for key in logit_bias:
-        try:
-            token = int(key)
-        except ValueError:
-            token = -1
-        if not 0 <= token < n_vocab:
-            raise APIError(400, f"logit_bias: {key!r} is not a token id of this model (0 to {n_vocab - 1})",
-                           param="logit_bias")
+    """``sampling.check_logit_bias`` as a 400 naming the parameter."""
+    try:
+        check_logit_bias(logit_bias, n_vocab)
+    except ValueError as exc:
+        raise APIError(400, str(exc), param="logit_bias") from None
 
 
 def _parse_grammar(view: Any, text: str) -> "llama_cpp.LlamaGrammar":
-    """The request's GBNF grammar, refused with a 400 when llama.cpp cannot parse it.
-
-    llama-cpp-python adds the grammar sampler to the chain without looking at it: llama.cpp gives
-    NULL for a grammar it cannot parse, and the first sample dereferences it, which kills the
-    whole server. So the grammar is built once here, checked and freed.
-    """
+    """The request's GBNF grammar, refused with a 400 when llama.cpp cannot parse it."""
     grammar = llama_cpp.LlamaGrammar.from_string(text, verbose=False)
-    sampler = llama_cpp.llama_sampler_init_grammar(view._model.vocab, grammar._grammar.encode("utf-8"),
-                                                   grammar._root.encode("utf-8"))
-    if not sampler:
-        raise APIError(400, f"grammar: llama.cpp refused this GBNF grammar (a syntax error, an undefined or "
-                            f"left-recursive rule, or no rule named {grammar._root!r})",
-                       param="grammar", code="invalid_grammar")
-    llama_cpp.llama_sampler_free(sampler)
+    try:
+        check_grammar(view._model.vocab, grammar)
+    except ValueError as exc:
+        raise APIError(400, str(exc), param="grammar", code="invalid_grammar") from None
     return grammar
 
 
@@ -331,7 +389,9 @@ def _has_finish_reason(chunk: Any) -> bool:
 
 async def _respond(served: _Served, request: Request, method: str, kwargs: Dict[str, Any]) -> Response:
     options = kwargs.pop("stream_options", None) or {}
+    served.metrics.requests.labels(endpoint=method).inc()
     if served.stopping:
+        served.metrics.rejected.labels(reason="shutting_down").inc()
         return _shutting_down().response()
     job = _Job(served, method, kwargs, include_usage=bool(kwargs.get("stream") and options.get("include_usage")))
     job.start()
@@ -459,17 +519,19 @@ def _unsupported(name: str, why: str) -> APIError:
 
 
 def create_app(llm: BatchedLlama, *, model_alias: str, api_key: Optional[str] = None,
-               shutdown_timeout_s: float = 30.0) -> FastAPI:
+               shutdown_timeout_s: float = 30.0, max_queue: Optional[int] = None) -> FastAPI:
     """The FastAPI app serving ``llm`` under the name ``model_alias``.
 
-    ``/v1/completions``, ``/v1/chat/completions`` (streamed or not), ``/v1/models``, ``/health``
-    and ``GET /rkv/stats`` (KV figures of the whole context and of each sequence). With
+    ``/v1/completions``, ``/v1/chat/completions`` (streamed or not), ``/v1/models``, ``/health``,
+    ``GET /rkv/stats`` (KV figures of the whole context and of each sequence) and ``GET /metrics``
+    (Prometheus). With ``max_queue``, a request beyond ``n_seq_max`` running and ``max_queue``
+    waiting gets a 503 with ``Retry-After``. With
     ``api_key`` every route but ``/health`` wants ``Authorization: Bearer <api_key>``. The caller
     keeps ``llm``: close it after the server stopped, once ``drain(app)`` returned True. A caller
     that stops the server calls ``begin_shutdown(app)`` first (``rkv-local serve`` does on SIGTERM
     and SIGINT), so that no answer ends without a ``finish_reason`` or an error.
     """
-    served = _Served(llm, model_alias, api_key, shutdown_timeout_s)
+    served = _Served(llm, model_alias, api_key, shutdown_timeout_s, max_queue)
 
     @contextlib.asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
@@ -557,6 +619,11 @@ def create_app(llm: BatchedLlama, *, model_alias: str, api_key: Optional[str] = 
                     "last_finished": served.last_finished}
 
         return await run_in_threadpool(collect)
+
+    @app.get("/metrics", dependencies=auth, tags=["rkv-local"], summary="Prometheus metrics")
+    async def metrics() -> Response:
+        body = await run_in_threadpool(generate_latest, served.metrics.registry)
+        return Response(body, media_type=CONTENT_TYPE_LATEST)
 
     return app
 

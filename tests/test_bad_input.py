@@ -13,6 +13,7 @@ The matrix, and where each row is tested:
 | kv_budget ≤ window, 0, negative, beyond the model's context; kv_buffer 0; kv_lambda NaN or outside [0, 1]; kv_window 0; n_batch 0 | test_llama_api.py (`bad_settings_are_refused`), here for 0 and negative |
 | a prompt past the logical context | here |
 | a closed instance used again | test_llama_api.py (`a_closed_instance_raises`) |
+| a grammar llama.cpp cannot parse; a logit_bias key that is no token id (Llama, BatchedLlama) | here; the server: test_server.py |
 """
 from __future__ import annotations
 
@@ -23,7 +24,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from rkv_local import Llama
+import llama_cpp
+
+from rkv_local import BatchedLlama, Llama
 
 from engine_helpers import random_tokens
 
@@ -238,3 +241,62 @@ def test_a_state_file_that_was_cut_short_is_refused(tiny: Path, tmp_path: Path) 
         assert llm.kv_stats().compressions > 0
     finally:
         llm.close()
+
+
+# ---------------------------------------------------------------------------
+# sampling settings: llama-cpp-python crashed on a grammar llama.cpp cannot parse (a NULL sampler
+# in the chain) and dropped every bias of a request with a key that is no token id
+# ---------------------------------------------------------------------------
+
+BAD_GRAMMARS = ["root ::= (", "root ::= undefined", 'start ::= "a"']
+BAD_BIASES = [{999_999_999: 5.0}, {-3: 5.0}, {"abc": 5.0}]
+
+
+def sampling_refusals(llm) -> list:
+    """(call, expected words) for each bad setting, through each entry point of ``llm``: each raises
+    when called, a stream too (before its first chunk)."""
+    calls = []
+    for text in BAD_GRAMMARS:
+        grammar = llama_cpp.LlamaGrammar.from_string(text, verbose=False)
+        calls += [
+            (lambda g=grammar: llm.create_completion("Hi", max_tokens=3, grammar=g), "grammar"),
+            (lambda g=grammar: llm.create_completion("Hi", max_tokens=3, grammar=g, stream=True), "grammar"),
+            (lambda g=grammar: llm.create_chat_completion([{"role": "user", "content": "Hi"}], max_tokens=3,
+                                                          grammar=g), "grammar"),
+        ]
+    for bias in BAD_BIASES:
+        calls += [
+            (lambda b=bias: llm.create_completion("Hi", max_tokens=3, logit_bias=b), "not a token id"),
+            (lambda b=bias: llm.create_chat_completion([{"role": "user", "content": "Hi"}], max_tokens=3,
+                                                       logit_bias=b), "not a token id"),
+        ]
+    return calls
+
+
+def assert_sampling_settings_work(llm) -> None:
+    yes_no = llama_cpp.LlamaGrammar.from_string('root ::= " yes" | " no"', verbose=False)
+    out = llm.create_completion("Hi", max_tokens=4, temperature=0.0, grammar=yes_no)
+    assert out["choices"][0]["text"] in (" yes", " no")
+    forced = llm.create_completion("Hi", max_tokens=2, temperature=0.0, logit_bias={45: 100.0})  # 45: "="
+    assert forced["choices"][0]["text"] == "=="
+
+
+@pytest.mark.parametrize("budget", [None, B])
+def test_bad_grammar_and_logit_bias_are_value_errors_in_llama(tiny: Path, budget) -> None:
+    llm = Llama(str(tiny), n_ctx=256, **THREADS, **({"kv_budget": B, "kv_buffer": b} if budget else {}))
+    for call, words in sampling_refusals(llm):
+        with pytest.raises(ValueError, match=words):
+            call()
+    bad = llama_cpp.LlamaGrammar.from_string("root ::= (", verbose=False)
+    with pytest.raises(ValueError, match="grammar"):
+        next(llm.generate(llm.tokenize(b"Hi"), grammar=bad))
+    assert_sampling_settings_work(llm)
+    llm.close()
+
+
+def test_bad_grammar_and_logit_bias_are_value_errors_in_batched_llama(tiny: Path) -> None:
+    with BatchedLlama(str(tiny), n_seq_max=2, kv_budget=B, kv_buffer=b, **THREADS) as llm:
+        for call, words in sampling_refusals(llm):
+            with pytest.raises(ValueError, match=words):
+                call()
+        assert_sampling_settings_work(llm)

@@ -610,6 +610,71 @@ def test_a_client_that_disconnects_frees_its_sequence(smollm2_path: Path, tmp_pa
         assert reply.choices[0].message.content.strip()
 
 
+def _metrics(server: Server) -> Dict[Tuple[str, Tuple[Tuple[str, str], ...]], float]:
+    """``GET /metrics`` read with prometheus_client's own parser: {(sample name, labels): value}."""
+    from prometheus_client.parser import text_string_to_metric_families
+
+    with urllib.request.urlopen(server.base + "/metrics", timeout=10) as response:
+        assert response.headers.get_content_type() == "text/plain"
+        text = response.read().decode()
+    return {(sample.name, tuple(sorted(sample.labels.items()))): sample.value
+            for family in text_string_to_metric_families(text) for sample in family.samples}
+
+
+def test_max_queue_refuses_with_503_and_metrics_show_queue_cells_and_tokens(smollm2_path: Path,
+                                                                            tmp_path: Path) -> None:
+    with serve(smollm2_path, tmp_path, *BUDGET, "--parallel", "1", "--max-queue", "1") as server:
+        client = server.client()
+        # a stream holds the only sequence (and compresses: 32 + 16 cells), a second request waits
+        stream = client.completions.create(model="smol", prompt="1, 2, 3, 4, 5, 6,", max_tokens=4000,
+                                           temperature=0, stream=True, logit_bias=NO_END)
+        chunks = iter(stream)
+        for _ in range(80):
+            next(chunks)
+        waiting: Dict[str, Any] = {}
+        worker = threading.Thread(target=lambda: waiting.update(reply=client.chat.completions.create(
+            model="smol", messages=chat("What is 2+2?"), max_tokens=8, temperature=0)))
+        worker.start()
+        deadline = time.monotonic() + 30
+        while server.get("/rkv/stats")["requests_waiting"] != 1:
+            assert time.monotonic() < deadline, "the second request never queued"
+            time.sleep(0.1)
+
+        with pytest.raises(openai.InternalServerError) as info:   # a third is one too many
+            client.completions.create(model="smol", prompt="Hi", max_tokens=4)
+        assert info.value.status_code == 503 and info.value.code == "queue_full"
+        assert info.value.response.headers["Retry-After"] == "5"
+
+        metrics = _metrics(server)
+        assert metrics["rkv_requests_running", ()] == 1 and metrics["rkv_requests_waiting", ()] == 1
+        assert metrics["rkv_requests_rejected_total", (("reason", "queue_full"),)] == 1
+        assert metrics["rkv_requests_total", (("endpoint", "create_completion"),)] == 2
+        assert metrics["rkv_requests_total", (("endpoint", "create_chat_completion"),)] == 1
+        assert 0 < metrics["rkv_sequence_cells", (("seq_id", "0"),)] <= 32 + 16
+        assert metrics["rkv_sequence_compressions", (("seq_id", "0"),)] >= 1
+        assert metrics["rkv_sequence_tokens", (("seq_id", "0"),)] > 80
+        assert metrics["rkv_sequence_kv_bytes", (("seq_id", "0"),)] > 0
+
+        stream.close()       # the waiting request gets the sequence
+        worker.join(TIMEOUT_S)
+        assert waiting["reply"].choices[0].message.content
+        deadline = time.monotonic() + 30
+        while _metrics(server)["rkv_requests_finished_total", ()] != 2:
+            assert time.monotonic() < deadline, "the requests never finished"
+            time.sleep(0.1)
+
+        # the token counters move by what a request reports as its usage
+        before = _metrics(server)
+        reply = client.completions.create(model="smol", prompt="One, two,", max_tokens=12, temperature=0,
+                                          logit_bias=NO_END)
+        after = _metrics(server)
+        assert after["rkv_prompt_tokens_total", ()] - before["rkv_prompt_tokens_total", ()] == reply.usage.prompt_tokens
+        assert (after["rkv_completion_tokens_total", ()] - before["rkv_completion_tokens_total", ()]
+                == reply.usage.completion_tokens == 12)
+        assert after["rkv_completion_tokens_per_second", ()] > 0
+        assert after["rkv_requests_running", ()] == 0 and after["rkv_sequence_cells", (("seq_id", "0"),)] == 0
+
+
 # ---------------------------------------------------------------------------------------------
 # failures inside a stream, with a stand-in for the model (the app runs in this process)
 # ---------------------------------------------------------------------------------------------
