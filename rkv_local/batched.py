@@ -266,7 +266,8 @@ class BatchedLlama:
         self._lock = threading.Lock()      # the free sequences, the prototype's seed, closing
         self._sequence_freed = threading.Condition(self._lock)
         self._model_freed = False
-        self._scheduler = DecodeScheduler(self._ctx, self.n_batch, verbose)
+        check = self._proto._check_rpc_servers if self._proto._rpc_servers else None
+        self._scheduler = DecodeScheduler(self._ctx, self.n_batch, verbose, check_devices=check)
         self._closed = False
 
     def _setup(self, n_ctx: int, n_batch: int, n_ubatch: Optional[int], verbose: bool) -> None:

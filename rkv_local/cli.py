@@ -57,6 +57,16 @@ def _non_negative_int(text: str) -> int:
     return value
 
 
+def _device_kwargs(args: argparse.Namespace) -> Dict[str, Any]:
+    """--n-gpu-layers and --rpc as Llama's arguments (with servers and no count, every layer goes there)."""
+    kwargs: Dict[str, Any] = {}
+    if args.n_gpu_layers is not None:
+        kwargs["n_gpu_layers"] = args.n_gpu_layers
+    if args.rpc:
+        kwargs["rpc_servers"] = args.rpc
+    return kwargs
+
+
 def _add_model_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("model", metavar="MODEL",
                    help="GGUF file, or a known model name: smollm2-135m, qwen2.5-coder-0.5b (downloaded once)")
@@ -65,7 +75,11 @@ def _add_model_args(p: argparse.ArgumentParser) -> None:
                    help="logical context: positions and max tokens run up to it (default: the model's training context)")
     g.add_argument("--n-threads", type=_positive_int, default=None, metavar="N",
                    help="CPU threads (default: llama-cpp-python's choice)")
-    g.add_argument("--n-gpu-layers", type=int, default=0, metavar="N", help="layers to offload to a GPU; -1: all (default 0)")
+    g.add_argument("--n-gpu-layers", type=int, default=None, metavar="N",
+                   help="layers to offload to a GPU or the --rpc servers; -1: all (default 0, all with --rpc)")
+    g.add_argument("--rpc", default=None, metavar="HOST:PORT[,...]",
+                   help="llama.cpp rpc-server(s) to hold layers and their KV caches (no authentication: loopback "
+                        "or a trusted network only)")
     g.add_argument("--flash-attn", action="store_true", help="use flash attention")
     g.add_argument("--verbose", action="store_true", help="show llama.cpp's log")
     k = p.add_argument_group(
@@ -266,8 +280,8 @@ def _load(args: argparse.Namespace):
     path = _resolve(args.model)
     from . import Llama
 
-    kwargs: Dict[str, Any] = dict(n_ctx=args.n_ctx, n_gpu_layers=args.n_gpu_layers, verbose=args.verbose,
-                                  flash_attn=args.flash_attn)
+    kwargs: Dict[str, Any] = dict(n_ctx=args.n_ctx, verbose=args.verbose, flash_attn=args.flash_attn,
+                                  **_device_kwargs(args))
     if args.n_threads is not None:
         kwargs.update(n_threads=args.n_threads, n_threads_batch=args.n_threads)
     if getattr(args, "seed", None) is not None:
@@ -614,8 +628,8 @@ def cmd_serve(args: argparse.Namespace) -> int:
     path = _resolve(args.model)
     # flash attention stays on whatever --flash-attn says (BatchedLlama's default): without it llama.cpp
     # gives a request other logits when other requests share its decode calls
-    kwargs: Dict[str, Any] = dict(n_seq_max=args.parallel, n_ctx=args.n_ctx, n_gpu_layers=args.n_gpu_layers,
-                                  verbose=args.verbose, **_kv_kwargs(args))
+    kwargs: Dict[str, Any] = dict(n_seq_max=args.parallel, n_ctx=args.n_ctx, verbose=args.verbose,
+                                  **_device_kwargs(args), **_kv_kwargs(args))
     if args.chat_format is not None:
         from llama_cpp.llama_chat_format import (LlamaChatCompletionHandlerNotFoundException,
                                                  get_chat_completion_handler)
@@ -687,6 +701,9 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         except OSError:
             pass
         return 0
+    except ConnectionError as exc:   # an --rpc server that does not answer, or went away
+        print(f"{PROG}: error: {exc}", file=sys.stderr)
+        return 1
 
 
 if __name__ == "__main__":

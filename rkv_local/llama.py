@@ -13,7 +13,7 @@ import numpy as np
 from llama_cpp._utils import suppress_stdout_stderr
 from llama_cpp.llama_tokenizer import LlamaTokenizer
 
-from . import _native
+from . import _native, rpc
 from ._native import CompressionConfig
 from .detokenize import Detokenizer, PieceTable
 from .sampling import check_grammar, check_logit_bias
@@ -99,6 +99,15 @@ KV_ARGUMENTS = ("kv_budget", "kv_buffer", "kv_method", "kv_window", "kv_lambda")
 _LLAMA_CPP_PARAMETERS = frozenset(inspect.signature(llama_cpp.Llama.__init__).parameters)
 
 
+def _endpoints(servers: Optional[Sequence[str] | str]) -> list[str]:
+    """``rpc_servers`` as a list; a comma-separated string as llama.cpp's ``--rpc`` takes it."""
+    if servers is None:
+        return []
+    if isinstance(servers, str):
+        servers = servers.split(",")
+    return [s.strip() for s in servers if s.strip()]
+
+
 def check_kv_arguments(kwargs: dict) -> None:
     """Refuse a misspelled ``kv_*`` argument: llama-cpp-python's ``Llama`` swallows unknown keyword
     arguments, so ``kv_budgt=64`` would silently run without a budget."""
@@ -124,6 +133,12 @@ class Llama(llama_cpp.Llama):
     A prompt that extends what the cache holds (the next turn of a chat) only evaluates the new
     tokens; one that departs from it inside the compressed part is evaluated from scratch, as a
     fresh instance would (``kv_stats().prompt_tokens_evaluated`` tells which happened).
+
+    ``rpc_servers`` (``["host:port", ...]`` or llama.cpp's comma-separated string) puts layers, and
+    their KV caches, on llama.cpp ``rpc-server`` processes (``rkv_local.rpc``): every layer unless
+    ``n_gpu_layers`` says otherwise, spread by ``tensor_split``; each layer's cache is compressed
+    where it lives. A server that does not answer is a ``ConnectionError`` (``RpcServerError``) at
+    construction; one that goes away is one at the next decode, and at every use after it.
     """
 
     def __init__(
@@ -135,6 +150,7 @@ class Llama(llama_cpp.Llama):
         kv_method: str = "rkv",
         kv_window: int = 8,
         kv_lambda: float = 0.1,
+        rpc_servers: Optional[Sequence[str] | str] = None,
         **kwargs: Any,
     ) -> None:
         check_kv_arguments(kwargs)
@@ -148,9 +164,14 @@ class Llama(llama_cpp.Llama):
         self._prompt_tokens_evaluated = 0
         self._prompt_pending = False
         self._detokenizer: Optional[Detokenizer] = None
+        self._rpc_servers = _endpoints(rpc_servers)
+        self._devices: Optional[list[int]] = None
+        if self._rpc_servers:
+            self._devices = rpc.devices_for(self._rpc_servers)
+            kwargs.setdefault("n_gpu_layers", -1)   # what naming the servers asks for: the layers go there
         # a vocabulary-only Llama (tokenizing) has no cache: a budget in shared settings is moot
         if kv_budget is None or kwargs.get("vocab_only"):
-            super().__init__(model_path, **kwargs)
+            self._load(model_path, **kwargs)
             self._detokenizer = Detokenizer(PieceTable(self._model))
             return
 
@@ -191,7 +212,7 @@ class Llama(llama_cpp.Llama):
         n_batch = min(kwargs.pop("n_batch", None) or config.buffer, config.buffer)
         n_ubatch = min(kwargs.pop("n_ubatch", None) or n_batch, n_batch)
         physical = -(-(config.budget + config.buffer) // CACHE_PAD) * CACHE_PAD
-        super().__init__(model_path, n_ctx=physical, n_batch=n_batch, n_ubatch=n_ubatch, **kwargs)
+        self._load(model_path, n_ctx=physical, n_batch=n_batch, n_ubatch=n_ubatch, **kwargs)
         try:
             _native.enable(self._ctx.ctx, config)
         except _native.RkvError as exc:
@@ -205,6 +226,21 @@ class Llama(llama_cpp.Llama):
         # keeps the n_batch rows it was given.
         self._n_ctx = self._n_ctx_logical
         self.input_ids = np.zeros((self._n_ctx_logical,), dtype=np.intc)
+
+    def _load(self, model_path: str, **kwargs: Any) -> None:
+        """llama-cpp-python's constructor, the model offloaded to the RPC servers' devices if any."""
+        if self._devices is None:
+            super().__init__(model_path, **kwargs)
+            return
+        with rpc.using_devices(self._devices):
+            super().__init__(model_path, **kwargs)
+
+    def _check_rpc_servers(self) -> None:
+        gone = rpc.failed_servers(self._rpc_servers)
+        if gone:
+            raise rpc.RpcServerError(
+                f"rpc server {', '.join(gone)} went away: this Llama's layers there are lost; close it and "
+                f"create a new one once the server runs again")
 
     def close(self) -> None:
         # settings refused before the parent's __init__ leave nothing to close
@@ -257,8 +293,12 @@ class Llama(llama_cpp.Llama):
                     f"cannot be truncated there; call reset() and evaluate the whole prompt"
                 )
         before = self.n_tokens
+        if self._rpc_servers:
+            self._check_rpc_servers()
         try:
             super().eval(tokens)
+            if self._rpc_servers:   # a server that went away answered zeros: these logits are not the model's
+                self._check_rpc_servers()
         finally:
             self._tokens_evaluated += max(self.n_tokens - before, 0)
 

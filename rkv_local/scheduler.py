@@ -12,7 +12,7 @@ from __future__ import annotations
 import threading
 import time
 from dataclasses import dataclass, field
-from typing import Any, Dict, List, Optional, Tuple
+from typing import Any, Callable, Dict, List, Optional, Tuple
 
 import llama_cpp
 from llama_cpp import _internals as internals
@@ -64,8 +64,11 @@ class _Submission:
 class DecodeScheduler:
     """Decodes the sequences of one context together, from a thread of its own."""
 
-    def __init__(self, ctx: internals.LlamaContext, n_batch: int, verbose: bool = False) -> None:
+    def __init__(self, ctx: internals.LlamaContext, n_batch: int, verbose: bool = False,
+                 check_devices: Optional[Callable[[], None]] = None) -> None:
         self.ctx = ctx
+        # raises when a device the context uses went away (an RPC server): its results are not the model's
+        self._check_devices = check_devices
         self.n_batch = n_batch
         self.ctx_lock = threading.Lock()   # llama_decode and anything else that touches the context
         self._batch = internals.LlamaBatch(n_tokens=n_batch, embd=0, n_seq_max=1, verbose=verbose)
@@ -226,9 +229,16 @@ class DecodeScheduler:
             start = time.perf_counter()
             rc = llama_cpp.llama_decode(self.ctx.ctx, b)
             decoded = time.perf_counter()
+            error: Optional[BaseException] = None
             if rc != 0:
                 error = RuntimeError(f"llama_decode returned {rc} for a batch of {n} tokens of "
                                      f"{len(batch)} sequences")
+            elif self._check_devices is not None:
+                try:
+                    self._check_devices()
+                except Exception as exc:  # noqa: BLE001 - handed to every request of the batch
+                    error = exc
+            if error is not None:
                 for sub in batch:
                     sub.error = error
             else:

@@ -39,10 +39,9 @@ def next_token(llm: Llama) -> int:
     return int(np.argmax(logits))
 
 
-def full_cache_run(path, n_cells: int, limit_tokens: int, threads: int, n_gpu_layers: int) -> tuple[list[int], float]:
+def full_cache_run(path, n_cells: int, limit_tokens: int, threads: int, devices: dict) -> tuple[list[int], float]:
     """Tokens of a greedy run up to n_cells cells, and its ms/token over the last limit_tokens."""
-    llm = Llama(str(path), n_ctx=n_cells + 64, n_threads=threads, n_threads_batch=threads,
-                n_gpu_layers=n_gpu_layers, verbose=False)
+    llm = Llama(str(path), n_ctx=n_cells + 64, n_threads=threads, n_threads_batch=threads, verbose=False, **devices)
     tokens = llm.tokenize(PROMPT.encode(), add_bos=True)
     llm.eval(tokens)
     eos = llama_cpp.llama_vocab_eos(llama_cpp.llama_model_get_vocab(llm._model.model))
@@ -62,14 +61,14 @@ def full_cache_run(path, n_cells: int, limit_tokens: int, threads: int, n_gpu_la
 class Run:
     """One configuration: a budgeted Llama and what its compressions cost."""
 
-    def __init__(self, path, name: str, budget: int, buffer: int, threads: int, n_gpu_layers: int, text: list[int]):
+    def __init__(self, path, name: str, budget: int, buffer: int, threads: int, devices: dict, text: list[int]):
         self.name = name
         method, _, kernels = name.partition("/")
         old = os.environ.get(_native.KERNELS_ENV)
         os.environ[_native.KERNELS_ENV] = kernels or "auto"
         try:
             self.llm = Llama(str(path), kv_budget=budget, kv_buffer=buffer, kv_method=method,
-                             n_threads=threads, n_threads_batch=threads, n_gpu_layers=n_gpu_layers, verbose=False)
+                             n_threads=threads, n_threads_batch=threads, verbose=False, **devices)
         finally:
             if old is None:
                 os.environ.pop(_native.KERNELS_ENV)
@@ -135,21 +134,28 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--compressions", type=int, default=4)
     ap.add_argument("--limit-tokens", type=int, default=64, help="tokens over which the full cache's speed is taken")
     ap.add_argument("--threads", type=int, default=2)
-    ap.add_argument("--n-gpu-layers", type=int, default=0, help="-1: every layer and the cache on the GPU")
+    ap.add_argument("--n-gpu-layers", type=int, default=None,
+                    help="-1: every layer and the cache on the GPU (default 0; every layer with --rpc)")
+    ap.add_argument("--rpc", default=None, metavar="HOST:PORT[,...]",
+                    help="llama.cpp rpc-server(s) holding the layers and their caches (the device path over RPC)")
     ap.add_argument("--json", help="write the figures here")
     args = ap.parse_args(argv)
 
     path = resolve_model(args.model)
     n_cells = args.budget + args.buffer
-    text, limit_s = full_cache_run(path, n_cells, args.limit_tokens, args.threads, args.n_gpu_layers)
-    runs = [Run(path, name, args.budget, args.buffer, args.threads, args.n_gpu_layers, text)
+    devices = {} if args.n_gpu_layers is None else {"n_gpu_layers": args.n_gpu_layers}
+    if args.rpc:
+        devices["rpc_servers"] = args.rpc
+    text, limit_s = full_cache_run(path, n_cells, args.limit_tokens, args.threads, devices)
+    runs = [Run(path, name, args.budget, args.buffer, args.threads, devices, text)
             for name in args.methods.split(",")]
     for _ in range(args.compressions):
         for run in runs:  # in turn: one compression each
             run.until_next_compression()
     results = [run.result(args.buffer, limit_s) for run in runs]
 
-    print(f"{path.name}, B = {args.budget}, b = {args.buffer}, {args.threads} threads, n_gpu_layers {args.n_gpu_layers}, "
+    where = f"rpc {args.rpc}" if args.rpc else f"n_gpu_layers {args.n_gpu_layers or 0}"
+    print(f"{path.name}, B = {args.budget}, b = {args.buffer}, {args.threads} threads, {where}, "
           f"{args.compressions} compressions per configuration")
     print(f"physical limit: a full cache holding B + b = {n_cells} tokens decodes at "
           f"{1000 * limit_s:.1f} ms/token ({1 / limit_s:.1f} tokens/s)")
@@ -166,7 +172,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.json:
         with open(args.json, "w") as f:
             json.dump({"model": path.name, "budget": args.budget, "buffer": args.buffer, "threads": args.threads,
-                       "n_gpu_layers": args.n_gpu_layers,
+                       "n_gpu_layers": args.n_gpu_layers, "rpc": args.rpc,
                        "limit_ms_per_token": 1000 * limit_s, "configs": results}, f, indent=2)
     return 0
 

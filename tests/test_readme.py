@@ -14,8 +14,9 @@ import subprocess
 import sys
 import time
 import urllib.request
+from contextlib import contextmanager
 from pathlib import Path
-from typing import List
+from typing import Iterator, List
 
 import pytest
 
@@ -99,9 +100,40 @@ def test_the_readme_shows_each_command() -> None:
     assert {"generate", "chat", "inspect", "serve", "bench", "eval"} <= shown
 
 
+@contextmanager
+def rpc_server_for(argv: List[str]) -> Iterator[List[str]]:
+    """With --rpc, the command as written against an rpc-server started on a free loopback port."""
+    if "--rpc" not in argv:
+        yield argv
+        return
+    from rkv_local.rpc import RpcServerError, check_alive, rpc_server_path
+
+    port = free_port()
+    proc = subprocess.Popen([str(rpc_server_path()), "-H", "127.0.0.1", "-p", str(port)],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        deadline = time.monotonic() + SERVER_START_TIMEOUT_S
+        while True:
+            try:
+                check_alive(f"127.0.0.1:{port}", timeout_s=1.0)
+                break
+            except RpcServerError:
+                assert proc.poll() is None and time.monotonic() < deadline, "rpc-server did not start"
+                time.sleep(0.1)
+        i = argv.index("--rpc") + 1
+        yield argv[:i] + [f"127.0.0.1:{port}"] + argv[i + 1:]
+    finally:
+        proc.kill()
+        proc.wait()
+
+
 @pytest.mark.parametrize("command", readme_commands())
 def test_readme_command_answers(command: str, tmp_path: Path) -> None:
-    argv = shortened(command)
+    with rpc_server_for(shortened(command)) as argv:
+        answers(argv, tmp_path)
+
+
+def answers(argv: List[str], tmp_path: Path) -> None:
     if argv[0] == "serve":
         assert serve_and_ask(argv, tmp_path).strip()
         return

@@ -65,7 +65,7 @@ CACHE_PAD = 256
 MIB = 2**20
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    add_model_arguments(parser)
+    add_model_arguments(parser, rpc=True)
     add_kv_arguments(parser, methods="rkv", budgets="1024")
     parser.add_argument("--lengths", type=parse_int_list, metavar="LIST", default=parse_int_list("1k,2k,4k,8k"),
                         help="generated tokens per run, comma-separated (1k = 1024; default: 1k,2k,4k,8k)")
@@ -187,7 +187,7 @@ def run_one(model_path: Path, config: RunConfig, prompt_text_tokens: list[int], 
     peak_reset = reset_peak_rss()
     t0 = time.perf_counter()
     llm = open_llama(model_path, config, n_ctx=n_ctx, threads=args.threads, n_gpu_layers=args.n_gpu_layers,
-                     n_batch=args.full_n_batch if config.method == "full" else config.buffer)
+                     n_batch=args.full_n_batch if config.method == "full" else config.buffer, rpc_servers=args.rpc)
     load_s = time.perf_counter() - t0
     try:
         banned = eog_tokens(llm)
@@ -410,6 +410,8 @@ def limit_text(result: dict[str, Any]) -> str:
 
 def run(args: argparse.Namespace) -> int:
     if args.parallel:
+        if args.rpc:
+            raise SystemExit("error: --rpc is not supported with --parallel (yet): it measures one host's memory")
         return throughput.run(args)
     model_path = resolve(args.model)
     configs = configs_from_args(args, include_full=not args.no_full)
@@ -444,7 +446,7 @@ def run(args: argparse.Namespace) -> int:
         "budgets": args.budgets, "kv_buffer": args.kv_buffer, "kv_window": args.kv_window,
         "kv_lambda": args.kv_lambda, "lengths": args.lengths, "repeats": args.repeats,
         "prompt_tokens": len(prompt), "full_n_batch": args.full_n_batch, "threads": args.threads,
-        "n_gpu_layers": args.n_gpu_layers, "configs": [c.to_dict() for c in configs], "loops": args.loops,
+        "n_gpu_layers": args.n_gpu_layers, "rpc": args.rpc, "configs": [c.to_dict() for c in configs], "loops": args.loops,
     }
     result: dict[str, Any] = {"settings": settings, "machine": machine_info(args.threads, args.n_gpu_layers),
                               "runs": [], "summary": []}

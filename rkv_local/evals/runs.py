@@ -89,12 +89,15 @@ def build_configs(methods: Sequence[str], budgets: Sequence[int], buffer: int, w
     return configs
 
 
-def add_model_arguments(parser: argparse.ArgumentParser) -> None:
+def add_model_arguments(parser: argparse.ArgumentParser, *, rpc: bool = False) -> None:
     parser.add_argument("model", help="a GGUF file or a known model name (smollm2-135m, qwen2.5-coder-0.5b)")
     parser.add_argument("--threads", type=int, metavar="N", default=os.cpu_count() or 1,
                         help="CPU threads for decoding and prompt processing (default: all cores, %(default)s)")
     parser.add_argument("--n-gpu-layers", type=int, metavar="N", default=0,
-                        help="layers to offload to a GPU build (-1: all; default 0)")
+                        help="layers to offload to a GPU build or the --rpc servers (-1: all; default 0, all with --rpc)")
+    if rpc:
+        parser.add_argument("--rpc", default=None, metavar="HOST:PORT[,...]",
+                            help="llama.cpp rpc-server(s) holding the layers and their KV caches")
 
 
 def add_kv_arguments(parser: argparse.ArgumentParser, *, methods: str, budgets: str, buffer: int = 128,
@@ -116,11 +119,17 @@ def configs_from_args(args: argparse.Namespace, *, include_full: bool = True) ->
 
 
 def open_llama(model_path: Path, config: RunConfig, *, n_ctx: int, threads: int, n_gpu_layers: int = 0,
-               n_batch: Optional[int] = None, seed: int = 0, flash_attn: bool = False) -> Llama:
+               n_batch: Optional[int] = None, seed: int = 0, flash_attn: bool = False,
+               rpc_servers: Optional[str] = None) -> Llama:
     """A ``Llama`` for one configuration. ``n_ctx`` is the physical context of ``full`` and the
-    logical one of a budgeted cache; a budgeted cache takes ``n_batch = kv_buffer`` unless smaller."""
-    kwargs: dict[str, Any] = dict(n_threads=threads, n_threads_batch=threads, n_gpu_layers=n_gpu_layers,
-                                  seed=seed, verbose=False, n_ctx=int(n_ctx), flash_attn=flash_attn)
+    logical one of a budgeted cache; a budgeted cache takes ``n_batch = kv_buffer`` unless smaller.
+    With ``rpc_servers`` and no ``n_gpu_layers``, every layer goes to the servers."""
+    kwargs: dict[str, Any] = dict(n_threads=threads, n_threads_batch=threads, seed=seed, verbose=False,
+                                  n_ctx=int(n_ctx), flash_attn=flash_attn)
+    if n_gpu_layers or not rpc_servers:
+        kwargs["n_gpu_layers"] = n_gpu_layers
+    if rpc_servers:
+        kwargs["rpc_servers"] = rpc_servers
     if config.method == "full":
         kwargs["n_batch"] = int(n_batch or 512)
     elif n_batch:
