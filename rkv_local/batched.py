@@ -64,7 +64,7 @@ class _SequenceContext:
     def kv_cache_seq_rm(self, seq_id: int, p0: int, p1: int) -> bool:
         with self._scheduler.ctx_lock:
             if self._scheduler.closed:
-                raise RuntimeError("this BatchedLlama was closed")
+                raise RuntimeError("this BatchedLlama is closed")
             return bool(llama_cpp.llama_memory_seq_rm(llama_cpp.llama_get_memory(self._shared.ctx), self._seq_id,
                                                       p0, p1))
 

@@ -187,7 +187,7 @@ class DecodeScheduler:
             self._lock.wait()
         if self._closed:
             for sub in self._pending:
-                sub.error = RuntimeError("this BatchedLlama was closed")
+                sub.error = RuntimeError("this BatchedLlama is closed")
                 sub.done.set()
             self._pending.clear()
             return None
