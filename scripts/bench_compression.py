@@ -52,6 +52,7 @@ def full_cache_run(path, n_cells: int, limit_tokens: int, threads: int, devices:
         tok = int(np.argmax(logits))
         t0 = time.perf_counter()
         llm.eval([tok])
+        llama_cpp.llama_synchronize(llm._ctx.ctx)   # a device backend (CUDA, RPC) returns before it computed
         times.append(time.perf_counter() - t0)
         tokens.append(tok)
     llm.close()
@@ -89,6 +90,7 @@ class Run:
             tok = next_token(self.llm)
             t0 = time.perf_counter()
             self.llm.eval([tok])
+            llama_cpp.llama_synchronize(self.ctx)
             dt = time.perf_counter() - t0
             after = _native.seq_stats(self.ctx)
             if after.n_compressions > before.n_compressions:
