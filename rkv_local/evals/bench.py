@@ -50,6 +50,7 @@ import numpy as np
 from tqdm import tqdm
 
 from .. import _native, llama_cpp
+from ..llama import CACHE_PAD
 from . import throughput
 from .decoding import eog_tokens, greedy_token
 from .measure import gpu_memory_bytes, machine_info, max_rss_bytes, proc_status, release_memory, reset_peak_rss
@@ -61,7 +62,6 @@ HELP = "decode/prefill speed and memory: full cache vs compressed, interleaved"
 LOOPS = ("eval", "completion", "completion-llama-cpp-python")
 EXAMPLE = "example:\n  rkv-local bench qwen2.5-coder-0.5b --methods rkv,snapkv --budgets 1024 --lengths 1k,8k"
 
-CACHE_PAD = 256
 MIB = 2**20
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:

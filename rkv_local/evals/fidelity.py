@@ -36,12 +36,12 @@ from .decoding import ChatTemplate, clear_cache, eog_tokens, eval_all_logits, gr
 from .measure import machine_info
 from .report import file_digest, log, markdown_table, progress_bar, write_json, write_results
 from .runs import RunConfig, add_kv_arguments, add_model_arguments, configs_from_args, open_llama, resolve
+from ..llama import CACHE_PAD
 from .tasks import PROMPT_SUFFIX, item_question
 
 HELP = "teacher-forced top-1 agreement, KL and NLL of compressed caches vs the full cache"
 EXAMPLE = "example:\n  rkv-local eval fidelity qwen2.5-coder-0.5b --budgets 64,256,1024"
 
-CACHE_PAD = 256
 BIN = 256  # positions per bin of the per-position curves in fidelity.json
 
 

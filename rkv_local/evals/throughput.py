@@ -32,13 +32,13 @@ from pathlib import Path
 from typing import Any
 
 from .. import BatchedLlama, _native
+from ..llama import CACHE_PAD
 from .decoding import eog_tokens
 from .measure import machine_info, proc_status, release_memory, reset_peak_rss
 from .prompts import build_prompt
 from .report import log, markdown_table, progress_bar, write_results
 from .runs import RunConfig, configs_from_args, open_llama, resolve
 
-CACHE_PAD = 256
 MIB = 2**20
 
 
