@@ -31,12 +31,12 @@ import numpy as np
 
 from tqdm import tqdm
 
+from ..llama import CACHE_PAD
 from .datasets import data_path, read_jsonl
 from .decoding import ChatTemplate, clear_cache, eog_tokens, eval_all_logits, greedy_token
 from .measure import machine_info
 from .report import file_digest, log, markdown_table, progress_bar, write_json, write_results
 from .runs import RunConfig, add_kv_arguments, add_model_arguments, configs_from_args, open_llama, resolve
-from ..llama import CACHE_PAD
 from .tasks import PROMPT_SUFFIX, item_question
 
 HELP = "teacher-forced top-1 agreement, KL and NLL of compressed caches vs the full cache"
