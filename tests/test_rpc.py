@@ -189,14 +189,17 @@ def test_a_server_that_does_not_answer_is_named_at_once(tiny):
     assert time.monotonic() - started < 10
 
 
-def test_a_server_that_dies_mid_generation_is_an_exception_not_a_crash(tiny, tmp_path):
+@pytest.mark.parametrize("kind", ["Llama", "BatchedLlama"])
+def test_a_server_that_dies_mid_generation_is_an_exception_not_a_crash(tiny, tmp_path, kind):
     """In a process of its own: before the patch, ggml's RPC client aborted the whole process."""
     with rpc_server(tmp_path) as (endpoint, proc):
         script = textwrap.dedent(f"""
             import os, signal, sys
-            from rkv_local import Llama
+            from rkv_local import BatchedLlama, Llama
             from rkv_local.rpc import RpcServerError
-            llm = Llama({str(tiny)!r}, kv_budget=32, kv_buffer=16, rpc_servers=[{endpoint!r}], verbose=False)
+            extra = dict(n_seq_max=2) if {kind!r} == "BatchedLlama" else dict()
+            llm = {kind}({str(tiny)!r}, kv_budget=32, kv_buffer=16, rpc_servers=[{endpoint!r}], verbose=False,
+                          **extra)
             stream = llm.create_completion("Once upon a time", max_tokens=400, temperature=0.0, stream=True,
                                            logit_bias={{0: -100.0, 2: -100.0}})
             pieces = 0
