@@ -17,7 +17,13 @@ ASAN_LIB   := $(ASAN_BUILD)/install/rkv_local/lib/libllama.so
 ASAN_TESTS ?= tests/test_engine.py tests/test_fused.py tests/test_refusals.py tests/test_llama_api.py \
               tests/test_bad_input.py tests/test_fuzz.py tests/test_iswa.py
 
-.PHONY: all venv build demo test test-asan clean
+# the Vulkan build (test-vulkan): its own folder and library
+VULKAN_BUILD := build-vulkan
+VULKAN_LIB   := $(VULKAN_BUILD)/install/rkv_local/lib/libllama.so
+VULKAN_TESTS ?= tests/test_engine.py tests/test_iswa.py
+VULKAN_CMAKE_ARGS ?=
+
+.PHONY: all venv build demo test test-asan test-vulkan clean
 
 all: build
 
@@ -70,5 +76,24 @@ test-asan: $(ASAN_LIB)
 	UBSAN_OPTIONS=halt_on_error=1:abort_on_error=1:print_stacktrace=1 \
 		$(BIN)/python -m pytest -q -p no:cacheprovider $(ASAN_TESTS)
 
+# The engine tests with every layer, and so the KV cache, on a Vulkan device (a GPU, or Mesa's
+# lavapipe on a machine without one), built into build-vulkan/. Installs nothing itself: it needs
+# the Vulkan loader and headers new enough for ggml-vulkan (VK_EXT_layer_settings: Vulkan-Headers
+# 1.3.261 or later; VULKAN_CMAKE_ARGS="-DVulkan_INCLUDE_DIR=..." for headers of your own), glslc
+# and a driver (Debian: libvulkan-dev glslc mesa-vulkan-drivers). ggml skips CPU-type devices such as
+# lavapipe unless named: device 0 unless GGML_VK_VISIBLE_DEVICES says otherwise.
+test-vulkan: $(VULKAN_LIB)
+	GGML_VK_VISIBLE_DEVICES=$${GGML_VK_VISIBLE_DEVICES-0} \
+	RKV_LOCAL_LIB_DIR=$(CURDIR)/$(dir $(VULKAN_LIB)) RKV_TEST_N_GPU_LAYERS=-1 PYTHONPATH=tests \
+		$(BIN)/python -m pytest -q -p no:cacheprovider -p gpu_offload $(VULKAN_TESTS)
+
+$(VULKAN_LIB): $(DEPS_STAMP) $(NATIVE_SRC)
+	$(BIN)/cmake -S . -B $(VULKAN_BUILD) -G Ninja -DCMAKE_MAKE_PROGRAM=$(CURDIR)/$(BIN)/ninja \
+		-DCMAKE_BUILD_TYPE=Release -DGGML_VULKAN=ON -DPython3_EXECUTABLE=$(CURDIR)/$(BIN)/python \
+		$(CMAKE_ARGS) $(VULKAN_CMAKE_ARGS)
+	$(BIN)/cmake --build $(VULKAN_BUILD) -j $(JOBS)
+	$(BIN)/cmake --install $(VULKAN_BUILD) --prefix $(VULKAN_BUILD)/install
+	touch $@
+
 clean:
-	rm -rf build $(ASAN_BUILD) $(VENV) rkv_local/lib
+	rm -rf build $(ASAN_BUILD) $(VULKAN_BUILD) $(VENV) rkv_local/lib
