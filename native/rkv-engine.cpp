@@ -19,9 +19,6 @@
 #include <map>
 #include <stdexcept>
 
-static constexpr uint32_t RKV_STATE_MAGIC    = 0x33564b52; // "RKV3": + each layer's kq_scale
-static constexpr uint32_t RKV_STATE_MAGIC_V2 = 0x32564b52; // "RKV2"
-
 rkv_engine::rkv_engine(llama_kv_cache & kv, const llama_kv_cache * swa, const rkv_params & params) : kv(kv), swa(swa), params(params) {
     const uint32_t n_rows = kv.n_stream*params.window + 1;
 
@@ -231,9 +228,9 @@ std::vector<uint32_t> rkv_engine::cells_in_order(uint32_t strm) const {
 
 llama_pos rkv_engine::true_pos(uint32_t strm, uint32_t layer, uint32_t head, uint32_t cell) const {
     const auto & st = streams[strm];
-    if (cell < st.n_compact) {
+    if (cell >= st.n_keep && cell < st.n_keep + st.n_compact) {
         const uint32_t n_head_kv = kv.hparams.n_head_kv(kv.layers[layer].il);
-        return st.slot_pos[((size_t) layer*n_head_kv + head)*st.n_compact + cell];
+        return st.slot_pos[((size_t) layer*n_head_kv + head)*st.n_compact + cell - st.n_keep];
     }
     return kv.v_cells[strm].pos_get(cell);
 }
@@ -277,11 +274,30 @@ void rkv_engine::read_keys(uint32_t strm, uint32_t layer, const std::vector<uint
     }
 }
 
+uint32_t rkv_engine::n_protected(uint32_t strm) const {
+    const auto & st = streams[strm];
+    if (st.pos_compact >= 0) {
+        return st.n_keep; // a prompt that grew after a compression is compressible past the kept part
+    }
+    if (st.pos_keep <= 0) {
+        return 0;
+    }
+    const auto & cells = kv.v_cells[strm];
+    uint32_t n = 0;
+    for (uint32_t i = 0; i < cells.size(); ++i) {
+        n += !cells.is_empty(i) && cells.pos_get(i) < st.pos_keep;
+    }
+    return n;
+}
+
 bool rkv_engine::compress(uint32_t strm, llama_context * lctx) {
     auto & st = streams[strm];
     st.pending = false;
 
-    const std::vector<uint32_t> order = cells_in_order(strm);
+    // the kept prompt leads the time order; the rest is scored as if it were the whole sequence
+    const std::vector<uint32_t> all = cells_in_order(strm);
+    const uint32_t n_keep = std::min<uint32_t>(n_protected(strm), (uint32_t) all.size());
+    const std::vector<uint32_t> order(all.begin() + n_keep, all.end());
     const uint32_t n = (uint32_t) order.size();
     const uint32_t budget = (uint32_t) params.budget;
     const uint32_t window = (uint32_t) params.window;
@@ -298,48 +314,54 @@ bool rkv_engine::compress(uint32_t strm, llama_context * lctx) {
     const llama_seq_id seq_id = cells.seq_get(order.back());
     const uint32_t n_compact = budget - window;
 
-    std::vector<llama_pos> new_slot_pos;
-    {
-        size_t total = 0;
-        for (const auto & layer : kv.layers) {
-            total += (size_t) kv.hparams.n_head_kv(layer.il)*n_compact;
-        }
-        new_slot_pos.resize(total);
-    }
-
     std::vector<std::vector<int32_t>> kept;
-    if (!run_compaction_graphs(strm, lctx, order, kept, st.profile)) {
+    if (!run_scoring_graphs(strm, lctx, order, kept, st.profile)) {
         return false;
     }
-    for (uint32_t l = 0, off = 0; l < n_layer(); ++l) {
+
+    // every layer and head: the kept prompt, then its own kept tokens, then the window
+    const uint32_t n_dst = n_keep + budget;
+    std::vector<int32_t> src;
+    std::vector<llama_pos> new_slot_pos;
+    for (uint32_t l = 0; l < n_layer(); ++l) {
         const uint32_t n_head_kv = kv.hparams.n_head_kv(kv.layers[l].il);
         for (uint32_t h = 0; h < n_head_kv; ++h) {
             const auto & k = kept[(size_t) l*n_head_kv + h];
+            src.insert(src.end(), all.begin(), all.begin() + n_keep);
+            for (uint32_t j = 0; j < budget; ++j) {
+                src.push_back((int32_t) order[k[j]]);
+            }
             for (uint32_t j = 0; j < n_compact; ++j) {
-                new_slot_pos[off + (size_t) h*n_compact + j] = true_pos(strm, l, h, order[k[j]]);
+                new_slot_pos.push_back(true_pos(strm, l, h, order[k[j]]));
             }
         }
-        off += n_head_kv*n_compact;
+    }
+    if (!run_compaction_graphs(strm, lctx, src, n_dst, st.profile)) {
+        return false;
     }
 
-    // window cells keep their true positions; compacted cells all sit just before the window
-    std::vector<llama_pos> window_pos(window);
+    // kept prompt and window cells keep their true positions; compacted cells all sit just before the window
+    std::vector<llama_pos> keep_pos(n_keep), window_pos(window);
+    for (uint32_t j = 0; j < n_keep; ++j) {
+        keep_pos[j] = cells.pos_get(all[j]);
+    }
     for (uint32_t t = 0; t < window; ++t) {
         window_pos[t] = cells.pos_get(order[n - window + t]);
     }
     const llama_pos pos_compact = window_pos[0] - 1;
 
-    for (uint32_t cell : order) {
+    for (uint32_t cell : all) {
         cells.rm(cell);
     }
-    for (uint32_t j = 0; j < budget; ++j) {
-        cells.pos_set(j, j < n_compact ? pos_compact : window_pos[j - n_compact]);
+    for (uint32_t j = 0; j < n_dst; ++j) {
+        cells.pos_set(j, j < n_keep ? keep_pos[j] : j < n_keep + n_compact ? pos_compact : window_pos[j - n_keep - n_compact]);
         cells.seq_add(j, seq_id);
     }
-    kv.v_heads[strm] = budget;
+    kv.v_heads[strm] = n_dst;
 
     st.pos_compact = pos_compact;
     st.pos_scored  = window_pos.back();
+    st.n_keep      = n_keep;
     st.n_compact   = n_compact;
     st.slot_pos    = std::move(new_slot_pos);
     st.n_compressions += 1;
@@ -348,7 +370,7 @@ bool rkv_engine::compress(uint32_t strm, llama_context * lctx) {
     st.compress_seconds += seconds;
     st.profile.total_seconds += seconds;
 
-    LLAMA_LOG_DEBUG("%s: stream %u: %u -> %u cells, P_c = %d\n", __func__, strm, n, budget, pos_compact);
+    LLAMA_LOG_DEBUG("%s: stream %u: %u + %u -> %u + %u cells, P_c = %d\n", __func__, strm, n_keep, n, n_keep, budget, pos_compact);
     return true;
 }
 
@@ -381,6 +403,8 @@ void rkv_engine::fill_stats(llama_seq_id seq_id, rkv_seq_stats & out) const {
     out.pos_compacted    = st.pos_compact;
     out.compress_seconds = st.compress_seconds;
     out.compute_buffer_bytes = (int64_t) compute_buffer_bytes;
+    out.cells_kept           = n_protected(strm);
+    out.paused               = st.paused;
     out.kv_bytes_window      = 0;
     out.cells_window         = 0;
     if (swa) {
@@ -407,12 +431,13 @@ bool rkv_engine::batch_fits(const llama_batch_allocr & balloc) {
         }
     }
 
-    const uint32_t limit = (uint32_t) (params.budget + params.buffer);
     bool fits = true;
     for (uint32_t s = 0; s < kv.n_stream; ++s) {
         if (n_new[s] == 0) {
             continue;
         }
+        // paused: the cache grows while it has room, then compresses as usual
+        const uint32_t limit = streams[s].paused ? kv.get_size() : n_protected(s) + (uint32_t) (params.budget + params.buffer);
         if (n_new[s] > (uint32_t) params.buffer) {
             LLAMA_LOG_ERROR("%s: a decode call carries %u tokens of one sequence, but with KV compression at most "
                             "buffer = %d fit between two compressions; split the batch\n", __func__, n_new[s], params.buffer);
@@ -478,7 +503,20 @@ rkv_engine::seq_rm_verdict rkv_engine::stream_seq_rm(uint32_t strm, llama_seq_id
         return RKV_SEQ_RM_REFUSED;
     }
     // a truncation above the last compression leaves what a fresh run of the same tokens would hold
-    return st.pos_compact < 0 || p0 > st.pos_scored ? RKV_SEQ_RM_ALLOWED : RKV_SEQ_RM_REFUSED;
+    if (st.pos_compact < 0 || p0 > st.pos_scored) {
+        return RKV_SEQ_RM_ALLOWED;
+    }
+    // so does one back into (or to the end of) the kept prompt that drops everything after it: the
+    // kept cells hold the prompt as it was evaluated
+    if (p1 > pos_max && p0 <= kept_prompt_end(strm)) {
+        return RKV_SEQ_RM_UNCOMPRESSES;
+    }
+    return RKV_SEQ_RM_REFUSED;
+}
+
+llama_pos rkv_engine::kept_prompt_end(uint32_t strm) const {
+    const auto & st = streams[strm];
+    return st.n_keep == 0 ? 0 : kv.v_cells[strm].pos_get(st.n_keep - 1) + 1;
 }
 
 bool rkv_engine::seq_rm(llama_seq_id seq_id, llama_pos p0, llama_pos p1) {
@@ -491,8 +529,20 @@ bool rkv_engine::seq_rm(llama_seq_id seq_id, llama_pos p0, llama_pos p1) {
         }
     }
     for (uint32_t s = s0; s < s1; ++s) {
-        if (stream_seq_rm(s, seq_id, p0, p1) == RKV_SEQ_RM_CLEARS) {
-            streams[s] = rkv_stream_state(); // the whole sequence goes: the stream starts afresh
+        switch (stream_seq_rm(s, seq_id, p0, p1)) {
+            case RKV_SEQ_RM_CLEARS:
+                streams[s].restart(); // the whole sequence goes: the stream starts afresh
+                break;
+            case RKV_SEQ_RM_UNCOMPRESSES: {
+                // what remains is the prompt's plain cells [0, n_keep); the statistics go on
+                auto & st = streams[s];
+                st.pos_compact = st.pos_scored = -1;
+                st.n_keep = st.n_compact = 0;
+                st.slot_pos.clear();
+                break;
+            }
+            default:
+                break;
         }
     }
     return true;
@@ -510,115 +560,8 @@ bool rkv_engine::seq_shift(llama_seq_id seq_id, llama_pos p0, llama_pos p1) {
 
 void rkv_engine_clear(rkv_engine & eng) {
     for (auto & st : eng.streams) {
-        st = rkv_stream_state();
+        st.restart();
     }
-}
-
-// the settings that shape the saved data: a state only makes sense under the same ones
-static std::array<int32_t, 3> rkv_state_settings(const rkv_params & params) {
-    return { params.budget, params.buffer, params.window };
-}
-
-void rkv_engine::state_write(llama_io_write_i & io, llama_seq_id seq_id) const {
-    io.write(&RKV_STATE_MAGIC, sizeof(RKV_STATE_MAGIC));
-    const auto settings = rkv_state_settings(params);
-    io.write(settings.data(), sizeof(settings));
-    // the scale the attention graph recorded: a context restored from this state may compress before
-    // it builds one, and some models (Gemma 3) scale the queries themselves and pass 1
-    io.write(kq_scale.data(), kq_scale.size()*sizeof(float));
-    const uint32_t s0 = seq_id < 0 ? 0 : stream_of(seq_id);
-    const uint32_t s1 = seq_id < 0 ? kv.n_stream : s0 + 1;
-    for (uint32_t s = s0; s < s1; ++s) {
-        const auto & st = streams[s];
-        const uint32_t n_slot_pos = (uint32_t) st.slot_pos.size();
-        io.write(&st.pos_compact, sizeof(st.pos_compact));
-        io.write(&st.pos_scored, sizeof(st.pos_scored));
-        io.write(&st.n_compact, sizeof(st.n_compact));
-        io.write(&st.n_compressions, sizeof(st.n_compressions));
-        io.write(&st.n_evicted, sizeof(st.n_evicted));
-        io.write(&st.cells_peak, sizeof(st.cells_peak));
-        io.write(&n_slot_pos, sizeof(n_slot_pos));
-        if (n_slot_pos > 0) { // data() of an empty vector may be null: memcpy's arguments must not be
-            io.write(st.slot_pos.data(), n_slot_pos*sizeof(llama_pos));
-        }
-        for (const ggml_tensor * ring : rings) {
-            std::vector<float> rows((size_t) ring->ne[0]*params.window);
-            ggml_backend_tensor_get(ring, rows.data(), (size_t) s*params.window*ring->nb[1], rows.size()*sizeof(float));
-            io.write(rows.data(), rows.size()*sizeof(float));
-        }
-    }
-}
-
-void rkv_engine::state_read(llama_io_read_i & io, llama_seq_id seq_id) {
-    uint32_t magic = 0;
-    io.read(&magic, sizeof(magic));
-    if (magic == RKV_STATE_MAGIC_V2) {
-        throw std::runtime_error("the saved state was written by an older rkv-local (format RKV2): evaluate the prompt again");
-    }
-    if (magic != RKV_STATE_MAGIC) {
-        throw std::runtime_error("the saved state carries no KV-compression data: restore it into a context with the same compression settings");
-    }
-    std::array<int32_t, 3> saved = {};
-    io.read(saved.data(), sizeof(saved));
-    if (saved != rkv_state_settings(params)) {
-        throw std::runtime_error(format(
-            "the saved state was compressed with budget %d, buffer %d, window %d; this context has budget %d, buffer %d, window %d",
-            saved[0], saved[1], saved[2], params.budget, params.buffer, params.window));
-    }
-    std::vector<float> saved_scale(kq_scale.size());
-    io.read(saved_scale.data(), saved_scale.size()*sizeof(float));
-    for (const float f : saved_scale) {
-        if (!(f > 0.0f && std::isfinite(f))) {
-            throw std::runtime_error(format("corrupt KV-compression state: attention scale %g", f));
-        }
-    }
-    const uint32_t s0 = seq_id < 0 ? 0 : stream_of(seq_id);
-    const uint32_t s1 = seq_id < 0 ? kv.n_stream : s0 + 1;
-    size_t n_heads = 0; // KV heads over all layers: slot positions come in rows of n_compact per head
-    for (uint32_t l = 0; l < n_layer(); ++l) {
-        n_heads += n_head_kv(l);
-    }
-    for (uint32_t s = s0; s < s1; ++s) {
-        // read into a copy: a corrupt state must not leave a stream half restored
-        rkv_stream_state st;
-        uint32_t n_slot_pos = 0;
-        io.read(&st.pos_compact, sizeof(st.pos_compact));
-        io.read(&st.pos_scored, sizeof(st.pos_scored));
-        io.read(&st.n_compact, sizeof(st.n_compact));
-        io.read(&st.n_compressions, sizeof(st.n_compressions));
-        io.read(&st.n_evicted, sizeof(st.n_evicted));
-        io.read(&st.cells_peak, sizeof(st.cells_peak));
-        io.read(&n_slot_pos, sizeof(n_slot_pos));
-        const auto & cells = kv.v_cells[s];
-        const llama_seq_id seq = seq_id >= 0 ? seq_id : (llama_seq_id) s; // one sequence per stream
-        const bool compacted = st.pos_compact >= 0;
-        if (st.n_compact != (compacted ? (uint32_t) (params.budget - params.window) : 0) ||
-            (size_t) n_slot_pos != n_heads*st.n_compact || st.pos_scored < st.pos_compact ||
-            st.cells_peak > cells.size() || (compacted && cells.seq_pos_max(seq) < st.pos_scored)) {
-            throw std::runtime_error(format(
-                "corrupt KV-compression state: %u compacted cells, %u slot positions for %zu KV heads, positions %d..%d",
-                st.n_compact, n_slot_pos, n_heads, st.pos_compact, st.pos_scored));
-        }
-        st.slot_pos.resize(n_slot_pos);
-        if (n_slot_pos > 0) {
-            io.read(st.slot_pos.data(), n_slot_pos*sizeof(llama_pos));
-        }
-        for (const llama_pos pos : st.slot_pos) {
-            if (pos < 0 || pos > st.pos_compact) {
-                throw std::runtime_error(format("corrupt KV-compression state: a compacted cell at position %d, "
-                                                "compaction at %d", pos, st.pos_compact));
-            }
-        }
-        for (ggml_tensor * ring : rings) {
-            std::vector<float> rows((size_t) ring->ne[0]*params.window);
-            io.read(rows.data(), rows.size()*sizeof(float));
-            ggml_backend_tensor_set(ring, rows.data(), (size_t) s*params.window*ring->nb[1], rows.size()*sizeof(float));
-        }
-        st.compress_seconds = streams[s].compress_seconds; // time this context spent, not the state's
-        st.profile          = streams[s].profile;
-        streams[s] = std::move(st);
-    }
-    kq_scale = std::move(saved_scale);
 }
 
 static rkv_engine * rkv_engine_of_mctx(const llama_kv_cache_context * mctx) {

@@ -17,10 +17,24 @@ struct rkv_stream_state {
     llama_pos pos_compact = -1;    // P_c, the position of every compacted cell; -1 while uncompressed
     llama_pos pos_scored  = -1;    // the newest position the last compression saw: what it kept depends on
                                    // everything up to here, so a truncation may not reach it
-    uint32_t  n_compact   = 0;     // cells [0, n_compact) hold a different token per head
+    uint32_t  n_keep      = 0;     // cells [0, n_keep) hold the kept prompt, at their true positions
+    uint32_t  n_compact   = 0;     // cells [n_keep, n_keep + n_compact) hold a different token per head
 
     // true positions of the compacted cells: [n_layer][n_head_kv][n_compact]
     std::vector<llama_pos> slot_pos;
+
+    // set from outside (rkv_set_kept_prompt, rkv_set_paused); saved with the state
+    llama_pos pos_keep = 0;        // tokens below this position, evaluated before the first compression,
+                                   // are never evicted (the prompt); the budget applies to the rest
+    bool      paused   = false;    // no compression while the cache has room (thinking-only compression)
+
+    // an empty sequence: everything but the settings above starts afresh
+    void restart() {
+        rkv_stream_state fresh;
+        fresh.pos_keep = pos_keep;
+        fresh.paused   = paused;
+        *this = std::move(fresh);
+    }
 
     int64_t n_compressions   = 0;
     int64_t n_evicted        = 0;
@@ -71,10 +85,16 @@ struct rkv_engine {
 
     bool compress(uint32_t strm, llama_context * lctx);
 
-    // scores and compacts every layer of a stream on the backends (rkv-graph.cpp); fills the order
-    // indices each layer and head kept, [layer*n_head_kv + head][budget]
-    bool run_compaction_graphs(uint32_t strm, llama_context * lctx, const std::vector<uint32_t> & order,
-                               std::vector<std::vector<int32_t>> & kept, rkv_profile & prof);
+    // cells of a stream that no compression may evict: the kept prompt (the leading cells in time order)
+    uint32_t n_protected(uint32_t strm) const;
+
+    // scores every layer of a stream on the backends (rkv-graph.cpp): the indices into `order` each
+    // layer and head keeps, in time order, [layer*n_head_kv + head][budget]
+    bool run_scoring_graphs(uint32_t strm, llama_context * lctx, const std::vector<uint32_t> & order,
+                            std::vector<std::vector<int32_t>> & kept, rkv_profile & prof);
+    // moves the cells of every layer and head, [layer][head][n_dst], to cells [0, n_dst) of the stream
+    bool run_compaction_graphs(uint32_t strm, llama_context * lctx, const std::vector<int32_t> & cells,
+                               int64_t n_dst, rkv_profile & prof);
 
     // how a layer's redundancy is computed (enum rkv_redundancy_path), from where its keys live
     int32_t redundancy_path(uint32_t layer) const;
@@ -92,9 +112,12 @@ struct rkv_engine {
 
     bool batch_fits(const llama_batch_allocr & balloc);
     bool seq_rm(llama_seq_id seq_id, llama_pos p0, llama_pos p1);
-    enum seq_rm_verdict { RKV_SEQ_RM_REFUSED, RKV_SEQ_RM_ALLOWED, RKV_SEQ_RM_CLEARS };
+    // UNCOMPRESSES: a truncation into the kept prompt drops every compressed cell
+    enum seq_rm_verdict { RKV_SEQ_RM_REFUSED, RKV_SEQ_RM_ALLOWED, RKV_SEQ_RM_CLEARS, RKV_SEQ_RM_UNCOMPRESSES };
     // what removing [p0, p1) of a stream's sequence (seq_id -1: whichever it holds) would do
     seq_rm_verdict stream_seq_rm(uint32_t strm, llama_seq_id seq_id, llama_pos p0, llama_pos p1) const;
+    // the position after the kept prompt's last cell (0 when none is kept)
+    llama_pos kept_prompt_end(uint32_t strm) const;
     bool seq_shift(llama_seq_id seq_id, llama_pos p0, llama_pos p1);
     void stream_cp(uint32_t strm_src, uint32_t strm_dst);
     void state_write(llama_io_write_i & io, llama_seq_id seq_id) const;

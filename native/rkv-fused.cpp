@@ -209,10 +209,10 @@ void rkv_compact_op(ggml_tensor * dst, int ith, int nth, void * userdata) {
     static thread_local std::vector<uint8_t> tmp;
     for (int64_t t = ith; t < p.n_head + n_v_tasks; t += nth) {
         if (t < p.n_head) {
-            rkv_move_rows((uint8_t *) k->data + t*p.k_head_bytes, k->nb[1], cells_of(t), p.budget, p.k_head_bytes, tmp);
+            rkv_move_rows((uint8_t *) k->data + t*p.k_head_bytes, k->nb[1], cells_of(t), p.n_dst, p.k_head_bytes, tmp);
         } else if (!p.v_trans) {
             const int64_t h = t - p.n_head;
-            rkv_move_rows((uint8_t *) v->data + h*p.v_head_bytes, v->nb[1], cells_of(h), p.budget, p.v_head_bytes, tmp);
+            rkv_move_rows((uint8_t *) v->data + h*p.v_head_bytes, v->nb[1], cells_of(h), p.n_dst, p.v_head_bytes, tmp);
         } else {
             const int64_t c0 = (t - p.n_head)*RKV_CHANNELS_PER_TASK;
             const int64_t c1 = std::min(n_v_channels, c0 + RKV_CHANNELS_PER_TASK);
@@ -221,11 +221,11 @@ void rkv_compact_op(ggml_tensor * dst, int ith, int nth, void * userdata) {
                 uint8_t * row = (uint8_t *) v->data + c*v->nb[1];
                 const int32_t * idx = cells_of(c/p.v_head_dim);
                 if (es == 2) {
-                    rkv_move_elems((uint16_t *) row, idx, p.budget, tmp);
+                    rkv_move_elems((uint16_t *) row, idx, p.n_dst, tmp);
                 } else if (es == 4) {
-                    rkv_move_elems((uint32_t *) row, idx, p.budget, tmp);
+                    rkv_move_elems((uint32_t *) row, idx, p.n_dst, tmp);
                 } else {
-                    rkv_move_rows(row, es, idx, p.budget, es, tmp);
+                    rkv_move_rows(row, es, idx, p.n_dst, es, tmp);
                 }
             }
         }
@@ -236,7 +236,7 @@ void rkv_compact_op(ggml_tensor * dst, int ith, int nth, void * userdata) {
 
 ggml_tensor * rkv_build_compaction_cpu(ggml_context * ctx, ggml_tensor * k, ggml_tensor * v, ggml_tensor * cells,
                                        const rkv_compact_cpu_params * p) {
-    GGML_ASSERT(cells->type == GGML_TYPE_I32 && cells->ne[0] == p->budget && cells->ne[1] == p->n_head);
+    GGML_ASSERT(cells->type == GGML_TYPE_I32 && cells->ne[0] == p->n_dst && cells->ne[1] == p->n_head);
     ggml_tensor * args[3] = { k, v ? v : k, cells };
     return ggml_custom_4d(ctx, GGML_TYPE_I32, 1, 1, 1, 1, args, 3, rkv_compact_op, GGML_N_TASKS_MAX,
                           const_cast<rkv_compact_cpu_params *>(p));

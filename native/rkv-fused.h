@@ -34,7 +34,7 @@ void rkv_near_copy_host(const float * kn, int64_t n, int64_t d, int64_t n_head, 
 // are block-aligned per head). All of the CPU backend's threads, a share of the heads (and of the
 // channels of a transposed V) each.
 struct rkv_compact_cpu_params {
-    int64_t budget;
+    int64_t n_dst;        // cells moved per head, to [0, n_dst)
     int64_t n_head;
     size_t  k_head_bytes; // bytes of one head's part of a K row
     size_t  v_head_bytes; // V not transposed: the same for V
@@ -44,7 +44,7 @@ struct rkv_compact_cpu_params {
 };
 
 // k: the stream's K, rows = cells ([row bytes, kv_size] view); v: its V the same way, or transposed
-// ([kv_size, n_embd_v] view, rows = channels), or null; cells: I32 [budget, n_head]. Returns the node
+// ([kv_size, n_embd_v] view, rows = channels), or null; cells: I32 [n_dst, n_head]. Returns the node
 // to expand (a dummy output; the moves are its side effect). `p` must outlive the graph.
 ggml_tensor * rkv_build_compaction_cpu(ggml_context * ctx, ggml_tensor * k, ggml_tensor * v, ggml_tensor * cells,
                                        const rkv_compact_cpu_params * p);

@@ -170,11 +170,11 @@ static void rkv_select(const std::vector<double> & score, int64_t m, int64_t n, 
     }
 }
 
-// The compaction shared by all methods: head h's kept cells move, in order, to cells [0, budget).
+// The compaction shared by all methods: head h's cells move, in order, to cells [0, n_dst).
 static void rkv_build_compaction(ggml_context * ctx, ggml_cgraph * gf, ggml_tensor * t, bool transposed,
                                  uint32_t strm, int64_t head_dim, int64_t n_head_kv, uint32_t kv_size,
                                  ggml_tensor * cells, ggml_tensor * slots) {
-    const int64_t budget = cells->ne[0];
+    const int64_t n_dst = cells->ne[0];
     if (!transposed) {
         ggml_tensor * view = ggml_view_3d(ctx, t, head_dim, kv_size, n_head_kv,
                                           t->nb[1], ggml_row_size(t->type, head_dim), strm*t->nb[2]);
@@ -187,8 +187,8 @@ static void rkv_build_compaction(ggml_context * ctx, ggml_cgraph * gf, ggml_tens
     ggml_tensor * vt   = ggml_view_2d(ctx, t, kv_size, n_embd, kv_size*es, strm*t->nb[2]);
     ggml_tensor * rows = ggml_cont(ctx, ggml_transpose(ctx, vt));                                  // [n_embd, kv_size]
     rows = ggml_view_3d(ctx, rows, head_dim, kv_size, n_head_kv, rows->nb[1], head_dim*es, 0);
-    ggml_tensor * moved = ggml_cont(ctx, ggml_permute(ctx, ggml_get_rows(ctx, rows, cells), 1, 0, 2, 3)); // [budget, d, n_head_kv]
-    ggml_tensor * dst = ggml_view_3d(ctx, t, budget, head_dim, n_head_kv, kv_size*es, head_dim*kv_size*es, strm*t->nb[2]);
+    ggml_tensor * moved = ggml_cont(ctx, ggml_permute(ctx, ggml_get_rows(ctx, rows, cells), 1, 0, 2, 3)); // [n_dst, d, n_head_kv]
+    ggml_tensor * dst = ggml_view_3d(ctx, t, n_dst, head_dim, n_head_kv, kv_size*es, head_dim*kv_size*es, strm*t->nb[2]);
     ggml_build_forward_expand(gf, ggml_cpy(ctx, moved, dst));
 }
 
@@ -246,8 +246,8 @@ struct rkv_clock {
 };
 } // namespace
 
-bool rkv_engine::run_compaction_graphs(uint32_t strm, llama_context * lctx, const std::vector<uint32_t> & order,
-                                       std::vector<std::vector<int32_t>> & kept, rkv_profile & prof) {
+bool rkv_engine::run_scoring_graphs(uint32_t strm, llama_context * lctx, const std::vector<uint32_t> & order,
+                                    std::vector<std::vector<int32_t>> & kept, rkv_profile & prof) {
     rkv_clock clock;
     const int64_t  n         = (int64_t) order.size();
     const int64_t  budget    = params.budget;
@@ -273,13 +273,12 @@ bool rkv_engine::run_compaction_graphs(uint32_t strm, llama_context * lctx, cons
 
     // host data of the inputs
     std::vector<int32_t> cells_all(n*n_head_kv), cells_cand(n_cand*n_head_kv);
-    std::vector<int32_t> slots(budget*n_head_kv), q_rows(n_q);
+    std::vector<int32_t> q_rows(n_q);
     for (int64_t h = 0; h < n_head_kv; ++h) {
         for (int64_t i = 0; i < n; ++i) {
             cells_all[h*n + i] = (int32_t) order[i];
         }
         std::copy(cells_all.begin() + h*n, cells_all.begin() + h*n + n_cand, cells_cand.begin() + h*n_cand);
-        std::iota(slots.begin() + h*budget, slots.begin() + (h + 1)*budget, 0);
     }
     const llama_pos pos_last = kv.v_cells[strm].pos_get(order.back());
     for (int64_t t = 0; t < n_q; ++t) {
@@ -470,6 +469,21 @@ bool rkv_engine::run_compaction_graphs(uint32_t strm, llama_context * lctx, cons
         l0 = l1;
     }
 
+    return true;
+}
+
+bool rkv_engine::run_compaction_graphs(uint32_t strm, llama_context * lctx, const std::vector<int32_t> & cells,
+                                       int64_t n_dst, rkv_profile & prof) {
+    rkv_clock clock;
+    const uint32_t kv_size   = kv.get_size();
+    const int64_t  n_head_kv = kv.hparams.n_head_kv(kv.layers[0].il);
+    ggml_backend_sched_t sched = lctx->get_sched();
+
+    std::vector<int32_t> slots(n_dst*n_head_kv);
+    for (int64_t h = 0; h < n_head_kv; ++h) {
+        std::iota(slots.begin() + h*n_dst, slots.begin() + (h + 1)*n_dst, 0);
+    }
+
     // move the kept rows of every layer: in place on the CPU when the whole cache lives there, else
     // with get_rows/set_rows (every backend)
     bool fused_moves = params.kernels == RKV_KERNELS_AUTO;
@@ -481,7 +495,7 @@ bool rkv_engine::run_compaction_graphs(uint32_t strm, llama_context * lctx, cons
     rkv_compact_cpu_params moves = {};
     if (fused_moves) {
         const auto & layer = kv.layers[0]; // every layer has the same head sizes (rkv_engine::check)
-        moves.budget       = budget;
+        moves.n_dst        = n_dst;
         moves.n_head       = n_head_kv;
         moves.k_head_bytes = ggml_row_size(layer.k->type, kv.hparams.n_embd_head_k(layer.il));
         moves.has_v        = layer.v != nullptr;
@@ -498,18 +512,11 @@ bool rkv_engine::run_compaction_graphs(uint32_t strm, llama_context * lctx, cons
         rkv_graph_begin(lctx, &ctx, &gf);
         const uint32_t l1 = std::min<uint32_t>(n_layer(), l0 + (uint32_t) std::max<size_t>(1, ggml_graph_size(gf)/moves_per_layer));
 
-        ggml_tensor * slots_in = rkv_new_input(ctx, GGML_TYPE_I32, budget, n_head_kv);
-        ggml_tensor * cells_in = rkv_new_input(ctx, GGML_TYPE_I32, budget, n_head_kv, l1 - l0);
-        std::vector<int32_t> cells((size_t) budget*n_head_kv*(l1 - l0));
+        ggml_tensor * slots_in = rkv_new_input(ctx, GGML_TYPE_I32, n_dst, n_head_kv);
+        ggml_tensor * cells_in = rkv_new_input(ctx, GGML_TYPE_I32, n_dst, n_head_kv, l1 - l0);
         for (uint32_t l = l0; l < l1; ++l) {
             const auto & layer = kv.layers[l];
-            for (int64_t h = 0; h < n_head_kv; ++h) {
-                const auto & keep = kept[l*n_head_kv + h];
-                for (int64_t j = 0; j < budget; ++j) {
-                    cells[((l - l0)*n_head_kv + h)*budget + j] = (int32_t) order[keep[j]];
-                }
-            }
-            ggml_tensor * layer_cells = ggml_view_2d(ctx, cells_in, budget, n_head_kv, cells_in->nb[1], (l - l0)*cells_in->nb[2]);
+            ggml_tensor * layer_cells = ggml_view_2d(ctx, cells_in, n_dst, n_head_kv, cells_in->nb[1], (l - l0)*cells_in->nb[2]);
             if (fused_moves) {
                 ggml_tensor * k = ggml_view_2d(ctx, layer.k, layer.k->ne[0], kv_size, layer.k->nb[1], strm*layer.k->nb[2]);
                 ggml_tensor * v = nullptr;
@@ -534,7 +541,7 @@ bool rkv_engine::run_compaction_graphs(uint32_t strm, llama_context * lctx, cons
             return false;
         }
         rkv_set_input(slots_in, slots.data());
-        rkv_set_input(cells_in, cells.data());
+        rkv_set_input(cells_in, cells.data() + (size_t) l0*n_head_kv*n_dst);
         clock.lap(prof.build_seconds);
         if (lctx->graph_compute(gf, false) != GGML_STATUS_SUCCESS) {
             LLAMA_LOG_ERROR("%s: failed to compute the compaction graph\n", __func__);

@@ -154,6 +154,27 @@ int32_t rkv_compress(llama_context * ctx, llama_seq_id seq_id) {
     return eng->streams[eng->stream_of(seq_id)].n_compressions > before ? 1 : 0;
 }
 
+int32_t rkv_set_kept_prompt(llama_context * ctx, llama_seq_id seq_id, llama_pos n_tokens) {
+    rkv_engine * eng = rkv_checked(ctx, seq_id);
+    if (!eng) {
+        return -1;
+    }
+    if (n_tokens < 0) {
+        return rkv_fail("a kept prompt of " + std::to_string(n_tokens) + " tokens");
+    }
+    eng->streams[eng->stream_of(seq_id)].pos_keep = n_tokens;
+    return 0;
+}
+
+int32_t rkv_set_paused(llama_context * ctx, llama_seq_id seq_id, bool paused) {
+    rkv_engine * eng = rkv_checked(ctx, seq_id);
+    if (!eng) {
+        return -1;
+    }
+    eng->streams[eng->stream_of(seq_id)].paused = paused;
+    return 0;
+}
+
 int64_t rkv_kv_bytes_per_cell(const llama_context * ctx) {
     const llama_kv_cache * kv = rkv_cache_of(ctx);
     if (!kv) {

@@ -52,6 +52,8 @@ struct rkv_seq_stats {
     int64_t kv_bytes_window;  // sliding-window models: K+V bytes of the window cache's cells in use (llama.cpp
                               // bounds it; not compressed, not counted in kv_bytes_used/full); 0 otherwise
     int64_t cells_window;     // sliding-window models: cells the window cache holds now; 0 otherwise
+    int64_t cells_kept;       // cells of the kept prompt (rkv_set_kept_prompt), never evicted
+    int32_t paused;           // 1 while compression is paused (rkv_set_paused)
 };
 
 // Where the time of a sequence's compressions went, summed over them (seconds).
@@ -91,6 +93,17 @@ LLAMA_API const char * rkv_last_error(void);
 // Compress a sequence now, whatever its size. Returns 1 if it was compressed, 0 if it holds
 // no more than `budget` cells, -1 on error.
 LLAMA_API int32_t rkv_compress(struct llama_context * ctx, llama_seq_id seq_id);
+
+// Keep a sequence's first n_tokens positions whole (its prompt): they are never evicted, and the budget
+// and buffer apply to the tokens after them (the sequence holds at most kept + budget + buffer cells).
+// Tokens below n_tokens evaluated after the sequence's first compression are not kept (the kept part
+// is what the cache held uncompressed then). A truncation into or to the end of the kept prompt drops
+// every other cell and is allowed; the sequence is then uncompressed. 0 (the default) keeps nothing.
+LLAMA_API int32_t rkv_set_kept_prompt(struct llama_context * ctx, llama_seq_id seq_id, llama_pos n_tokens);
+
+// Pause a sequence's compression (thinking-only compression: the answer after the thinking is not
+// evicted): the sequence grows while the cache has cells, and is compressed as usual when it has none.
+LLAMA_API int32_t rkv_set_paused(struct llama_context * ctx, llama_seq_id seq_id, bool paused);
 
 // K+V bytes one cell takes over all layers, for any plain KV cache (compressed or not); -1 if none.
 // For an interleaved sliding-window model: over its full-attention layers (the cache that grows).

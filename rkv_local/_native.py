@@ -47,6 +47,8 @@ class RkvSeqStats(ctypes.Structure):
         ("compute_buffer_bytes", ctypes.c_int64),
         ("kv_bytes_window", ctypes.c_int64),
         ("cells_window", ctypes.c_int64),
+        ("cells_kept", ctypes.c_int64),
+        ("paused", ctypes.c_int32),
     ]
 
 
@@ -111,6 +113,8 @@ def _bind():
         "rkv_is_enabled": ([ctx_p], ctypes.c_bool),
         "rkv_last_error": ([], ctypes.c_char_p),
         "rkv_compress": ([ctx_p, ctypes.c_int32], ctypes.c_int32),
+        "rkv_set_kept_prompt": ([ctx_p, ctypes.c_int32, ctypes.c_int32], ctypes.c_int32),
+        "rkv_set_paused": ([ctx_p, ctypes.c_int32, ctypes.c_bool], ctypes.c_int32),
         "rkv_kv_bytes_per_cell": ([ctx_p], ctypes.c_int64),
         "rkv_get_layers": ([ctx_p, ctypes.POINTER(ctypes.c_int32), ctypes.c_int32], ctypes.c_int32),
         "rkv_get_stats": ([ctx_p, ctypes.c_int32, ctypes.POINTER(RkvSeqStats)], ctypes.c_int32),
@@ -169,6 +173,16 @@ def is_enabled(ctx: int) -> bool:
 def compress(ctx: int, seq_id: int = 0) -> bool:
     """Compress a sequence now; False when it holds no more than the budget."""
     return _check(lib().rkv_compress(ctx, seq_id)) == 1
+
+
+def set_kept_prompt(ctx: int, seq_id: int, n_tokens: int) -> None:
+    """Never evict the sequence's first ``n_tokens`` positions (its prompt); 0 keeps none."""
+    _check(lib().rkv_set_kept_prompt(ctx, seq_id, n_tokens))
+
+
+def set_paused(ctx: int, seq_id: int, paused: bool) -> None:
+    """Pause (or resume) a sequence's compression while the cache has room."""
+    _check(lib().rkv_set_paused(ctx, seq_id, paused))
 
 
 def bytes_per_cell(ctx: int) -> int:

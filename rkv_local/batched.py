@@ -84,6 +84,13 @@ class _SequenceContext:
 
     kv_cache_seq_cp = kv_cache_seq_keep = kv_cache_seq_shift = _refused
 
+    def engine_call(self, fn: Any, *args: Any) -> Any:
+        """``fn(ctx, seq_id, *args)`` of ``rkv_local._native`` on the view's sequence, between decodes."""
+        with self._scheduler.ctx_lock:
+            if self._scheduler.closed:
+                raise RuntimeError("this BatchedLlama is closed")
+            return fn(self._shared.ctx, self._seq_id, *args)
+
 
 class _SequenceView(Llama):
     """One request's view of the model: ``Llama``'s completion code on sequence ``seq_id``.
@@ -126,6 +133,9 @@ class _SequenceView(Llama):
         token, self._next_token = self._next_token, None
         self._sampled.append(token)
         return token
+
+    def _engine_call(self, fn: Any, *args: Any) -> Any:
+        return self._ctx.engine_call(fn, *args)
 
     def generate(self, tokens: Sequence[int], *args: Any, **kwargs: Any) -> Any:
         self._sampled = []
@@ -221,6 +231,9 @@ class BatchedLlama:
         kv_method: str = "rkv",
         kv_window: int = 8,
         kv_lambda: float = 0.1,
+        kv_keep_prompt: int = 0,
+        kv_compress: str = "all",
+        kv_think_end: Optional[str] = None,
         n_ctx: int = 0,
         n_batch: int = 512,
         n_ubatch: Optional[int] = None,
@@ -250,7 +263,8 @@ class BatchedLlama:
         self._closed = True   # until the scheduler runs
         self.n_seq_max = n_seq_max
         budget = dict(kv_budget=kv_budget, kv_buffer=kv_buffer, kv_method=kv_method, kv_window=kv_window,
-                      kv_lambda=kv_lambda) if kv_budget is not None else {}
+                      kv_lambda=kv_lambda, kv_keep_prompt=kv_keep_prompt, kv_compress=kv_compress,
+                      kv_think_end=kv_think_end) if kv_budget is not None else {}
         # The prototype holds the model and everything per-request views share; its own small
         # context is replaced by the batched one below.
         proto_ctx = dict(n_ctx=n_ctx) if kv_budget is not None else dict(n_ctx=CACHE_PAD, n_batch=CACHE_PAD)
@@ -274,7 +288,7 @@ class BatchedLlama:
         proto = self._proto
         self.kv_config = proto.kv_config
         if self.kv_config is not None:
-            cells = proto._ctx.n_ctx()                      # budget + buffer, padded
+            cells = proto._ctx.n_ctx()                      # kept prompt + budget + buffer, padded
             self.n_ctx_seq = proto.n_ctx()                  # the logical context
             self.chunk_size = min(n_batch, self.kv_config.buffer)   # a request's prompt tokens per decode call
             # the decodes of all sequences plus prompt chunks (llama.cpp's default batch of 512 unless the

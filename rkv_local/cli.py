@@ -26,8 +26,12 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Dict, Iterable, List, Optional, Sequence, TextIO
 
+from .reasoning import REASONING_FORMATS
+
 PROG = "rkv-local"
 KV_METHODS = ("rkv", "snapkv", "h2o", "streamingllm")
+# `chat` keeps this much of its prompt whole: each turn then evaluates only what the last one lacked
+CHAT_KEEP_PROMPT = 1024
 
 
 class CliError(Exception):
@@ -94,6 +98,14 @@ def _add_model_args(p: argparse.ArgumentParser) -> None:
                    help="recent tokens always kept, whose queries score the others (default 8; the budget must exceed it)")
     k.add_argument("--kv-lambda", type=float, default=0.1, metavar="L",
                    help="R-KV: weight of attention importance against redundancy (default 0.1)")
+    k.add_argument("--kv-keep-prompt", type=_non_negative_int, default=None, metavar="N",
+                   help="cells set aside for the prompt: its first N tokens are never evicted, and a next chat "
+                        f"turn evaluates only its new tokens (default {CHAT_KEEP_PROMPT} for chat, else 0)")
+    k.add_argument("--kv-compress", choices=("all", "think"), default="all",
+                   help="think: stop compressing where the model ends its thinking (</think>, gpt-oss's final "
+                        "channel), so the answer is not evicted (default all)")
+    k.add_argument("--kv-think-end", default=None, metavar="TEXT",
+                   help="the end-of-thinking marker for --kv-compress think (default: from the chat template)")
 
 
 def _add_sampling_args(p: argparse.ArgumentParser, max_tokens: int) -> None:
@@ -223,6 +235,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--model-alias", default=None, metavar="NAME", help="the model's name in the API (default: MODEL as given)")
     p.add_argument("--chat-format", default=None, metavar="NAME",
                    help="llama-cpp-python chat format (default: the model's own template)")
+    p.add_argument("--reasoning-format", choices=REASONING_FORMATS, default="none",
+                   help="deepseek: a reasoning model's thinking goes to message.reasoning_content (delta.reasoning_"
+                        "content when streamed), the rest to content, as llama.cpp's server does; a request may "
+                        "give its own reasoning_format (default none: all in content)")
     p.add_argument("--api-key", default=None, metavar="KEY", help="require this bearer token")
     p.add_argument("--seed", type=int, default=None, metavar="S", help="random seed (requests may give their own)")
     p.add_argument("--max-queue", type=_non_negative_int, default=None, metavar="N",
@@ -247,6 +263,16 @@ def _kv_kwargs(args: argparse.Namespace) -> Dict[str, Any]:
         return {}
     return dict(kv_budget=args.kv_budget, kv_buffer=args.kv_buffer, kv_method=args.kv_method,
                 kv_window=args.kv_window, kv_lambda=args.kv_lambda)
+
+
+def _prompt_kwargs(args: argparse.Namespace) -> Dict[str, Any]:
+    """The kept prompt and thinking-only compression (Llama's, not CompressionConfig's, settings)."""
+    if args.kv_budget is None:
+        return {}
+    keep = args.kv_keep_prompt
+    if keep is None:
+        keep = CHAT_KEEP_PROMPT if args.command == "chat" else 0
+    return dict(kv_keep_prompt=keep, kv_compress=args.kv_compress, kv_think_end=args.kv_think_end)
 
 
 def _check_kv_args(args: argparse.Namespace) -> None:
@@ -287,7 +313,7 @@ def _load(args: argparse.Namespace):
     if getattr(args, "seed", None) is not None:
         kwargs["seed"] = args.seed
     try:
-        return Llama(str(path), **kwargs, **_kv_kwargs(args))
+        return Llama(str(path), **kwargs, **_kv_kwargs(args), **_prompt_kwargs(args))
     except ValueError as exc:
         raise CliError(str(exc).splitlines()[0] if str(exc) else repr(exc)) from None
 
@@ -533,6 +559,7 @@ def cmd_chat(args: argparse.Namespace) -> int:
     interactive = _isatty(sys.stdin)
     system = [{"role": "system", "content": args.system}] if args.system else []
     history: List[Dict[str, str]] = list(system)
+    color = _isatty(sys.stdout) and not os.environ.get("NO_COLOR")
     with closing(_load(args)) as llm:
         if interactive:
             sys.stderr.write(f"{PROG} chat: {args.model}; /exit or Ctrl-D quits, /reset forgets the conversation\n")
@@ -552,15 +579,59 @@ def cmd_chat(args: argparse.Namespace) -> int:
             if not line.strip():
                 continue
             history.append({"role": "user", "content": line})
-            chunks = llm.create_chat_completion(messages=history, stream=True, **sampling)
-            result = _stream(llm, chunks, lambda c: c["delta"].get("content") or "", None, sys.stdout)
-            sys.stdout.write("\n")
+            chunks = llm.create_chat_completion(messages=history, stream=True, reasoning_format="deepseek", **sampling)
+            shown = ThinkingShown(dim=color)
+            result = _stream(llm, chunks, shown, None, sys.stdout)
+            sys.stdout.write(shown.close() + "\n")
             sys.stdout.flush()
-            history.append({"role": "assistant", "content": result.text})
-            print(_summary(llm, result), file=sys.stderr)
+            history.append({"role": "assistant", "content": shown.answer})
+            print(_summary(llm, result) + shown.summary(llm), file=sys.stderr)
         if interactive:
             sys.stderr.write("\n")
         return 0
+
+
+class ThinkingShown:
+    """How `chat` shows a reasoning model's answer: the thinking dimmed in a terminal (between <think>
+    and </think> elsewhere), then the answer; counts the thinking's tokens."""
+
+    DIM, NORMAL = "\x1b[2m", "\x1b[0m"
+
+    def __init__(self, dim: bool) -> None:
+        self.dim = dim
+        self.thinking_tokens = 0
+        self.answer = ""
+        self._in_thinking = False
+
+    def __call__(self, choice: Dict[str, Any]) -> str:
+        delta = choice.get("delta") or {}
+        out = ""
+        reasoning, content = delta.get("reasoning_content"), delta.get("content")
+        if reasoning:
+            if not self._in_thinking:
+                self._in_thinking = True
+                out += self.DIM if self.dim else "<think>"
+            self.thinking_tokens += 1
+            out += reasoning
+        if content:
+            out += self.close()
+            self.answer += content
+            out += content
+        return out
+
+    def close(self) -> str:
+        """What ends the thinking's look, if it is still open."""
+        if not self._in_thinking:
+            return ""
+        self._in_thinking = False
+        return self.NORMAL + "\n" if self.dim else "</think>\n"
+
+    def summary(self, llm: Any) -> str:
+        if not self.thinking_tokens:
+            return ""
+        s = llm.kv_stats()
+        kept = f", the cache keeps {s.cells_used} cells of it all" if s.budget is not None else ""
+        return f"; thinking {self.thinking_tokens} tokens{kept}"
 
 
 def cmd_inspect(args: argparse.Namespace) -> int:
@@ -629,7 +700,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
     # flash attention stays on whatever --flash-attn says (BatchedLlama's default): without it llama.cpp
     # gives a request other logits when other requests share its decode calls
     kwargs: Dict[str, Any] = dict(n_seq_max=args.parallel, n_ctx=args.n_ctx, verbose=args.verbose,
-                                  **_device_kwargs(args), **_kv_kwargs(args))
+                                  **_device_kwargs(args), **_kv_kwargs(args), **_prompt_kwargs(args))
     if args.chat_format is not None:
         from llama_cpp.llama_chat_format import (LlamaChatCompletionHandlerNotFoundException,
                                                  get_chat_completion_handler)
@@ -649,7 +720,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
         raise CliError(str(exc).splitlines()[0] if str(exc) else repr(exc)) from None
     alias = args.model_alias or args.model
     app = server.create_app(llm, model_alias=alias, api_key=args.api_key, shutdown_timeout_s=args.shutdown_timeout,
-                            max_queue=args.max_queue)
+                            max_queue=args.max_queue, reasoning_format=args.reasoning_format)
     budget = (f"kv budget {args.kv_budget} + buffer {args.kv_buffer} ({args.kv_method})"
               if args.kv_budget is not None else "full KV cache")
     print(f"{PROG}: serving {alias} with {budget}, {args.parallel} request(s) at a time, "

@@ -16,6 +16,7 @@ from llama_cpp.llama_tokenizer import LlamaTokenizer
 from . import _native, rpc
 from ._native import CompressionConfig
 from .detokenize import Detokenizer, PieceTable
+from .reasoning import REASONING_FORMATS, ThinkingWatch, split_message, split_stream, thinking_open_in_prompt
 from .sampling import check_grammar, check_logit_bias
 
 # the physical cache is rounded to this: llama.cpp attends to n_kv = PAD(used, 256) cells anyway
@@ -51,11 +52,14 @@ class KVStats:
     prompt_tokens: int = 0            # length of the last prompt given to generate() (completions and chat too)
     prompt_tokens_evaluated: int = 0  # how many of them were decoded: the others were reused from the cache
     n_ctx: int = 0                    # the logical context (positions, max_tokens)
-    cells_max: int = 0                # most cells the sequence may hold: budget + buffer (n_ctx without a budget)
+    cells_max: int = 0                # most cells the sequence may hold: kept prompt + budget + buffer (n_ctx
+                                      # without a budget); more while kv_compress="think" pauses, as room allows
     # sliding-window models (gpt-oss, Gemma 3): the figures above are the full-attention layers' (the cache
     # that grows and is compressed); this is what their window layers hold now, bounded by llama.cpp
     # with or without a budget (0 for other models, and without a budget)
     kv_bytes_window: int = 0
+    cells_kept: int = 0               # cells of the kept prompt (kv_keep_prompt), never evicted
+    compression_paused: bool = False  # kv_compress="think": the thinking ended, the answer is not evicted
 
 
 def n_ctx_train(model_path: str | os.PathLike[str], verbose: bool = True) -> int:
@@ -95,7 +99,9 @@ class _Closed:
         pass
 
 
-KV_ARGUMENTS = ("kv_budget", "kv_buffer", "kv_method", "kv_window", "kv_lambda")
+KV_ARGUMENTS = ("kv_budget", "kv_buffer", "kv_method", "kv_window", "kv_lambda", "kv_keep_prompt", "kv_compress",
+                "kv_think_end")
+KV_COMPRESS = ("all", "think")
 _LLAMA_CPP_PARAMETERS = frozenset(inspect.signature(llama_cpp.Llama.__init__).parameters)
 
 
@@ -150,6 +156,9 @@ class Llama(llama_cpp.Llama):
         kv_method: str = "rkv",
         kv_window: int = 8,
         kv_lambda: float = 0.1,
+        kv_keep_prompt: int = 0,
+        kv_compress: str = "all",
+        kv_think_end: Optional[str] = None,
         rpc_servers: Optional[Sequence[str] | str] = None,
         **kwargs: Any,
     ) -> None:
@@ -164,6 +173,8 @@ class Llama(llama_cpp.Llama):
         self._prompt_tokens_evaluated = 0
         self._prompt_pending = False
         self._detokenizer: Optional[Detokenizer] = None
+        self._keep_prompt = 0
+        self._thinking: Optional[ThinkingWatch] = None
         self._rpc_servers = _endpoints(rpc_servers)
         self._devices: Optional[list[int]] = None
         if self._rpc_servers:
@@ -178,6 +189,10 @@ class Llama(llama_cpp.Llama):
         config = CompressionConfig(
             budget=int(kv_budget), buffer=int(kv_buffer), method=kv_method, window=int(kv_window), lam=float(kv_lambda)
         )
+        if int(kv_keep_prompt) < 0:
+            raise ValueError(f"kv_keep_prompt must be 0 or more cells, got {kv_keep_prompt}")
+        if kv_compress not in KV_COMPRESS:
+            raise ValueError(f"unknown kv_compress {kv_compress!r}; choose one of {', '.join(KV_COMPRESS)}")
         if kwargs.get("logits_all"):
             raise ValueError("logits_all (and so logprobs) is not supported with a kv_budget: "
                              "a logical context of logits would not fit the budget")
@@ -211,7 +226,8 @@ class Llama(llama_cpp.Llama):
         # calls): a larger n_batch (llama-cpp-python's default is 512) evaluates a prompt in such calls
         n_batch = min(kwargs.pop("n_batch", None) or config.buffer, config.buffer)
         n_ubatch = min(kwargs.pop("n_ubatch", None) or n_batch, n_batch)
-        physical = -(-(config.budget + config.buffer) // CACHE_PAD) * CACHE_PAD
+        # the kept prompt's cells come on top of the budget's
+        physical = -(-(int(kv_keep_prompt) + config.budget + config.buffer) // CACHE_PAD) * CACHE_PAD
         self._load(model_path, n_ctx=physical, n_batch=n_batch, n_ubatch=n_ubatch, **kwargs)
         try:
             _native.enable(self._ctx.ctx, config)
@@ -219,6 +235,9 @@ class Llama(llama_cpp.Llama):
             self.close()
             raise ValueError(f"cannot compress this model's KV cache: {exc}") from exc
         self._kv_config = config
+        self._keep_prompt = int(kv_keep_prompt)
+        if kv_compress == "think":
+            self._thinking = ThinkingWatch.for_model(self, kv_think_end)
         self._detokenizer = Detokenizer(PieceTable(self._model))
         self._n_ctx_logical = int(n_ctx_logical) or self._model.n_ctx_train()
         # llama-cpp-python sizes these by its n_ctx: with a budget, positions (and so input_ids) run
@@ -312,7 +331,37 @@ class Llama(llama_cpp.Llama):
         self._prompt_tokens = len(tokens)
         self._prompt_tokens_evaluated = 0
         self._prompt_pending = True
-        return (yield from super().generate(tokens, *args, **kwargs))
+        if self._kv_config is None:
+            return (yield from super().generate(tokens, *args, **kwargs))
+        # set before llama-cpp-python truncates the cache to the part of the prompt it holds: a kept
+        # prompt's cells then stay, and only the new tokens are evaluated
+        self._engine_call(_native.set_kept_prompt, min(len(tokens), self._keep_prompt))
+        self._engine_call(_native.set_paused, False)   # each turn's thinking is compressed again
+        inner = super().generate(tokens, *args, **kwargs)
+        if self._thinking is None:
+            return (yield from inner)
+        watch = self._thinking.start()
+        sent: Optional[Sequence[int]] = None
+        while True:
+            try:
+                token = inner.send(sent)
+            except StopIteration as stop:
+                return stop.value
+            if watch(token):
+                # the thinking ended: bring it to the budget now, so the answer has the cells
+                # beyond it, and evict nothing more while they last
+                self._engine_call(_native.compress)
+                self._engine_call(_native.set_paused, True)
+            sent = yield token
+
+    def _engine_call(self, fn: Any, *args: Any) -> Any:
+        """``fn(ctx, seq_id, *args)`` of ``rkv_local._native`` on this Llama's sequence."""
+        return fn(self._ctx.ctx, 0, *args)
+
+    @property
+    def kv_keep_prompt(self) -> int:
+        """Cells set aside for the kept prompt (``kv_keep_prompt``); 0 without a budget."""
+        return self._keep_prompt
 
     def reset(self) -> None:
         super().reset()
@@ -345,6 +394,20 @@ class Llama(llama_cpp.Llama):
             bound.arguments["logits_processor"] = ComposableProcessors(processors)
             return super().create_completion(*bound.args[1:], **bound.kwargs)
         return super().create_completion(prompt, *args, **kwargs)
+
+    def create_chat_completion(self, messages: Any, *args: Any, reasoning_format: str = "none", **kwargs: Any) -> Any:
+        """llama-cpp-python's ``create_chat_completion``; ``reasoning_format="deepseek"`` puts a reasoning
+        model's thinking in ``message.reasoning_content`` (``delta.reasoning_content`` in a stream)
+        and the rest in ``content``, as llama.cpp's server does with ``--reasoning-format deepseek``."""
+        if reasoning_format not in REASONING_FORMATS:
+            raise ValueError(f"unknown reasoning_format {reasoning_format!r}; choose one of {', '.join(REASONING_FORMATS)}")
+        response = super().create_chat_completion(messages, *args, **kwargs)
+        if reasoning_format == "none":
+            return response
+        thinking = thinking_open_in_prompt(self, messages)
+        if isinstance(response, dict):
+            return split_message(response, thinking)
+        return split_stream(response, thinking)
 
     def _create_completion(self, *args: Any, **kwargs: Any) -> Any:
         try:
@@ -418,7 +481,9 @@ class Llama(llama_cpp.Llama):
         if cfg is not None:
             state.update(
                 n_ctx=self._n_ctx_logical, kv_budget=cfg.budget, kv_buffer=cfg.buffer, kv_method=cfg.method,
-                kv_window=cfg.window, kv_lambda=cfg.lam,
+                kv_window=cfg.window, kv_lambda=cfg.lam, kv_keep_prompt=self._keep_prompt,
+                kv_compress="think" if self._thinking else "all",
+                kv_think_end=self._thinking.marker if self._thinking else None,
             )
         return state
 
@@ -446,7 +511,8 @@ class Llama(llama_cpp.Llama):
         return KVStats(
             cfg.method, cfg.budget, cfg.buffer, s.n_compressions, s.n_evicted, s.cells_used, s.cells_peak,
             s.kv_bytes_used, s.kv_bytes_full, s.n_tokens, s.compress_seconds,
-            pos_compacted=s.pos_compacted, cells_max=cfg.budget + cfg.buffer, kv_bytes_window=s.kv_bytes_window,
+            pos_compacted=s.pos_compacted, cells_max=self._keep_prompt + cfg.budget + cfg.buffer,
+            kv_bytes_window=s.kv_bytes_window, cells_kept=s.cells_kept, compression_paused=bool(s.paused),
             **counters,
         )
 

@@ -30,6 +30,10 @@ Spec choices (all deliberate, the engine must follow them):
   ascending) - on exactly equal scores the OLDER token wins - plus every window token;
   kept indices are returned ascending. If N <= budget nothing is evicted.
 * streamingllm: keeps the first ``sink`` tokens and the most recent budget - sink.
+* Kept prompt (``n_kept``): the first ``n_kept`` tokens are kept whole and are no part of the
+  scoring: the tokens after them are selected as if they were the whole sequence (they are the
+  candidates and the window; softmaxes and the similarity run over them only), so at most
+  ``n_kept + budget`` tokens stay.
 """
 from __future__ import annotations
 
@@ -216,10 +220,16 @@ def select(
     kq_scale: float,
     params: ScoringParams,
     sinks: np.ndarray | None = None,
+    n_kept: int = 0,
 ) -> list[np.ndarray]:
-    """Kept token indices per kv head (ascending, length min(N, budget))."""
+    """Kept token indices per kv head (ascending, length min(N, n_kept + budget))."""
     _check_params(method, params)
     queries, keys = _check_shapes(queries, keys)
+    if n_kept:
+        if not 0 <= n_kept <= keys.shape[0]:
+            raise ValueError(f"n_kept = {n_kept} for {keys.shape[0]} tokens")
+        rest = select(method, queries, keys[n_kept:], kq_scale, params, sinks)
+        return [np.concatenate([np.arange(n_kept), n_kept + kept]) for kept in rest]
     n_tokens, n_head_kv = keys.shape[0], keys.shape[1]
     if n_tokens <= params.budget:
         return [np.arange(n_tokens) for _ in range(n_head_kv)]

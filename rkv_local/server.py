@@ -475,6 +475,8 @@ class ChatRequest(CreateChatCompletionRequest):
         default=None, description="The maximum number of tokens to generate (OpenAI's name for max_tokens).")
     stream_options: Optional[StreamOptions] = None
     messages: List[ChatMessage] = Field(default=[], description="The conversation so far.")
+    reasoning_format: Optional[Literal["none", "deepseek"]] = Field(
+        default=None, description="deepseek: the thinking in reasoning_content (default: the server's setting).")
 
 
 def _text_messages(messages: List[Dict[str, Any]]) -> List[Dict[str, Any]]:
@@ -519,13 +521,15 @@ def _unsupported(name: str, why: str) -> APIError:
 
 
 def create_app(llm: BatchedLlama, *, model_alias: str, api_key: Optional[str] = None,
-               shutdown_timeout_s: float = 30.0, max_queue: Optional[int] = None) -> FastAPI:
+               shutdown_timeout_s: float = 30.0, max_queue: Optional[int] = None,
+               reasoning_format: str = "none") -> FastAPI:
     """The FastAPI app serving ``llm`` under the name ``model_alias``.
 
     ``/v1/completions``, ``/v1/chat/completions`` (streamed or not), ``/v1/models``, ``/health``,
     ``GET /rkv/stats`` (KV figures of the whole context and of each sequence) and ``GET /metrics``
     (Prometheus). With ``max_queue``, a request beyond ``n_seq_max`` running and ``max_queue``
-    waiting gets a 503 with ``Retry-After``. With
+    waiting gets a 503 with ``Retry-After``. ``reasoning_format="deepseek"`` answers chats with the
+    thinking in ``reasoning_content`` (a request's own ``reasoning_format`` wins). With
     ``api_key`` every route but ``/health`` wants ``Authorization: Bearer <api_key>``. The caller
     keeps ``llm``: close it after the server stopped, once ``drain(app)`` returned True. A caller
     that stops the server calls ``begin_shutdown(app)`` first (``rkv-local serve`` does on SIGTERM
@@ -596,6 +600,7 @@ def create_app(llm: BatchedLlama, *, model_alias: str, api_key: Optional[str] = 
         body.max_tokens = _max_tokens(body)
         kwargs = body.model_dump(exclude={"model", "n", "user", "logprobs", "top_logprobs", "max_completion_tokens"})
         kwargs["messages"] = _text_messages(kwargs["messages"])
+        kwargs["reasoning_format"] = kwargs.get("reasoning_format") or reasoning_format
         return await _respond(served, request, "create_chat_completion", kwargs)
 
     @app.get("/v1/models", dependencies=auth, tags=["OpenAI V1"], summary="Models")

@@ -459,8 +459,11 @@ def make_tiny_model(
     vocab_from: str | os.PathLike[str] | None = None,
     sliding_window: int | None = None,
     swa_pattern: int | Sequence[bool] | None = None,
+    chat_template: str | None = None,
 ) -> Path:
     """Write a random-weight GGUF that llama.cpp can load; return its path.
+
+    ``chat_template`` replaces the vocabulary model's ``tokenizer.chat_template``.
 
     ``n_embd = n_head * head_dim``; ``n_ff`` defaults to ``4 * n_embd``.  The
     tokenizer (every ``tokenizer.*`` key) is copied from ``vocab_from``, a GGUF
@@ -516,7 +519,11 @@ def make_tiny_model(
     writer = GGUFWriter(None, arch)
     _add_hparams(writer, shape, n_vocab, n_ctx_train)
     for entry in tokenizer:
+        if chat_template is not None and entry.key == "tokenizer.chat_template":
+            continue
         writer.add_key_value(entry.key, entry.value, entry.value_type, entry.item_type)
+    if chat_template is not None:
+        writer.add_chat_template(chat_template)
     for name, tensor in _tiny_tensors(shape, n_vocab, np.random.default_rng(seed)):
         writer.add_tensor(name, tensor)
     return _write_atomically(writer, path)

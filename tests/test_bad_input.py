@@ -137,9 +137,9 @@ def with_bytes(state, data: bytes):
 
 
 def engine_part(data: bytes) -> int:
-    """Offset of the compression engine's part of a state ("RKV3", its settings, each layer's
+    """Offset of the compression engine's part of a state ("RKV4", its settings, each layer's
     attention scale, then its streams)."""
-    at = data.rfind(b"RKV3")
+    at = data.rfind(b"RKV4")
     assert at > 0
     return at
 
@@ -155,7 +155,7 @@ def test_broken_states_are_refused_and_leave_an_empty_usable_instance(tiny: Path
     data = state.llama_state
     rkv = engine_part(data)
     # the engine part: magic, budget/buffer/window, one attention scale per layer (2 layers), then
-    # pos_compact, pos_scored, n_compact, ...
+    # pos_compact, pos_scored, n_compact, n_keep, pos_keep, paused (1 byte), three counters, the slot count
     stream = rkv + 16 + 4 * 2
     broken = {
         "truncated": data[: len(data) // 2],
@@ -165,9 +165,12 @@ def test_broken_states_are_refused_and_leave_an_empty_usable_instance(tiny: Path
         "empty": b"",
         "an attention scale that is no scale": corrupted(data, rkv + 16, -1),
         "the older format": data[:rkv] + b"RKV2" + data[rkv + 4:],
+        "the previous format": data[:rkv] + b"RKV3" + data[rkv + 4:],
+        "kept cells beyond the cache": corrupted(data, stream + 12, 10**6),
+        "a pause flag that is no flag": data[:stream + 20] + b"\x07" + data[stream + 21:],
         "n_compact out of range": corrupted(data, stream + 8, 10**6),
         "pos_compact beyond the tokens": corrupted(corrupted(data, stream, 10**6), stream + 4, 10**6),
-        "slot count that does not match": corrupted(data, stream + 12 + 24, 3),
+        "slot count that does not match": corrupted(data, stream + 21 + 24, 3),
     }
     llm = budgeted(tiny)
     try:
