@@ -19,7 +19,8 @@ Two drivers:
   decode calls that mix sequences, `seq_rm` (tail and whole), `seq_cp` of a whole sequence into an
   empty one, forced compressions, and per-sequence state save/load.
 
-Invariants after every step: cells in use ≤ B + b per sequence; kept positions strictly increasing,
+Invariants after every step: cells in use ≤ B + b per sequence (plus the kept prompt, which every
+head holds whole); kept positions strictly increasing,
 ending at the newest token, as many per head as cells in use; the engine's token count, the
 cache's newest position and the Python side's `n_tokens` agree; `kv_stats()` bytes match its cell
 counts; a state saved and loaded gives bit-identical next logits, and the greedy continuation after
@@ -58,6 +59,7 @@ class Case:
     type_kv: str = "f16"
     flash_attn: bool = False
     steps: int = 170                                   # steps of `make test`
+    keep: int = 0                                      # kv_keep_prompt: completions' prompts kept whole
 
     def llama_kwargs(self) -> dict:
         # a quantized V cache needs flash attention in llama.cpp
@@ -73,6 +75,7 @@ CASES = [
          flash_attn=True),
     Case("qwen3-gqa4-q8_0-fa", dict(arch="qwen3", n_layer=3, n_head=8, n_head_kv=2, head_dim=32),
          type_kv="q8_0", flash_attn=True),
+    Case("llama-gqa-f16-kept-prompt", dict(arch="llama", n_head=4, n_head_kv=2, head_dim=32), keep=40),
     Case("smollm2", {}, steps=120),
     # interleaved sliding windows of N_SWA tokens: sinks (gpt-oss), five window layers to one (gemma3)
     Case("gpt-oss-sinks-iswa", dict(arch="gpt-oss", n_layer=4, n_head=4, n_head_kv=2, head_dim=32, sliding_window=32)),
@@ -124,7 +127,8 @@ class LlamaFuzz:
 
     def new_llama(self) -> Llama:
         return Llama(str(self.path), kv_budget=self.budget, kv_buffer=b, kv_method=self.method, n_ctx=N_CTX,
-                     n_threads=1, n_threads_batch=1, verbose=False, **self.case.llama_kwargs())
+                     kv_keep_prompt=self.case.keep, n_threads=1, n_threads_batch=1, verbose=False,
+                     **self.case.llama_kwargs())
 
     def close(self) -> None:
         if self.llm is not None:
@@ -207,11 +211,15 @@ class LlamaFuzz:
             llm.n_tokens = p
             if p == 0:
                 assert llm.kv_stats().cells_used == 0
+            if before.compressions and p <= before.cells_kept:   # into the kept prompt: uncompressed
+                after = llm.kv_stats()
+                assert (after.cells_used, after.pos_compacted) == (p, -1)
         else:
             # refused only where a compression scored the positions, or where the window layers no
             # longer hold what the next token would attend to: the cache is untouched
             window_dropped = self.n_swa and _native.seq_stats(llm._ctx.ctx).cells_window < n
             assert (before.compressions > 0 or window_dropped) and p < n
+            assert window_dropped or p > before.cells_kept   # a kept prompt may always be returned to
             after = llm.kv_stats()
             assert (after.n_tokens, after.cells_used) == (before.n_tokens, before.cells_used)
             for (layer, head), kept in zip(self.heads, kept_before):
@@ -227,8 +235,9 @@ class LlamaFuzz:
         before = self.llm.kv_stats()
         done = self.llm.compress_now()
         after = self.llm.kv_stats()
-        if before.cells_used > self.budget:
-            assert done and after.cells_used == self.budget and after.compressions == before.compressions + 1
+        if before.cells_used > before.cells_kept + self.budget:
+            assert done and after.cells_used == before.cells_kept + self.budget
+            assert after.compressions == before.compressions + 1
             self.scored_to_end = True
         else:
             assert not done and after.cells_used == before.cells_used
@@ -345,7 +354,8 @@ class LlamaFuzz:
         assert s.n_tokens == n, (s.n_tokens, n)
         mem = llama_cpp.llama_get_memory(llm._ctx.ctx)
         assert llama_cpp.llama_memory_seq_pos_max(mem, 0) == n - 1
-        assert s.cells_used <= self.budget + b and s.cells_peak <= self.budget + b
+        assert s.cells_kept <= self.case.keep
+        assert s.cells_used <= s.cells_kept + self.budget + b and s.cells_peak <= self.case.keep + self.budget + b
         assert s.cells_used == n if s.compressions == 0 else s.cells_used <= n
         assert s.kv_bytes_used == s.cells_used * self.per_cell and s.kv_bytes_full == n * self.per_cell
         if self.n_swa and n:
@@ -357,6 +367,7 @@ class LlamaFuzz:
             assert len(kept) == s.cells_used
             if n:
                 assert kept[0] >= 0 and kept[-1] == n - 1 and np.all(np.diff(kept) > 0)
+                np.testing.assert_array_equal(kept[:s.cells_kept], np.arange(s.cells_kept))  # the prompt, whole
 
 
 # ---------------------------------------------------------------------------
