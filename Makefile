@@ -20,7 +20,9 @@ ASAN_TESTS ?= tests/test_engine.py tests/test_fused.py tests/test_refusals.py te
 # the Vulkan build (test-vulkan): its own folder and library
 VULKAN_BUILD := build-vulkan
 VULKAN_LIB   := $(VULKAN_BUILD)/install/rkv_local/lib/libllama.so
-VULKAN_TESTS ?= tests/test_engine.py tests/test_iswa.py
+# SmolLM2's 1,300-token run takes hours on a software driver; the tiny models' long runs stand for it
+VULKAN_TESTS ?= tests/test_engine.py tests/test_iswa.py \
+	--deselect tests/test_engine.py::test_smollm2_long_generation_stays_within_budget
 VULKAN_CMAKE_ARGS ?=
 
 .PHONY: all venv build demo test test-asan test-vulkan clean

@@ -5,7 +5,7 @@ from __future__ import annotations
 import contextlib
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterator, Sequence
+from typing import Iterator, Optional, Sequence
 
 import numpy as np
 
@@ -129,10 +129,12 @@ class TinyLlamaWeights:
         out[..., 1::2] = x0 * sin + x1 * cos
         return out
 
-    def forward(self, tokens: list[int], visible) -> tuple[np.ndarray, list[np.ndarray], list[np.ndarray]]:
+    def forward(self, tokens: list[int], visible,
+                queries: Optional[list] = None) -> tuple[np.ndarray, list[np.ndarray], list[np.ndarray]]:
         """Logits of every token, and each layer's K and V ([n, n_head_kv, d]).
 
-        ``visible(layer, kv_head, i)`` gives the positions token ``i`` attends to.
+        ``visible(layer, kv_head, i)`` gives the positions token ``i`` attends to. ``queries``, if
+        given, receives each layer's post-RoPE queries ([n, n_head, d]), unscaled.
         """
         t = self.tensors
         n, d, g = len(tokens), self.head_dim, self.n_head // self.n_head_kv
@@ -147,6 +149,8 @@ class TinyLlamaWeights:
             v = (h @ t[f"{blk}.attn_v.weight"].T).reshape(n, self.n_head_kv, d)
             ks.append(k)
             vs.append(v)
+            if queries is not None:
+                queries.append(q)
             att = np.zeros((n, self.n_head, d))
             for i in range(n):
                 for qh in range(self.n_head):

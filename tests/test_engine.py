@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import ctypes
 import dataclasses
+import os
 
 import numpy as np
 import pytest
@@ -111,7 +112,8 @@ def test_logits_after_compaction_equal_restricted_attention(tiny_model):
     ref_full, _, _ = weights.forward(prompt + [new_token], lambda layer, h, i: np.arange(i + 1))
     err = np.abs(native - ref_restricted[-1]).max()
     gap = np.abs(ref_full[-1] - ref_restricted[-1]).max()
-    assert err < 2e-3, err
+    # a device's matrix products may round through f16 (Vulkan on lavapipe: 3.2e-3)
+    assert err < (1e-2 if os.environ.get("RKV_TEST_N_GPU_LAYERS") else 2e-3), err
     assert gap > 20 * err, "eviction changed too little for the comparison to mean anything"
 
 
@@ -129,6 +131,24 @@ def test_enabled_but_never_triggered_gives_identical_logits(tiny_model):
             logits.append(last_logits(llm))
         runs.append(np.stack(logits))
     np.testing.assert_array_equal(runs[0], runs[1])
+
+
+@pytest.mark.parametrize("type_kv,flash_attn", [("f16", False), ("q8_0", True), ("q4_0", True)])
+def test_twenty_times_past_the_budget_on_a_tiny_model(tiny_model, type_kv, flash_attn):
+    """Every compaction of a long run moves K/V of this type (on the device, with gpu_offload)."""
+    llm = make_llm(tiny_model(arch="qwen2", n_head=4, n_head_kv=2), type_kv=type_kv, flash_attn=flash_attn)
+    prompt = random_tokens(10, seed=21)
+    llm.eval(prompt)
+    n_gen = 20 * BUDGET
+    for _ in range(n_gen // 40):
+        greedy(llm, 40)
+        assert llm.kv_stats().cells_used <= BUDGET + BUFFER
+    stats = llm.kv_stats()
+    n_tokens = len(prompt) + n_gen
+    assert (stats.n_tokens, stats.cells_peak) == (n_tokens, BUDGET + BUFFER)
+    assert stats.compressions == (n_tokens - BUDGET - 1) // BUFFER
+    assert stats.evicted_tokens == stats.compressions * BUFFER
+    assert not np.isnan(last_logits(llm)).any()
 
 
 def test_smollm2_long_generation_stays_within_budget(smollm2_path):
