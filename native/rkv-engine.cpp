@@ -313,6 +313,9 @@ bool rkv_engine::compress(uint32_t strm, llama_context * lctx) {
     auto & cells = kv.v_cells[strm];
     const llama_seq_id seq_id = cells.seq_get(order.back());
     const uint32_t n_compact = budget - window;
+    if (observer) {
+        observer(observer_data, seq_id, 0);
+    }
 
     std::vector<std::vector<int32_t>> kept;
     if (!run_scoring_graphs(strm, lctx, order, kept, st.profile)) {
@@ -370,6 +373,9 @@ bool rkv_engine::compress(uint32_t strm, llama_context * lctx) {
     st.compress_seconds += seconds;
     st.profile.total_seconds += seconds;
 
+    if (observer) {
+        observer(observer_data, seq_id, 1);
+    }
     LLAMA_LOG_DEBUG("%s: stream %u: %u + %u -> %u + %u cells, P_c = %d\n", __func__, strm, n_keep, n, n_keep, budget, pos_compact);
     return true;
 }

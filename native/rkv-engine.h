@@ -67,6 +67,9 @@ struct rkv_engine {
 
     std::vector<rkv_stream_state> streams;
 
+    rkv_compression_observer observer = nullptr; // test hook (rkv_set_compression_observer)
+    void * observer_data = nullptr;
+
     uint32_t n_layer() const { return (uint32_t) rings.size(); }
     int32_t  kv_layer(int32_t il) const; // model layer -> KV-cache layer, -1 if none
     bool     window_layer(int32_t il) const; // a layer of the sliding-window cache (not compressed)

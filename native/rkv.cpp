@@ -175,6 +175,16 @@ int32_t rkv_set_paused(llama_context * ctx, llama_seq_id seq_id, bool paused) {
     return 0;
 }
 
+int32_t rkv_set_compression_observer(llama_context * ctx, rkv_compression_observer observer, void * user_data) {
+    rkv_engine * eng = rkv_checked(ctx, 0);
+    if (!eng) {
+        return -1;
+    }
+    eng->observer      = observer;
+    eng->observer_data = user_data;
+    return 0;
+}
+
 int64_t rkv_kv_bytes_per_cell(const llama_context * ctx) {
     const llama_kv_cache * kv = rkv_cache_of(ctx);
     if (!kv) {

@@ -105,6 +105,13 @@ LLAMA_API int32_t rkv_set_kept_prompt(struct llama_context * ctx, llama_seq_id s
 // evicted): the sequence grows while the cache has cells, and is compressed as usual when it has none.
 LLAMA_API int32_t rkv_set_paused(struct llama_context * ctx, llama_seq_id seq_id, bool paused);
 
+// Test hook: called by every compression, automatic (inside llama_decode) or forced, on the thread that
+// runs it: with phase 0 before it scores (rkv_get_layer_inputs and rkv_get_kept_positions then show what
+// it scores) and phase 1 once it compacted (rkv_get_kept_positions shows what it kept). Null removes it.
+typedef void (*rkv_compression_observer)(void * user_data, llama_seq_id seq_id, int32_t phase);
+LLAMA_API int32_t rkv_set_compression_observer(struct llama_context * ctx, rkv_compression_observer observer,
+                                               void * user_data);
+
 // K+V bytes one cell takes over all layers, for any plain KV cache (compressed or not); -1 if none.
 // For an interleaved sliding-window model: over its full-attention layers (the cache that grows).
 LLAMA_API int64_t rkv_kv_bytes_per_cell(const struct llama_context * ctx);

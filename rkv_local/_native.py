@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import ctypes
 import os
+from typing import Optional
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -66,6 +67,10 @@ class RkvProfile(ctypes.Structure):
     ]
 
 
+# void (*)(void * user_data, llama_seq_id seq_id, int32_t phase)
+CompressionObserver = ctypes.CFUNCTYPE(None, ctypes.c_void_p, ctypes.c_int32, ctypes.c_int32)
+
+
 class RkvError(RuntimeError):
     """The engine refused a call; the message says why."""
 
@@ -115,6 +120,7 @@ def _bind():
         "rkv_compress": ([ctx_p, ctypes.c_int32], ctypes.c_int32),
         "rkv_set_kept_prompt": ([ctx_p, ctypes.c_int32, ctypes.c_int32], ctypes.c_int32),
         "rkv_set_paused": ([ctx_p, ctypes.c_int32, ctypes.c_bool], ctypes.c_int32),
+        "rkv_set_compression_observer": ([ctx_p, CompressionObserver, ctypes.c_void_p], ctypes.c_int32),
         "rkv_kv_bytes_per_cell": ([ctx_p], ctypes.c_int64),
         "rkv_get_layers": ([ctx_p, ctypes.POINTER(ctypes.c_int32), ctypes.c_int32], ctypes.c_int32),
         "rkv_get_stats": ([ctx_p, ctypes.c_int32, ctypes.POINTER(RkvSeqStats)], ctypes.c_int32),
@@ -183,6 +189,12 @@ def set_kept_prompt(ctx: int, seq_id: int, n_tokens: int) -> None:
 def set_paused(ctx: int, seq_id: int, paused: bool) -> None:
     """Pause (or resume) a sequence's compression while the cache has room."""
     _check(lib().rkv_set_paused(ctx, seq_id, paused))
+
+
+def set_compression_observer(ctx: int, observer: Optional["CompressionObserver"]) -> None:
+    """Test hook: ``observer(None, seq_id, phase)`` at each compression, before it scores (phase 0)
+    and after it compacted (1). Keep a reference to the ctypes callback while it is set."""
+    _check(lib().rkv_set_compression_observer(ctx, observer or CompressionObserver(), None))
 
 
 def bytes_per_cell(ctx: int) -> int:
