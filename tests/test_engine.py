@@ -37,12 +37,13 @@ def check_compression_matches_reference(llm: Llama, method: str) -> int:
     """Force one compression; every layer's and head's kept set must equal reference.select."""
     n_layer, n_head, n_head_kv, d = model_shape(llm)
     ctx = llm._ctx.ctx
-    params = reference.ScoringParams(budget=BUDGET, window=WINDOW)
+    cfg = llm.kv_config
+    params = reference.ScoringParams(budget=cfg.budget, window=cfg.window, lam=cfg.lam)
     before = []
     for layer in range(n_layer):
-        q, k, scale = _native.layer_inputs(ctx, layer, WINDOW, n_head * d, n_head_kv * d)
+        q, k, scale = _native.layer_inputs(ctx, layer, cfg.window, n_head * d, n_head_kv * d)
         positions = [_native.kept_positions(ctx, layer, h) for h in range(n_head_kv)]
-        before.append((q.reshape(WINDOW, n_head, d), k.reshape(-1, n_head_kv, d), scale, positions))
+        before.append((q.reshape(cfg.window, n_head, d), k.reshape(-1, n_head_kv, d), scale, positions))
     assert _native.compress(ctx)
     mismatches = 0
     for layer, (q, k, scale, positions) in enumerate(before):
@@ -50,7 +51,7 @@ def check_compression_matches_reference(llm: Llama, method: str) -> int:
         native_idx = []
         for h in range(n_head_kv):
             after = _native.kept_positions(ctx, layer, h)
-            assert len(after) == BUDGET
+            assert len(after) == cfg.budget
             idx = np.searchsorted(positions[h], after)
             assert np.array_equal(positions[h][idx], after), "kept a position that was not in the cache"
             native_idx.append(idx)
@@ -87,6 +88,31 @@ def test_native_selection_equals_reference(tiny_model, arch, n_head, n_head_kv, 
         greedy(llm, BUFFER)
         assert llm.kv_stats().cells_used == BUDGET + BUFFER
         assert check_compression_matches_reference(llm, method) == 0, f"round {round_ + 2}"
+
+
+# the shapes of the models we target, beside the small ones above: head size 128 with GQA groups of 7
+# (R1-Distill-Qwen-7B, Qwen2.5-7B) and 4 (R1-Distill-Llama-8B), SmolLM2's 9/3 heads of 64, f32 and bf16
+# K under R-KV, budgets 128-512 with buffers 32-128, windows 4 and 16, a lambda other than 0.1
+REAL_SHAPES = [
+    # arch, n_head, n_head_kv, head_dim, K/V type, flash attention, budget, buffer, window, lambda
+    ("qwen2", 7, 1, 128, "f16", True, 128, 32, 8, 0.1),
+    ("llama", 8, 2, 128, "bf16", False, 256, 64, 16, 0.1),
+    ("llama", 9, 3, 64, "f32", False, 128, 32, 4, 0.3),
+    ("qwen3", 4, 1, 128, "q8_0", True, 512, 128, 8, 0.1),
+]
+
+
+@pytest.mark.parametrize("arch,n_head,n_head_kv,head_dim,type_kv,flash_attn,budget,buffer,window,lam", REAL_SHAPES)
+def test_real_model_shapes_select_as_the_reference(tiny_model, arch, n_head, n_head_kv, head_dim, type_kv,
+                                                   flash_attn, budget, buffer, window, lam):
+    path = tiny_model(arch=arch, n_head=n_head, n_head_kv=n_head_kv, head_dim=head_dim, n_ff=256)
+    llm = Llama(str(path), kv_budget=budget, kv_buffer=buffer, kv_window=window, kv_lambda=lam,
+                type_k=GGML_TYPES[type_kv], type_v=GGML_TYPES[type_kv] if flash_attn else GGML_TYPES["f16"],
+                flash_attn=flash_attn, n_threads=2, verbose=False)
+    llm.eval(random_tokens(budget + buffer, seed=9))
+    assert check_compression_matches_reference(llm, "rkv") == 0
+    greedy(llm, buffer)
+    assert check_compression_matches_reference(llm, "rkv") == 0
 
 
 def test_logits_after_compaction_equal_restricted_attention(tiny_model):
