@@ -369,6 +369,9 @@ class Llama(llama_cpp.Llama):
             # empty the sequence now (llama-cpp-python waits for the next eval): statistics and the
             # engine's state start afresh, as in a new instance
             llama_cpp.llama_memory_clear(llama_cpp.llama_get_memory(self._ctx.ctx), True)
+            if not self._prompt_pending:   # not generate()'s own reset, before its prompt: nothing kept
+                self._engine_call(_native.set_kept_prompt, 0)
+                self._engine_call(_native.set_paused, False)
 
     # ------------------------------------------------------------------
     # completions: refusals with a budget, sampling settings llama.cpp would crash or ignore on

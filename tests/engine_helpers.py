@@ -3,13 +3,14 @@ pass of the tiny llama models (the reference for logits after a compaction)."""
 from __future__ import annotations
 
 import contextlib
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Iterator, Optional, Sequence
 
 import numpy as np
 
 import rkv_local  # noqa: F401  (binds llama_cpp to our library first)
+from rkv_local import _native, reference
 import llama_cpp
 
 GGML_TYPES = {"f32": 0, "f16": 1, "q4_0": 2, "q8_0": 8, "bf16": 30}
@@ -168,6 +169,75 @@ class TinyLlamaWeights:
         return x @ t["token_embd.weight"].T, ks, vs
 
 
+@dataclass
+class SpecWatch:
+    """Compares the compressions of a context with reference.select while they run, through the
+    engine's test hook (rkv_set_compression_observer): inputs before it scores, what it kept after."""
+
+    ctx: int
+    method: str
+    shape: tuple[int, int, int, int]   # n_layer, n_head, n_head_kv, head_dim
+    params: reference.ScoringParams
+    layers: Optional[list[int]] = None  # the compressed layers (default: all)
+    every: int = 1                      # compare every Nth compression of a sequence
+    compressions: dict[int, int] = field(default_factory=dict)   # per sequence
+    compared: int = 0
+    failures: list[str] = field(default_factory=list)
+    _inputs: dict = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        self._callback = _native.CompressionObserver(self._observe)
+        _native.set_compression_observer(self.ctx, self._callback)
+
+    def close(self) -> None:
+        _native.set_compression_observer(self.ctx, None)
+
+    def _observe(self, _data, seq_id: int, phase: int) -> None:
+        try:   # an exception cannot cross the C callback: keep it for the test
+            (self._before if phase == 0 else self._after)(seq_id)
+        except Exception as exc:  # noqa: BLE001
+            self.failures.append(f"sequence {seq_id}, phase {phase}: {exc!r}")
+
+    def _before(self, seq_id: int) -> None:
+        self.compressions[seq_id] = self.compressions.get(seq_id, 0) + 1
+        if (self.compressions[seq_id] - 1) % self.every:
+            return
+        n_layer, n_head, n_head_kv, d = self.shape
+        window = self.params.window
+        n_kept = _native.seq_stats(self.ctx, seq_id).cells_kept   # the kept prompt leads, unscored
+        layers = []
+        for layer in self.layers if self.layers is not None else range(n_layer):
+            q, k, scale = _native.layer_inputs(self.ctx, layer, window, n_head * d, n_head_kv * d, seq_id=seq_id)
+            positions = [_native.kept_positions(self.ctx, layer, h, seq_id) for h in range(n_head_kv)]
+            layers.append((layer, q.reshape(window, n_head, d), k.reshape(-1, n_head_kv, d)[n_kept:], scale,
+                           [p[n_kept:] for p in positions]))
+        self._inputs[seq_id] = (n_kept, layers)
+
+    def _after(self, seq_id: int) -> None:
+        if seq_id not in self._inputs:
+            return
+        n_kept, layers = self._inputs.pop(seq_id)
+        self.compared += 1
+        for layer, q, k, scale, positions in layers:
+            native = []
+            for h in range(self.shape[2]):
+                after = _native.kept_positions(self.ctx, layer, h, seq_id)[n_kept:]
+                idx = np.searchsorted(positions[h], after)
+                if len(after) != self.params.budget or not np.array_equal(positions[h][idx], after):
+                    self.failures.append(f"sequence {seq_id} layer {layer} head {h}: kept {after}")
+                    return
+                native.append(idx)
+            if not reference.kept_sets_equivalent(self.method, q, k, scale, self.params, native):
+                self.failures.append(f"sequence {seq_id}, compression {self.compressions[seq_id]}, layer {layer}: "
+                                     f"differs from reference.select")
+
+
+def shape_of(model) -> tuple[int, int, int, int]:
+    n_head = llama_cpp.llama_model_n_head(model)
+    return (llama_cpp.llama_model_n_layer(model), n_head, llama_cpp.llama_model_n_head_kv(model),
+            llama_cpp.llama_model_n_embd(model) // n_head)
+
+
 def kv_bytes_per_cell(llm) -> int:
     from rkv_local import _native
 
@@ -175,5 +245,5 @@ def kv_bytes_per_cell(llm) -> int:
 
 
 __all__ = [
-    "GGML_TYPES", "TinyLlamaWeights", "greedy", "kv_bytes_per_cell", "last_logits", "memory", "random_tokens",
+    "GGML_TYPES", "SpecWatch", "TinyLlamaWeights", "greedy", "shape_of", "kv_bytes_per_cell", "last_logits", "memory", "random_tokens",
 ]

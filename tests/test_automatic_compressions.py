@@ -4,73 +4,14 @@ several sequences (seq_id > 0), observed through the engine's test hook
 (rkv_set_compression_observer): its inputs before it scores, what it kept after."""
 from __future__ import annotations
 
-from dataclasses import dataclass, field
-
 import numpy as np
 import pytest
 
 from rkv_local import Llama, _native, reference
-from engine_helpers import decode, greedy, low_level_context, random_tokens
+from engine_helpers import SpecWatch, decode, greedy, low_level_context, random_tokens, shape_of
 import llama_cpp
 
 BUDGET, BUFFER, WINDOW = 40, 16, 8
-
-
-@dataclass
-class SpecWatch:
-    """Compares each compression of a context with reference.select while it runs."""
-
-    ctx: int
-    method: str
-    shape: tuple[int, int, int, int]   # n_layer, n_head, n_head_kv, head_dim
-    params: reference.ScoringParams
-    compressions: dict[int, int] = field(default_factory=dict)   # per sequence
-    failures: list[str] = field(default_factory=list)
-    _inputs: dict = field(default_factory=dict)
-
-    def __post_init__(self) -> None:
-        self._callback = _native.CompressionObserver(self._observe)
-        _native.set_compression_observer(self.ctx, self._callback)
-
-    def close(self) -> None:
-        _native.set_compression_observer(self.ctx, None)
-
-    def _observe(self, _data, seq_id: int, phase: int) -> None:
-        try:   # an exception cannot cross the C callback: keep it for the test
-            (self._before if phase == 0 else self._after)(seq_id)
-        except Exception as exc:  # noqa: BLE001
-            self.failures.append(f"sequence {seq_id}, phase {phase}: {exc!r}")
-
-    def _before(self, seq_id: int) -> None:
-        n_layer, n_head, n_head_kv, d = self.shape
-        layers = []
-        for layer in range(n_layer):
-            q, k, scale = _native.layer_inputs(self.ctx, layer, WINDOW, n_head * d, n_head_kv * d, seq_id=seq_id)
-            positions = [_native.kept_positions(self.ctx, layer, h, seq_id) for h in range(n_head_kv)]
-            layers.append((q.reshape(WINDOW, n_head, d), k.reshape(-1, n_head_kv, d), scale, positions))
-        self._inputs[seq_id] = layers
-
-    def _after(self, seq_id: int) -> None:
-        n_head_kv = self.shape[2]
-        self.compressions[seq_id] = self.compressions.get(seq_id, 0) + 1
-        for layer, (q, k, scale, positions) in enumerate(self._inputs.pop(seq_id)):
-            native = []
-            for h in range(n_head_kv):
-                after = _native.kept_positions(self.ctx, layer, h, seq_id)
-                idx = np.searchsorted(positions[h], after)
-                if len(after) != BUDGET or not np.array_equal(positions[h][idx], after):
-                    self.failures.append(f"sequence {seq_id} layer {layer} head {h}: kept {after}")
-                    return
-                native.append(idx)
-            if not reference.kept_sets_equivalent(self.method, q, k, scale, self.params, native):
-                self.failures.append(f"sequence {seq_id}, compression {self.compressions[seq_id]}, layer {layer}: "
-                                     f"differs from reference.select")
-
-
-def shape_of(model) -> tuple[int, int, int, int]:
-    n_head = llama_cpp.llama_model_n_head(model)
-    return (llama_cpp.llama_model_n_layer(model), n_head, llama_cpp.llama_model_n_head_kv(model),
-            llama_cpp.llama_model_n_embd(model) // n_head)
 
 
 def watch_llama(llm: Llama, method: str) -> SpecWatch:

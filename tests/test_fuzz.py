@@ -20,7 +20,10 @@ Two drivers:
   empty one, forced compressions, and per-sequence state save/load.
 
 Invariants after every step: cells in use ≤ B + b per sequence (plus the kept prompt, which every
-head holds whole); kept positions strictly increasing,
+head holds whole); what a head holds after decoding or compressing is what it held or a new token;
+the newest `window` tokens are always held; every third compression selects as `reference.select`
+(observed as it runs, automatic ones included); a truncation is refused exactly where the last
+compression saw the positions (or the window layers dropped what the next token needs); kept positions strictly increasing,
 ending at the newest token, as many per head as cells in use; the engine's token count, the
 cache's newest position and the Python side's `n_tokens` agree; `kv_stats()` bytes match its cell
 counts; a state saved and loaded gives bit-identical next logits, and the greedy continuation after
@@ -40,12 +43,14 @@ from typing import Callable, Optional
 import numpy as np
 import pytest
 
-from rkv_local import Llama, _native
+from rkv_local import Llama, _native, reference
 import llama_cpp
 
-from engine_helpers import GGML_TYPES, decode, last_logits, low_level_context
+from engine_helpers import GGML_TYPES, SpecWatch, decode, last_logits, low_level_context, shape_of
 
 B, b = 32, 16
+WINDOW = 8       # kv_window's default
+SPEC_EVERY = 3   # every third compression of a sequence is compared with the spec
 N_CTX = 700  # logical context: small, so that runs reach it and must be refused there
 METHODS = ("rkv", "snapkv", "h2o", "streamingllm")
 
@@ -88,6 +93,26 @@ class FuzzFailure(AssertionError):
     pass
 
 
+class OperationChooser:
+    """Random operations by weight, every TOUR_EVERY-th step the next one of a shuffled tour of them
+    all, so that a short run still runs the rare ones."""
+
+    TOUR_EVERY = 8
+
+    def __init__(self, rng: np.random.Generator, names: list[str], weights: np.ndarray) -> None:
+        self.rng, self.names, self.p = rng, names, weights / weights.sum()
+        self.steps = 0
+        self.tour: list[str] = []
+
+    def __call__(self) -> str:
+        self.steps += 1
+        if self.steps % self.TOUR_EVERY:
+            return str(self.rng.choice(self.names, p=self.p))
+        if not self.tour:
+            self.tour = [str(n) for n in self.rng.permutation(self.names)]
+        return self.tour.pop()
+
+
 def random_tokens(rng: np.random.Generator, n: int) -> list[int]:
     return [int(t) for t in rng.integers(100, 20000, size=n)]
 
@@ -102,6 +127,7 @@ class LlamaFuzz:
     def __init__(self, path: Path, case: Case, rng: np.random.Generator, tmp: Path) -> None:
         self.path, self.case, self.rng, self.tmp = path, case, rng, tmp
         self.llm: Optional[Llama] = None
+        self.watches: list[SpecWatch] = []
         self.scored_to_end = False  # the last compression came after the newest token (compress_now)
         self.budget = B
         self.method = "rkv"
@@ -112,7 +138,7 @@ class LlamaFuzz:
             "save_load": self.op_save_load, "save_load_file": self.op_save_load_file, "reset": self.op_reset,
             "reopen": self.op_reopen,
         }
-        self.weights = np.array([30, 12, 4, 6, 8, 5, 6, 2, 2, 1], dtype=float)
+        self.choose = OperationChooser(rng, list(self.ops), np.array([30, 12, 4, 6, 8, 5, 6, 2, 2, 1], dtype=float))
 
     def open(self, method: str, budget: int) -> None:
         if self.llm is not None:
@@ -126,9 +152,16 @@ class LlamaFuzz:
         self.n_swa = self.case.model.get("sliding_window", 0)  # 0: no window layers
 
     def new_llama(self) -> Llama:
-        return Llama(str(self.path), kv_budget=self.budget, kv_buffer=b, kv_method=self.method, n_ctx=N_CTX,
-                     kv_keep_prompt=self.case.keep, n_threads=1, n_threads_batch=1, verbose=False,
-                     **self.case.llama_kwargs())
+        llm = Llama(str(self.path), kv_budget=self.budget, kv_buffer=b, kv_method=self.method, n_ctx=N_CTX,
+                    kv_keep_prompt=self.case.keep, n_threads=1, n_threads_batch=1, verbose=False,
+                    **self.case.llama_kwargs())
+        if self.case.model.get("arch") != "gpt-oss":   # the spec's sinks are not read back from the model
+            # every SPEC_EVERY-th automatic or forced compression against the spec, as it runs
+            self.watches.append(SpecWatch(
+                llm._ctx.ctx, self.method, shape_of(llm._model.model),
+                reference.ScoringParams(budget=self.budget, window=WINDOW), layers=llm.compressed_layers(),
+                every=SPEC_EVERY))
+        return llm
 
     def close(self) -> None:
         if self.llm is not None:
@@ -138,14 +171,25 @@ class LlamaFuzz:
     def tokens(self) -> list[int]:
         return self.llm.input_ids[: self.llm.n_tokens].tolist()
 
-    def step(self) -> str:
-        name = str(self.rng.choice(list(self.ops), p=self.weights / self.weights.sum()))
+    def step(self) -> tuple[str, bool]:
+        name = self.choose()
         n_before = self.llm.n_tokens
-        self.ops[name]()
+        kept_before = self.kept_sets()
+        ran = self.ops[name]() is not False
         if name != "compress" and (self.llm.n_tokens != n_before or name in ("reset", "reopen", "long_prompt")):
             self.scored_to_end = False
         self.check()
-        return name
+        if name in ("decode", "greedy", "compress"):
+            # what a head holds after adding tokens or compressing: what it held, or a new token
+            new = set(range(n_before, self.llm.n_tokens))
+            for (layer, head), before, after in zip(self.heads, kept_before, self.kept_sets()):
+                assert after <= before | new, (name, layer, head, sorted(after - before - new)[:5])
+        for watch in self.watches:
+            assert not watch.failures, watch.failures[:3]
+        return name, ran
+
+    def kept_sets(self) -> list[set[int]]:
+        return [set(self.llm.kept_positions(layer, head).tolist()) for layer, head in self.heads]
 
     # -- operations ------------------------------------------------------
 
@@ -174,9 +218,11 @@ class LlamaFuzz:
             out.append(tok)
         return out
 
-    def op_greedy(self) -> None:
-        if self.llm.n_tokens:
-            self.greedy(int(self.rng.integers(1, 24)))
+    def op_greedy(self) -> Optional[bool]:
+        if not self.llm.n_tokens:
+            return False   # nothing to continue from
+        self.greedy(int(self.rng.integers(1, 24)))
+        return None
 
     def op_long_prompt(self) -> None:
         self.llm.reset()
@@ -184,7 +230,7 @@ class LlamaFuzz:
         self.eval_checked(random_tokens(self.rng, n))
         assert self.llm.kv_stats().compressions > 0
 
-    def op_completion(self) -> None:
+    def op_completion(self) -> Optional[bool]:
         """A completion whose prompt keeps a random prefix of what the cache holds."""
         held = self.tokens
         keep = int(self.rng.integers(0, len(held) + 1))
@@ -193,10 +239,12 @@ class LlamaFuzz:
         # llama-cpp-python goes past max_tokens while the text ends inside a UTF-8 character (random
         # models emit byte tokens): leave room for that
         if len(prompt) + 4 * max_tokens >= N_CTX:
-            return
+            return False   # nothing to do: not counted as a step that ran
         out = self.llm.create_completion(prompt, max_tokens=max_tokens, temperature=0.0)
         n_out = out["usage"]["completion_tokens"]
-        assert out["usage"]["prompt_tokens"] == len(prompt) and 0 <= n_out
+        assert out["usage"]["prompt_tokens"] == len(prompt)
+        finish = out["choices"][0]["finish_reason"]
+        assert (finish == "length" and n_out >= max_tokens) or (finish == "stop" and n_out <= max_tokens), (finish, n_out)
         assert self.tokens[: len(prompt)] == prompt
         # the last sampled token is returned, not evaluated (llama-cpp-python's rule)
         assert len(prompt) <= self.llm.n_tokens <= len(prompt) + n_out
@@ -207,7 +255,10 @@ class LlamaFuzz:
         p = int(self.rng.integers(0, n + 1))
         before = llm.kv_stats()
         kept_before = [llm.kept_positions(layer, head) for layer, head in self.heads]
+        scored = before.pos_compacted + WINDOW   # the newest position the last compression saw
         if llm._ctx.kv_cache_seq_rm(-1, p, -1):
+            # allowed: nothing compressed, above what the last compression saw, or back into the kept prompt
+            assert before.compressions == 0 or p > scored or p <= before.cells_kept or p == 0, (p, scored)
             llm.n_tokens = p
             if p == 0:
                 assert llm.kv_stats().cells_used == 0
@@ -220,6 +271,7 @@ class LlamaFuzz:
             window_dropped = self.n_swa and _native.seq_stats(llm._ctx.ctx).cells_window < n
             assert (before.compressions > 0 or window_dropped) and p < n
             assert window_dropped or p > before.cells_kept   # a kept prompt may always be returned to
+            assert window_dropped or p <= scored, (p, scored)   # refused only where the compression saw
             after = llm.kv_stats()
             assert (after.n_tokens, after.cells_used) == (before.n_tokens, before.cells_used)
             for (layer, head), kept in zip(self.heads, kept_before):
@@ -260,12 +312,12 @@ class LlamaFuzz:
                 break
         return out, first[0]
 
-    def continuation_check(self, save: Callable[[], Callable[[], None]]) -> None:
+    def continuation_check(self, save: Callable[[], Callable[[], None]]) -> Optional[bool]:
         """Save, go on greedily, do something else, restore, and go on again: the same tokens from
         bit-identical logits."""
         llm = self.llm
         if llm.n_tokens == 0 or llm.n_tokens + 16 > N_CTX:
-            return
+            return False   # nothing to do: not counted as a step that ran
         # After a restore the last token is evaluated again, alone: its logits are bit-identical when
         # it was evaluated alone before too (a batch rounds differently), so make it so: decode one
         # more token, or evaluate the last one again by itself. Not where compress_now() has just
@@ -316,10 +368,10 @@ class LlamaFuzz:
         state = self.llm.save_state()
         return lambda: self.llm.load_state(state)
 
-    def op_save_load(self) -> None:
-        self.continuation_check(self.save)
+    def op_save_load(self) -> Optional[bool]:
+        return self.continuation_check(self.save)
 
-    def op_save_load_file(self) -> None:
+    def op_save_load_file(self) -> Optional[bool]:
         """A state pickled to a file (as llama-cpp-python's disk cache does), loaded into a new
         instance half of the time."""
 
@@ -335,7 +387,7 @@ class LlamaFuzz:
                 self.llm.load_state(state)
             return restore
 
-        self.continuation_check(save)
+        return self.continuation_check(save)
 
     def op_reset(self) -> None:
         self.llm.reset()
@@ -368,6 +420,8 @@ class LlamaFuzz:
             if n:
                 assert kept[0] >= 0 and kept[-1] == n - 1 and np.all(np.diff(kept) > 0)
                 np.testing.assert_array_equal(kept[:s.cells_kept], np.arange(s.cells_kept))  # the prompt, whole
+                window = np.arange(max(0, n - WINDOW), n)   # the newest tokens are always held
+                assert np.isin(window, kept).all(), (layer, head, np.setdiff1d(window, kept))
 
 
 # ---------------------------------------------------------------------------
@@ -390,13 +444,15 @@ class StreamsFuzz:
             "decode": self.op_decode, "seq_rm_tail": self.op_seq_rm_tail, "seq_clear": self.op_seq_clear,
             "seq_cp": self.op_seq_cp, "compress": self.op_compress, "seq_state": self.op_seq_state,
         }
-        self.weights = np.array([30, 6, 2, 4, 4, 4], dtype=float)
+        self.choose = OperationChooser(rng, list(self.ops), np.array([30, 6, 2, 4, 4, 4], dtype=float))
+        self.watch = SpecWatch(ctx, "rkv", shape_of(model), reference.ScoringParams(budget=B, window=WINDOW),
+                               every=SPEC_EVERY)
 
-    def step(self) -> str:
-        name = str(self.rng.choice(list(self.ops), p=self.weights / self.weights.sum()))
-        self.ops[name]()
+    def step(self) -> tuple[str, bool]:
+        name = self.choose()
+        ran = self.ops[name]() is not False
         self.check()
-        return name
+        return name, ran
 
     def logits(self, i: int = -1) -> np.ndarray:
         return np.ctypeslib.as_array(llama_cpp.llama_get_logits_ith(self.ctx, i), shape=(self.n_vocab,)).copy()
@@ -415,10 +471,12 @@ class StreamsFuzz:
         s = int(self.rng.integers(self.N_SEQ))
         p = int(self.rng.integers(0, self.length[s] + 1))
         before = _native.seq_stats(self.ctx, s)
+        scored = before.pos_compacted + WINDOW   # the newest position the last compression saw
         if llama_cpp.llama_memory_seq_rm(self.mem, s, p, -1):
+            assert before.pos_compacted < 0 or p > scored or p == 0, (p, scored)
             self.length[s] = p
         else:
-            assert before.n_compressions > 0
+            assert before.n_compressions > 0 and 0 < p <= scored, (p, scored)
             after = _native.seq_stats(self.ctx, s)
             assert (after.cells_used, after.n_tokens) == (before.cells_used, before.n_tokens)
 
@@ -427,11 +485,11 @@ class StreamsFuzz:
         assert llama_cpp.llama_memory_seq_rm(self.mem, s, -1, -1)
         self.length[s] = 0
 
-    def op_seq_cp(self) -> None:
+    def op_seq_cp(self) -> Optional[bool]:
         """Copy a whole sequence into an emptied one: both then go on identically."""
         src, dst = (int(x) for x in self.rng.choice(self.N_SEQ, size=2, replace=False))
         if self.length[src] == 0:
-            return
+            return False   # nothing to do: not counted as a step that ran
         assert llama_cpp.llama_memory_seq_rm(self.mem, dst, -1, -1)
         llama_cpp.llama_memory_seq_cp(self.mem, src, dst, -1, -1)
         self.length[dst] = self.length[src]
@@ -454,11 +512,11 @@ class StreamsFuzz:
         if done:
             assert _native.seq_stats(self.ctx, s).cells_used == B
 
-    def op_seq_state(self) -> None:
+    def op_seq_state(self) -> Optional[bool]:
         """Save one sequence, go on, restore it in place: the same next logits and continuation."""
         s = int(self.rng.integers(self.N_SEQ))
         if self.length[s] == 0:
-            return
+            return False   # nothing to do: not counted as a step that ran
         n = llama_cpp.llama_state_seq_get_size(self.ctx, s)
         buf = (ctypes.c_uint8 * n)()
         assert llama_cpp.llama_state_seq_get_data(self.ctx, buf, n, s) == n
@@ -496,17 +554,20 @@ class StreamsFuzz:
 # ---------------------------------------------------------------------------
 
 def run_fuzz(fuzz, steps: int, label: str) -> dict[str, int]:
+    """Run `steps` random operations; how many of each ran (an operation with nothing to do is not
+    counted: 'skipped')."""
     done: dict[str, int] = {}
     history: list[str] = []
     for i in range(steps):
         try:
-            name = fuzz.step()
+            name, ran = fuzz.step()
         except Exception as exc:
             where = traceback.extract_tb(exc.__traceback__)[-1]
             raise FuzzFailure(f"{label}: step {i} failed after {history[-12:]}, at line {where.lineno} "
                               f"({where.line}): {exc!r}") from exc
         history.append(name)
-        done[name] = done.get(name, 0) + 1
+        key = name if ran else "skipped"
+        done[key] = done.get(key, 0) + 1
     return done
 
 
@@ -526,6 +587,9 @@ def test_fuzz_one_sequence(case: Case, request, tiny_model, smollm2_path, tmp_pa
         fuzz.close()
     print(f"{case.name}: {steps} steps {done}")
     assert sum(done.values()) == steps
+    missing = set(fuzz.ops) - set(done)
+    assert not missing or steps < case.steps, f"operations that never ran: {missing}"
+    assert sum(w.compared for w in fuzz.watches) > 0 or case.model.get("arch") == "gpt-oss"
 
 
 @pytest.mark.parametrize("flash_attn", [llama_cpp.LLAMA_FLASH_ATTN_TYPE_DISABLED, llama_cpp.LLAMA_FLASH_ATTN_TYPE_ENABLED],
@@ -541,9 +605,11 @@ def test_fuzz_parallel_sequences(flash_attn: int, request, tiny_model) -> None:
         with low_level_context(model, n_ctx=256 * n_seq, n_seq_max=n_seq, n_batch=b * n_seq,
                                flash_attn=flash_attn, n_threads=1) as ctx:
             _native.enable(ctx, _native.CompressionConfig(budget=B, buffer=b))
-            done = run_fuzz(StreamsFuzz(model, ctx, np.random.default_rng(seed)), steps,
-                            f"parallel sequences (seed {seed})")
+            fuzz = StreamsFuzz(model, ctx, np.random.default_rng(seed))
+            done = run_fuzz(fuzz, steps, f"parallel sequences (seed {seed})")
     finally:
         llama_cpp.llama_model_free(model)
     print(f"parallel sequences: {steps} steps {done}")
     assert sum(done.values()) == steps
+    assert not set(fuzz.ops) - set(done), f"operations that never ran: {set(fuzz.ops) - set(done)}"
+    assert fuzz.watch.compared > 0 and not fuzz.watch.failures, fuzz.watch.failures[:3]
