@@ -9,6 +9,8 @@
 #include <cuda_runtime.h>
 
 #include <cstdio>
+#include <cstdlib>
+#include <cstring>
 #include <mutex>
 #include <vector>
 
@@ -96,12 +98,22 @@ __global__ void rkv_near_copy_kernel(const char * __restrict__ kn, size_t nb1, s
 std::mutex g_mutex;
 std::vector<std::pair<void *, size_t>> g_scratch;
 
+// A failed call leaves its error to the next cudaGetLastError: ggml checks that after its own
+// kernels, and would abort on ours. Cleared here; the caller falls back to the host scan.
 bool rkv_cuda_ok(cudaError_t err, const char * what) {
     if (err != cudaSuccess) {
         fprintf(stderr, "rkv-local: %s failed: %s\n", what, cudaGetErrorString(err));
+        cudaGetLastError();
         return false;
     }
     return true;
+}
+
+// RKV_TEST_CUDA_FAIL=malloc makes the scratch allocation ask for too much: a real failure, for the
+// test of the fallback (scripts/gpu_check.sh)
+bool rkv_cuda_forced_failure() {
+    const char * what = getenv("RKV_TEST_CUDA_FAIL");
+    return what && strcmp(what, "malloc") == 0;
 }
 
 } // namespace
@@ -112,7 +124,8 @@ extern "C" bool rkv_cuda_near_copy(const void * kn, size_t nb1, size_t nb2, int6
         return false;
     }
     cudaPointerAttributes attr;
-    if (cudaPointerGetAttributes(&attr, kn) != cudaSuccess || attr.type != cudaMemoryTypeDevice) {
+    if (cudaPointerGetAttributes(&attr, kn) != cudaSuccess ||
+        (attr.type != cudaMemoryTypeDevice && attr.type != cudaMemoryTypeManaged)) {
         cudaGetLastError(); // clear the error of a host pointer
         return false;
     }
@@ -125,11 +138,11 @@ extern "C" bool rkv_cuda_near_copy(const void * kn, size_t nb1, size_t nb2, int6
         g_scratch.resize(attr.device + 1, { nullptr, 0 });
     }
     auto & scratch = g_scratch[attr.device];
-    const size_t bytes = (size_t) (n*n_head)*(sizeof(int32_t) + sizeof(float));
+    const size_t bytes = rkv_cuda_forced_failure() ? (size_t) 1 << 60 : (size_t) (n*n_head)*(sizeof(int32_t) + sizeof(float));
     bool ok = true;
     if (scratch.second < bytes) {
         if (scratch.first) {
-            cudaFree(scratch.first);
+            rkv_cuda_ok(cudaFree(scratch.first), "cudaFree");
         }
         scratch = { nullptr, 0 };
         ok = rkv_cuda_ok(cudaMalloc(&scratch.first, bytes), "cudaMalloc");
@@ -142,7 +155,7 @@ extern "C" bool rkv_cuda_near_copy(const void * kn, size_t nb1, size_t nb2, int6
         float * d_sim  = (float *) (d_last + n*n_head);
         const size_t smem = (size_t) (RKV_CU_ROWS + RKV_CU_TILE)*(d + 1)*sizeof(float);
         if (smem > 160*1024) {
-            ok = false; // very wide heads: the host scan takes them
+            ok = false; // very wide heads: the host scan takes them (the caller says so once)
         } else if (smem > 48*1024) {
             ok = rkv_cuda_ok(cudaFuncSetAttribute(rkv_near_copy_kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, (int) smem),
                              "cudaFuncSetAttribute");
@@ -156,6 +169,6 @@ extern "C" bool rkv_cuda_near_copy(const void * kn, size_t nb1, size_t nb2, int6
                  rkv_cuda_ok(cudaMemcpy(sim, d_sim, (size_t) (n*n_head)*sizeof(float), cudaMemcpyDeviceToHost), "cudaMemcpy");
         }
     }
-    cudaSetDevice(prev);
+    rkv_cuda_ok(cudaSetDevice(prev), "cudaSetDevice");
     return ok;
 }

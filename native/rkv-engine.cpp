@@ -172,6 +172,14 @@ std::string rkv_engine::check(const llama_kv_cache & kv, const llama_context & l
             ggml_row_size(layer.k->type, hp.n_embd_k_gqa(layer.il)) != (size_t) layer.k->nb[1]) {
             return "unexpected K row layout";
         }
+        for (const ggml_tensor * t : { layer.k, layer.v }) {
+            // a device's compaction moves rows through F32 (get_rows/set_rows): the types whose
+            // quantization of their own dequantized rows gives the same bytes
+            if (t->type == GGML_TYPE_IQ4_NL) {
+                return "iq4_nl K/V is not supported: a compaction on a device quantizes each kept row again, and "
+                       "iq4_nl's search for the best scale does not give back the same bytes; use q4_0 or q8_0";
+            }
+        }
         if (ggml_blck_size(layer.k->type) > 1 && hp.n_embd_head_k(layer.il) % ggml_blck_size(layer.k->type) != 0) {
             return "quantized K rows are not aligned to heads";
         }

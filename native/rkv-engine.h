@@ -102,6 +102,8 @@ struct rkv_engine {
     // how a layer's redundancy is computed (enum rkv_redundancy_path), from where its keys live
     int32_t redundancy_path(uint32_t layer) const;
 
+    bool warned_host_scan = false; // the host's near-copy scan replaced a device kernel (said once)
+
     // host inputs of the portable similarity graph, kept between compressions of the same size
     std::vector<float> sim_bias, ramp;
 

@@ -63,9 +63,13 @@ static ggml_tensor * rkv_build_importance(ggml_context * ctx, ggml_tensor * keys
 
     ggml_tensor * k  = ggml_get_rows(ctx, keys, in.cells_cand);                            // [d, n_cand, n_head_kv]
     // one product per KV head with all the queries of its group (query head h*group + g is KV head h's
-    // g-th): the same layout as a broadcast over the query heads, in n_head_kv larger products
+    // g-th): the same layout as a broadcast over the query heads, in n_head_kv larger products. The
+    // candidates are its columns: CUDA computes an F32 product of at most 16 columns on TF32 tensor
+    // cores (mmf, which ignores ggml_mul_mat_set_prec), one of n_cand columns in full F32 (cuBLAS)
     q = ggml_reshape_3d(ctx, q, d, n_q*group, n_head_kv);
-    ggml_tensor * kq = ggml_scale(ctx, ggml_mul_mat(ctx, k, q), kq_scale);                // [n_cand, n_q*group, n_head_kv]
+    ggml_tensor * qk = ggml_mul_mat(ctx, q, k);                                              // [n_q*group, n_cand, n_head_kv]
+    ggml_mul_mat_set_prec(qk, GGML_PREC_F32);
+    ggml_tensor * kq = ggml_scale(ctx, ggml_cont(ctx, ggml_transpose(ctx, qk)), kq_scale);  // [n_cand, n_q*group, n_head_kv]
     if (group > 1) {
         kq = ggml_reshape_3d(ctx, kq, n_cand*n_q, group, n_head_kv);
         kq = ggml_pool_2d(ctx, kq, GGML_OP_POOL_MAX, 1, (int) group, 1, (int) group, 0, 0);
@@ -233,6 +237,9 @@ int32_t rkv_engine::redundancy_path(uint32_t layer) const {
     return RKV_PATH_PORTABLE; // Metal, Vulkan, ...: stock ops only
 }
 
+// the normalised keys one group of layers may hand to the host at once (the CUDA path)
+static constexpr size_t RKV_GROUP_KEY_BYTES = 64u << 20;
+
 namespace {
 // wall time of the phases of a compression
 struct rkv_clock {
@@ -307,8 +314,12 @@ bool rkv_engine::run_scoring_graphs(uint32_t strm, llama_context * lctx, const s
     }
     clock.lap(prof.host_seconds);
 
-    // layers per graph: stay well inside the graph's node capacity
+    // layers per graph: stay well inside the graph's node capacity, and bound what the group's layers
+    // hand to the host at once (the CUDA path keeps each layer's normalised keys, n x d x heads floats,
+    // until the kernel has read them: 420 MiB for 13 layers at n = 8K, d = 128, 8 heads)
     const size_t nodes_per_layer = 48 + 16*(size_t) n_head_kv;
+    const size_t kn_bytes_per_layer = (size_t) n*n_head_kv*kv.hparams.n_embd_head_k(kv.layers[0].il)*sizeof(float);
+    const size_t max_group_layers = std::max<size_t>(1, RKV_GROUP_KEY_BYTES/kn_bytes_per_layer);
 
     // per layer of a group: importance [n_cand*n_head_kv]; sim_sum, last, last_sim [n*n_head_kv]
     std::vector<std::vector<float>> imp;
@@ -323,7 +334,8 @@ bool rkv_engine::run_scoring_graphs(uint32_t strm, llama_context * lctx, const s
 
         // importance of the candidates, a group of layers per graph
         rkv_graph_begin(lctx, &ctx, &gf);
-        const uint32_t l1 = std::min<uint32_t>(n_layer(), l0 + (uint32_t) std::max<size_t>(1, ggml_graph_size(gf)/nodes_per_layer));
+        const uint32_t l1 = std::min<uint32_t>(n_layer(), l0 + (uint32_t) std::min(max_group_layers,
+            std::max<size_t>(1, ggml_graph_size(gf)/nodes_per_layer)));
         rkv_score_inputs in;
         in.cells_cand = rkv_new_input(ctx, GGML_TYPE_I32, n_cand, n_head_kv);
         in.q_rows     = rkv_new_input(ctx, GGML_TYPE_I32, n_q);
@@ -422,6 +434,12 @@ bool rkv_engine::run_scoring_graphs(uint32_t strm, llama_context * lctx, const s
                                               params.threshold, lst.data(), ls.data());
 #endif
                     if (!done) {
+                        if (!warned_host_scan) {
+                            warned_host_scan = true;
+                            LLAMA_LOG_WARN("%s: the device kernel for the newest near-copy is not available here (see the "
+                                           "message above, if any): the host scans the keys instead, on one core, "
+                                           "after reading them back; compressions will be slower\n", __func__);
+                        }
                         kn_host.resize(n*n_head_kv*d);
                         ggml_backend_tensor_get(out.kn, kn_host.data(), 0, kn_host.size()*sizeof(float));
                         rkv_near_copy_host(kn_host.data(), n, d, n_head_kv, params.threshold, lst.data(), ls.data());

@@ -42,6 +42,7 @@ class StepStats:
     step_seconds: float = 0.0     # the whole steps
     decode_seconds: float = 0.0   # inside llama_decode
     sample_seconds: float = 0.0   # sampling after each decode
+    max_sequences: int = 0        # most sequences one decode call carried
 
     @property
     def overhead(self) -> float:
@@ -177,6 +178,7 @@ class DecodeScheduler:
                 stats.step_seconds += end - step_start
                 stats.decode_seconds += decode_s
                 stats.sample_seconds += sample_s
+                stats.max_sequences = max(stats.max_sequences, len({id(sub.view) for sub in batch}))
             step_start = end
             # while the thread waits, it holds no request (the views hold their BatchedLlama)
             batch = None

@@ -263,6 +263,7 @@ class _Served:
         self._lock = threading.Lock()
         self._jobs: Set[_Job] = set()
         self.n_finished = 0
+        self.n_waited = 0      # requests that arrived with every sequence taken
         self.last_finished: Optional[Dict[str, Any]] = None   # kv_stats of the last request, as it ended
         self.stopping = False
         self.deadline = float("inf")   # time.monotonic() by which a stopping server ends what still runs
@@ -295,6 +296,7 @@ class _Served:
                 raise APIError(503, f"the server is busy: {self.max_queue} request(s) already wait for one of its "
                                     f"{self.llm.n_seq_max} sequence(s); retry later",
                                type="server_error", code="queue_full")
+            self.n_waited += len(self._jobs) >= self.llm.n_seq_max
             self._jobs.add(job)
 
     def remove(self, job: _Job) -> None:
@@ -620,6 +622,7 @@ def create_app(llm: BatchedLlama, *, model_alias: str, api_key: Optional[str] = 
                          for s in range(llm.n_seq_max)]
             return {"model": served.model_alias, "parallel": llm.n_seq_max, "requests_running": len(running),
                     "requests_waiting": waiting, "requests_finished": served.n_finished,
+                    "requests_waited": served.n_waited, "scheduler": dataclasses.asdict(llm.step_stats()),
                     "context": dataclasses.asdict(llm.kv_stats()), "sequences": sequences,
                     "last_finished": served.last_finished}
 

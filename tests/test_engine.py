@@ -290,6 +290,9 @@ def test_engine_refuses_a_state_saved_with_other_settings(tiny_model):
     (dict(kv_budget=64, kv_buffer=0), "kv_buffer must be at least 1"),
     (dict(kv_budget=64, kv_method="nope"), "unknown kv_method"),
     (dict(kv_budget=64, logits_all=True), "logits_all"),
+    # a device's compaction quantizes kept rows again; iq4_nl does not give the same bytes back
+    (dict(kv_budget=64, type_k=20, type_v=20, flash_attn=True), "iq4_nl K/V is not supported"),
+    (dict(kv_budget=64, kv_keep_prompt=-1), "kv_keep_prompt must be 0 or more"),
 ])
 def test_bad_settings_are_refused_clearly(tiny_model, kwargs, message):
     with pytest.raises(ValueError, match=message):
