@@ -148,6 +148,8 @@ class _Job:
     def cancel(self) -> None:
         """Stop the request: a waiting one never starts, a running one stops at its next decode."""
         with self._lock:
+            if not self._cancelled.is_set():
+                self._served.cancelled()
             self._cancelled.set()
             if self._view is not None:
                 self._view.cancelled = True
@@ -264,6 +266,7 @@ class _Served:
         self._jobs: Set[_Job] = set()
         self.n_finished = 0
         self.n_waited = 0      # requests that arrived with every sequence taken
+        self.n_cancelled = 0   # requests stopped before their end (client gone, shutdown)
         self.last_finished: Optional[Dict[str, Any]] = None   # kv_stats of the last request, as it ended
         self.stopping = False
         self.deadline = float("inf")   # time.monotonic() by which a stopping server ends what still runs
@@ -287,6 +290,10 @@ class _Served:
         with self._lock:
             self.n_finished += 1
             self.last_finished = stats
+
+    def cancelled(self) -> None:
+        with self._lock:
+            self.n_cancelled += 1
 
     def add(self, job: _Job) -> None:
         """Take the request, or refuse it with a 503 when ``max_queue`` requests already wait."""
@@ -622,7 +629,7 @@ def create_app(llm: BatchedLlama, *, model_alias: str, api_key: Optional[str] = 
                          for s in range(llm.n_seq_max)]
             return {"model": served.model_alias, "parallel": llm.n_seq_max, "requests_running": len(running),
                     "requests_waiting": waiting, "requests_finished": served.n_finished,
-                    "requests_waited": served.n_waited, "scheduler": dataclasses.asdict(llm.step_stats()),
+                    "requests_waited": served.n_waited, "requests_cancelled": served.n_cancelled, "scheduler": dataclasses.asdict(llm.step_stats()),
                     "context": dataclasses.asdict(llm.kv_stats()), "sequences": sequences,
                     "last_finished": served.last_finished}
 
