@@ -476,10 +476,13 @@ def _summary(llm: Any, result: StreamResult) -> str:
     if s.budget is None:
         kv = f"cells in use {s.cells_used} (full cache)"
     else:
-        kv = (f"cells in use {s.cells_used} (peak {s.cells_peak}, budget {s.budget} + buffer {s.buffer}, {s.method}), "
-              f"compressions {s.compressions}")
+        kept = f"prompt kept {s.cells_kept}, " if s.cells_kept else ""
+        kv = (f"cells in use {s.cells_used} (peak {s.cells_peak}, {kept}budget {s.budget} + buffer {s.buffer}, "
+              f"{s.method}), compressions {s.compressions}")
     share = f" ({100 * s.kv_bytes_used / s.kv_bytes_full:.0f}%)" if s.kv_bytes_full else ""
-    return (f"{PROG}: tokens {result.generated} (prompt {result.prompt_tokens}), {kv}, "
+    # a chat's next turn evaluates only what the cache did not hold
+    evaluated = (f", {s.prompt_tokens_evaluated} evaluated" if s.prompt_tokens_evaluated < s.prompt_tokens else "")
+    return (f"{PROG}: tokens {result.generated} (prompt {result.prompt_tokens}{evaluated}), {kv}, "
             f"{rate}, KV {_human_bytes(s.kv_bytes_used)} of {_human_bytes(s.kv_bytes_full)} for a full cache{share}, "
             f"finish {result.finish_reason or '-'}, {result.seconds:.1f} s")
 

@@ -17,8 +17,10 @@ import pytest
 CLI = [sys.executable, "-m", "rkv_local.cli"]
 TIMEOUT_S = 120
 SUMMARY = re.compile(
-    r"rkv-local: tokens (?P<tokens>\d+) \(prompt (?P<prompt>\d+)\), cells in use (?P<cells>\d+) "
-    r"\((?:peak (?P<peak>\d+), budget (?P<budget>\d+) \+ buffer (?P<buffer>\d+), (?P<method>\w+)\), "
+    r"rkv-local: tokens (?P<tokens>\d+) \(prompt (?P<prompt>\d+)(?:, (?P<evaluated>\d+) evaluated)?\), "
+    r"cells in use (?P<cells>\d+) "
+    r"\((?:peak (?P<peak>\d+), (?:prompt kept (?P<kept>\d+), )?budget (?P<budget>\d+) \+ buffer (?P<buffer>\d+), "
+    r"(?P<method>\w+)\), "
     r"compressions (?P<compressions>\d+)|full cache\)).*finish (?P<finish>\w+)"
 )
 
@@ -140,13 +142,29 @@ def test_unknown_model_exits_2() -> None:
 
 def test_chat_answers_each_line_until_eof(smollm2_path: Path) -> None:
     result = run_cli("chat", smollm2_path, "--kv-budget", "32", "--kv-buffer", "16", "--max-tokens", "40",
-                     input="What is 2+2?\nWhat is the capital of Germany?\n")
+                     "--kv-keep-prompt", "0", input="What is 2+2?\nWhat is the capital of Germany?\n")
     assert result.returncode == 0, result.stderr
     first, second = summaries(result.stderr)
     # the second turn's prompt carries the whole conversation, so the cache had to compress
     assert int(second["prompt"]) > int(first["prompt"]) + int(first["tokens"])
     assert int(second["compressions"]) > 0 and int(second["peak"]) <= 48
+    assert second["kept"] is None   # --kv-keep-prompt 0: nothing kept
     assert "4" in result.stdout and "Berlin" in result.stdout
+
+
+def test_chat_keeps_its_first_prompt_and_evaluates_only_each_turns_new_tokens(smollm2_path: Path) -> None:
+    result = run_cli("chat", smollm2_path, "--kv-budget", "32", "--kv-buffer", "16", "--max-tokens", "60",
+                     input="Tell me a story about a robot who learns to paint.\nWhat is the capital of Germany?\n")
+    assert result.returncode == 0, result.stderr
+    first, second = summaries(result.stderr)
+    assert int(first["tokens"]) == 60 and int(first["compressions"]) > 0
+    assert int(first["kept"]) == int(first["prompt"])
+    # the second turn's prompt holds the first answer (no thinking to drop): the cache goes on from
+    # it, the first prompt still kept whole, and evaluates only the new question
+    assert int(second["evaluated"]) < int(second["prompt"]) - int(first["prompt"]) - int(first["tokens"]) + 8
+    assert int(second["kept"]) == int(first["kept"])
+    assert int(second["peak"]) <= int(second["kept"]) + 48
+    assert "Berlin" in result.stdout
 
 
 def test_chat_exit_command_stops(tiny_model) -> None:
