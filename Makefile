@@ -25,7 +25,7 @@ VULKAN_TESTS ?= tests/test_engine.py tests/test_iswa.py \
 	--deselect tests/test_engine.py::test_smollm2_long_generation_stays_within_budget
 VULKAN_CMAKE_ARGS ?=
 
-.PHONY: all venv build demo test test-asan test-vulkan clean
+.PHONY: all venv build demo test test-asan test-vulkan gpu-pack gpu-dryrun clean
 
 all: build
 
@@ -88,6 +88,14 @@ test-vulkan: $(VULKAN_LIB)
 	GGML_VK_VISIBLE_DEVICES=$${GGML_VK_VISIBLE_DEVICES-0} \
 	RKV_LOCAL_LIB_DIR=$(CURDIR)/$(dir $(VULKAN_LIB)) RKV_TEST_N_GPU_LAYERS=-1 PYTHONPATH=tests \
 		$(BIN)/python -m pytest -q -p no:cacheprovider -p gpu_offload $(VULKAN_TESTS)
+
+# the GPU check (scripts/gpu_check.sh) for the offline GPU machine: pack what it lacks into .gpu/, and
+# prove here that the check runs from a fresh clone plus .gpu/ alone, without network (too long for CI)
+gpu-pack: $(LIB)
+	scripts/gpu_pack.sh
+
+gpu-dryrun: gpu-pack
+	scripts/gpu_dryrun.sh
 
 $(VULKAN_LIB): $(DEPS_STAMP) $(NATIVE_SRC)
 	$(BIN)/cmake -S . -B $(VULKAN_BUILD) -G Ninja -DCMAKE_MAKE_PROGRAM=$(CURDIR)/$(BIN)/ninja \

@@ -403,17 +403,27 @@ def _init(kind: str, rng: np.random.Generator, dims: tuple[int, ...]) -> np.ndar
 
 
 def _tiny_tensors(
-    shape: TinyModelShape, n_vocab: int, rng: np.random.Generator
+    shape: TinyModelShape, n_vocab: int, rng: np.random.Generator, shared_layers: bool = False
 ) -> list[tuple[str, np.ndarray]]:
-    """All tensors in table order (the order also fixes the random stream)."""
+    """All tensors in table order (the order also fixes the random stream). With ``shared_layers``
+    the blocks of one layout share one draw of their tensors (a large model written in seconds)."""
     spec = _TINY_ARCHS[shape.arch]
     sizes = _tiny_sizes(shape, n_vocab)
-    named = [(name, recipe) for name, *recipe in spec.top]
+    named = [(name, None, recipe) for name, *recipe in spec.top]
     for i in range(shape.n_layer):
-        named += [(f"blk.{i}.{name}", recipe) for name, *recipe in spec.blocks[i % len(spec.blocks)]]
-    return [
-        (name, _storage(_init(kind, rng, tuple(sizes[d] for d in dims)))) for name, (kind, dims) in named
-    ]
+        layout = i % len(spec.blocks)
+        named += [(f"blk.{i}.{name}", (layout, name), recipe) for name, *recipe in spec.blocks[layout]]
+    drawn: dict[tuple[int, str], np.ndarray] = {}
+    out = []
+    for name, key, (kind, dims) in named:
+        if shared_layers and key in drawn:
+            out.append((name, drawn[key]))
+            continue
+        tensor = _storage(_init(kind, rng, tuple(sizes[d] for d in dims)))
+        if shared_layers and key is not None:
+            drawn[key] = tensor
+        out.append((name, tensor))
+    return out
 
 
 def _add_hparams(writer: Any, shape: TinyModelShape, n_vocab: int, n_ctx_train: int) -> None:
@@ -460,10 +470,13 @@ def make_tiny_model(
     sliding_window: int | None = None,
     swa_pattern: int | Sequence[bool] | None = None,
     chat_template: str | None = None,
+    shared_layers: bool = False,
 ) -> Path:
     """Write a random-weight GGUF that llama.cpp can load; return its path.
 
-    ``chat_template`` replaces the vocabulary model's ``tokenizer.chat_template``.
+    ``chat_template`` replaces the vocabulary model's ``tokenizer.chat_template``. ``shared_layers``
+    gives every layer the same random weights (one draw): models of real sizes for speed
+    measurements, whose decode does not depend on the weights' values.
 
     ``n_embd = n_head * head_dim``; ``n_ff`` defaults to ``4 * n_embd``.  The
     tokenizer (every ``tokenizer.*`` key) is copied from ``vocab_from``, a GGUF
@@ -524,7 +537,7 @@ def make_tiny_model(
         writer.add_key_value(entry.key, entry.value, entry.value_type, entry.item_type)
     if chat_template is not None:
         writer.add_chat_template(chat_template)
-    for name, tensor in _tiny_tensors(shape, n_vocab, np.random.default_rng(seed)):
+    for name, tensor in _tiny_tensors(shape, n_vocab, np.random.default_rng(seed), shared_layers):
         writer.add_tensor(name, tensor)
     return _write_atomically(writer, path)
 

@@ -144,6 +144,23 @@ def test_near_copy_scan_edge_cases(tiny_model, monkeypatch):
     assert n_near > BUDGET   # the planted repeats are near-copies of each other
 
 
+@pytest.mark.skipif(os.environ.get("RKV_TEST_CUDA_FAIL") != "malloc" or N_GPU_LAYERS == 0,
+                    reason="scripts/gpu_check.sh forces a CUDA failure (RKV_TEST_CUDA_FAIL=malloc) on a GPU")
+def test_a_forced_cuda_failure_falls_back_to_the_host_scan(tiny_model, monkeypatch):
+    """The kernel's scratch allocation fails: the host scan gives the reference's selection, and the
+    error is cleared, so ggml's next kernels (the decode after it) do not abort on it."""
+    path = tiny_model(arch="llama", n_head=4, n_head_kv=2, head_dim=32)
+    llm = make(path, kernels="auto", monkeypatch=monkeypatch)
+    llm.eval(random_tokens(BUDGET + BUFFER, seed=6))
+    params = reference.ScoringParams(budget=BUDGET, window=WINDOW)
+    inputs, kept = compress_and_collect(llm)
+    assert _native.REDUNDANCY_PATHS[_native.profile(llm._ctx.ctx).redundancy_path] == "host"
+    for (q, k, scale), layer_kept in zip(inputs, kept):
+        assert reference.kept_sets_equivalent("rkv", q, k, scale, params, layer_kept)
+    greedy(llm, 2 * BUFFER)
+    assert llm.kv_stats().compressions >= 2
+
+
 def test_profile_reports_phases(tiny_model):
     llm = Llama(str(tiny_model(arch="llama")), kv_budget=BUDGET, kv_buffer=BUFFER, kv_window=WINDOW,
                 n_threads=2, n_gpu_layers=N_GPU_LAYERS, verbose=False)
