@@ -108,7 +108,7 @@ if [ $GPU = 1 ]; then
         CMAKE_EXTRA+=(-DCUDA_cublas_LIBRARY="$CUBLAS_LIB" ${LT:+-DCUDA_cublasLt_LIBRARY="$LT"})
     fi
     CMAKE_EXTRA+=(-DGGML_CUDA=ON -DCMAKE_CUDA_ARCHITECTURES=90)
-    note "cuBLAS: ${CUBLAS_LIB:-the toolkit's default}; nvcc: $(command -v nvcc || echo 'not on PATH')"
+    note "cuBLAS: ${CUBLAS_LIB:-from the toolkit}; nvcc: $(command -v nvcc || echo 'not on PATH')"
 fi
 "$PY" -c "import numpy, pytest, jinja2, tqdm, gguf, yaml, diskcache" >> "$LOG" 2>&1 \
     || { record "unpack" "failed: a Python import (see log.txt)" $(( $(date +%s) - t0 )); exit 1; }
