@@ -53,7 +53,8 @@ run() {
     local name=$1 limit=$2; shift 2
     local t0; t0=$(date +%s)
     echo "== $name (limit ${limit} s, at $(elapsed) s)" >> "$LOG"
-    timeout --kill-after=10 "$limit" "$@" >> "$LOG" 2>&1
+    # through bash: a step may be one of the functions below (exported); timeout stops its children too
+    timeout --kill-after=10 "$limit" bash -c '"$@"' step "$@" >> "$LOG" 2>&1
     local rc=$?
     local took=$(( $(date +%s) - t0 ))
     local status=ok
@@ -116,10 +117,14 @@ record "unpack" ok $(( $(date +%s) - t0 ))
 
 # -- build ----------------------------------------------------------------------------------------
 build() {
+    # shellcheck disable=SC2086  # the extra switches split on spaces
     cmake -S "$ROOT" -B "$BUILD" -G Ninja -DCMAKE_BUILD_TYPE=Release -DPython3_EXECUTABLE="$(command -v "$PY")" \
-        -DRKV_LLAMA_SOURCE="$TREE" -DRKV_RPC=OFF -DRKV_LIB_DESTINATION=lib "${CMAKE_EXTRA[@]}" \
+        -DRKV_LLAMA_SOURCE="$TREE" -DRKV_RPC=OFF -DRKV_LIB_DESTINATION=lib $CMAKE_EXTRA_ARGS \
         && cmake --build "$BUILD" -j "$JOBS" && cmake --install "$BUILD" --prefix "$BUILD/install"
 }
+CMAKE_EXTRA_ARGS="${CMAKE_EXTRA[*]}"
+export ROOT BUILD PY TREE JOBS OUT WORK CMAKE_EXTRA_ARGS
+export -f build
 run "build ($([ $GPU = 1 ] && echo 'CUDA sm_90' || echo CPU))" 330 build || exit 1
 if [ $GPU = 1 ] && ! grep -q '"ggml_cuda": true' "$RKV_LOCAL_LIB_DIR/build-info.json"; then
     note "the build has no CUDA"; exit 1
@@ -132,6 +137,7 @@ pytest_run() {   # pytest_run XML [args...]
     local xml=$1; shift
     "$PY" -m pytest -q -p no:cacheprovider -p gpu_offload --junitxml="$OUT/$xml" "$@"
 }
+export -f pytest_run
 tally() {   # the counts of a junit file, as JSON
     "$PY" - "$OUT/$1" <<'EOF'
 import json, sys, xml.etree.ElementTree as ET
@@ -179,6 +185,8 @@ for name, shape in (("qwen2.5-0.5b-shape", qwen), ("r1-llama-8b-shape", r1)):
     print(name, "written")
 EOF
 }
+export QWEN_SHAPE R1_SHAPE
+export -f models
 run "random models of real shapes" 120 models
 
 for shape in qwen2.5-0.5b-shape r1-llama-8b-shape; do
