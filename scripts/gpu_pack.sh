@@ -31,15 +31,16 @@ trap 'rm -rf "$WORK"' EXIT
 
 # the tree: the library, ggml's base, CPU and CUDA backends and their build files; no tools, tests,
 # models, other backends or documentation
+TOP=$(basename "$TREE")
 XZ_OPT="${XZ_OPT:--6 -T0}" tar -C "$(dirname "$TREE")" -cJf "$OUT/llama.cpp.tar.xz" \
     --exclude='*/ggml/src/ggml-vulkan' --exclude='*/ggml/src/ggml-metal' --exclude='*/ggml/src/ggml-sycl' \
     --exclude='*/ggml/src/ggml-opencl' --exclude='*/ggml/src/ggml-cann' --exclude='*/ggml/src/ggml-musa' \
     --exclude='*/ggml/src/ggml-hip' --exclude='*/ggml/src/ggml-webgpu' --exclude='*/ggml/src/ggml-zdnn' \
     --exclude='*/ggml/src/ggml-hexagon' --exclude='*/ggml/src/ggml-zendnn' --exclude='*/ggml/src/ggml-virtgpu' \
     --exclude='*/ggml/src/ggml-kompute' --exclude='*/ggml/src/ggml-openvino' --exclude='*/ggml/src/ggml-et' --exclude='*/ggml/src/ggml-rpc' --exclude='*/ggml/src/ggml-blas' \
-    --exclude='*/models' --exclude='*/tests' --exclude='*/examples' --exclude='*/tools' --exclude='*/docs' \
-    --exclude='*/gguf-py' --exclude='*/scripts' --exclude='*/media' --exclude='*/grammars' --exclude='*/prompts' \
-    --exclude='*/pocs' --exclude='*/.github' --exclude='*/.devops' --exclude='*/benches' --exclude='*/requirements' \
+    --exclude="$TOP/models" --exclude="$TOP/tests" --exclude="$TOP/examples" --exclude="$TOP/tools" --exclude="$TOP/docs" \
+    --exclude="$TOP/gguf-py" --exclude="$TOP/scripts" --exclude="$TOP/media" --exclude="$TOP/grammars" --exclude="$TOP/prompts" \
+    --exclude="$TOP/pocs" --exclude="$TOP/.github" --exclude="$TOP/.devops" --exclude="$TOP/benches" --exclude="$TOP/requirements" \
     --exclude='*.gguf' --exclude='*/.git' \
     "$(basename "$TREE")"
 
