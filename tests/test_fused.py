@@ -19,7 +19,7 @@ from engine_helpers import GGML_TYPES, greedy, random_tokens
 from test_engine import BUDGET, BUFFER, CASES, WINDOW, model_shape
 
 ROOT = Path(__file__).resolve().parents[1]
-N_GPU_LAYERS = int(os.environ.get("RKV_TEST_N_GPU_LAYERS", "0"))
+N_GPU_LAYERS = int(os.environ.get("RKV_TEST_N_GPU_LAYERS") or 0)
 FUSED_PATH = "cuda" if N_GPU_LAYERS != 0 else "cpu"
 
 
