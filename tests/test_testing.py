@@ -294,3 +294,16 @@ def test_tiny_gpt_oss_sinks_matter(tiny_model: Callable[..., Path], tmp_path: Pa
     for pos in (3, 40, len(with_sinks) - 1):
         assert np.abs(with_sinks[pos] - without_sinks[pos]).max() > 1.0
     assert np.mean(with_sinks.argmax(axis=1) == without_sinks.argmax(axis=1)) < 0.5
+
+
+def test_shared_layers_draw_one_layer_for_all(tiny_model: Callable[..., Path]) -> None:
+    """Models of real sizes for speed measurements (scripts/gpu_check.sh): every layer the same weights,
+    drawn once; the file and its shapes as without."""
+    shared = GGUFReader(str(tiny_model(arch="llama", n_layer=3, shared_layers=True)))
+    plain = GGUFReader(str(tiny_model(arch="llama", n_layer=3)))
+    by_name = {t.name: np.asarray(t.data) for t in shared.tensors}
+    assert [(t.name, tuple(t.shape)) for t in shared.tensors] == [(t.name, tuple(t.shape)) for t in plain.tensors]
+    for name in ("attn_q.weight", "ffn_down.weight"):
+        np.testing.assert_array_equal(by_name[f"blk.0.{name}"], by_name[f"blk.2.{name}"])
+    plain_q = {t.name: np.asarray(t.data) for t in plain.tensors if t.name.endswith("attn_q.weight")}
+    assert not np.array_equal(plain_q["blk.0.attn_q.weight"], plain_q["blk.2.attn_q.weight"])
