@@ -6,18 +6,19 @@
 #
 #   scripts/gpu_check.sh OUT        # or RKV_GPU_OUT=OUT; results (8 files at most) go to OUT
 #
-# Timing plan, one H200 and 16 cores (9 minutes in all; each step has its own time limit, and each
-# appends its results to OUT as it ends, so a run cut off still returns what it finished):
-#   0:00  unpack .gpu/, find cuBLAS, check the imports                              ~10 s
-#   0:10  configure and build libllama with CUDA for sm_90 only (16 jobs)           ~4 min   (limit 330 s)
-#   4:00  engine tests with the cache on the GPU: fused CUDA kernel, then the portable
-#         graph, then a forced CUDA failure (the host scan takes over)               ~1.5 min (limit 150 s)
-#   5:30  random models of real shapes (f16, one draw shared by the layers):
-#         Qwen2.5-0.5B (24 x 14/2 heads of 64) and R1-Distill-Llama-8B (32 x 32/8 heads of 128,
-#         hidden 4096, FFN 14336), SmolLM2's vocabulary                              ~1 min   (limit 120 s)
-#   6:30  compression benchmark on both shapes, B = 1024, b = 128                    ~1 min   (limit 90 s)
-#   7:30  the paper's throughput table on the 8B shape: 64 GiB of KV, full cache at 16K tokens
-#         against rkv at 1024 + 128 and the limit, 128 steady decode steps          ~1.5 min (limit 120 s)
+# Timing plan, one H200 and 16 cores: the estimates sum to 9 minutes; each step has a time limit (the
+# limits sum to 11, for a step that hangs) and appends its results to OUT as it ends, so a run cut off
+# still returns what it finished:
+#   0:00  unpack .gpu/, find cuBLAS, check the imports                         ~10 s
+#   0:10  configure and build libllama with CUDA for sm_90 only (16 jobs)      ~3.5 min (limit 240 s)
+#   3:40  engine tests, cache on the GPU, fused CUDA kernel (78 tests)         ~2 min   (limit 150 s)
+#   5:40  the portable graph on the GPU; a forced CUDA failure                 ~35 s    (limits 40, 20 s)
+#   6:15  random models of real shapes (f16, one draw shared by the layers): Qwen2.5-0.5B (24 x 14/2
+#         heads of 64), R1-Distill-Llama-8B (32 x 32/8 heads of 128, hidden 4096, FFN 14336), SmolLM2's
+#         vocabulary                                                            ~35 s    (limit 45 s)
+#   6:50  compression benchmark on both shapes, B = 1024, b = 128              ~55 s    (limits 30, 45 s)
+#   7:45  the paper's throughput table on the 8B shape: 64 GiB of KV, full cache at 16K tokens against
+#         rkv at 1024 + 128 and the limit, 128 steady decode steps              ~1.5 min (limit 100 s)
 #
 # Without a GPU (nvidia-smi finds none: `make gpu-dryrun` here) the same steps run on the CPU, with a
 # CPU build, the tests without offload, and the shapes and sizes scaled down (said in the summary).
@@ -125,14 +126,14 @@ build() {
 CMAKE_EXTRA_ARGS="${CMAKE_EXTRA[*]}"
 export ROOT BUILD PY TREE JOBS OUT WORK CMAKE_EXTRA_ARGS
 export -f build
-run "build ($([ $GPU = 1 ] && echo 'CUDA sm_90' || echo CPU))" 330 build || exit 1
+run "build ($([ $GPU = 1 ] && echo 'CUDA sm_90' || echo CPU))" "$([ $GPU = 1 ] && echo 240 || echo 600)" build || exit 1
 if [ $GPU = 1 ] && ! grep -q '"ggml_cuda": true' "$RKV_LOCAL_LIB_DIR/build-info.json"; then
     note "the build has no CUDA"; exit 1
 fi
 
 # -- engine tests -------------------------------------------------------------------------------
 TESTS=(tests/test_engine.py tests/test_fused.py tests/test_iswa.py tests/test_automatic_compressions.py
-       tests/test_kept_prompt.py tests/test_query_capture.py)
+       tests/test_kept_prompt.py tests/test_query_capture.py tests/test_batched.py::test_8_sequences_of_a_tiny_model_equal_alone)
 pytest_run() {   # pytest_run XML [args...]
     local xml=$1; shift
     "$PY" -m pytest -q -p no:cacheprovider -p gpu_offload --junitxml="$OUT/$xml" "$@"
@@ -151,12 +152,11 @@ TEST_LIMIT=$([ $GPU = 1 ] && echo 150 || echo 900)   # a CPU dry run has no 9 mi
 RKV_TEST_N_GPU_LAYERS=$OFFLOAD run "engine tests, cache on the $([ $GPU = 1 ] && echo 'GPU (fused: the CUDA kernel)' || echo 'CPU')" "$TEST_LIMIT" \
     pytest_run tests-fused.xml "${TESTS[@]}" -k "not compiles"
 note "  $(tally tests-fused.xml 2>/dev/null)"
-RKV_KERNELS=portable RKV_TEST_N_GPU_LAYERS=$OFFLOAD run "engine tests, portable graph" 90 \
-    pytest_run tests-portable.xml tests/test_engine.py tests/test_automatic_compressions.py \
-    -k "selection or logits or real_model or twenty or token_by_token"
+RKV_KERNELS=portable RKV_TEST_N_GPU_LAYERS=$OFFLOAD run "engine tests, portable graph" "$([ $GPU = 1 ] && echo 40 || echo 300)" \
+    pytest_run tests-portable.xml tests/test_engine.py -k "selection or logits or real_model"
 note "  $(tally tests-portable.xml 2>/dev/null)"
 if [ $GPU = 1 ]; then
-    RKV_TEST_CUDA_FAIL=malloc RKV_TEST_N_GPU_LAYERS=-1 run "a forced CUDA failure: the host scan takes over" 60 \
+    RKV_TEST_CUDA_FAIL=malloc RKV_TEST_N_GPU_LAYERS=-1 run "a forced CUDA failure: the host scan takes over" 20 \
         "$PY" -m pytest -q -p no:cacheprovider -p gpu_offload tests/test_fused.py -k "forced_cuda_failure"
 fi
 
@@ -188,18 +188,19 @@ EOF
 }
 export QWEN_SHAPE R1_SHAPE
 export -f models
-run "random models of real shapes" 120 models
+run "random models of real shapes" "$([ $GPU = 1 ] && echo 45 || echo 120)" models
 
 for shape in qwen2.5-0.5b-shape r1-llama-8b-shape; do
-    run "compression benchmark, $shape" 90 "$PY" scripts/bench_compression.py --model "$WORK/$shape.gguf" \
-        --budget $BENCH_B --buffer $BENCH_b --methods rkv/portable,rkv,snapkv --compressions 2 \
+    limit=$([ $GPU = 0 ] && echo 120 || { [ $shape = r1-llama-8b-shape ] && echo 45 || echo 30; })
+    run "compression benchmark, $shape" "$limit" "$PY" scripts/bench_compression.py --model "$WORK/$shape.gguf" \
+        --budget $BENCH_B --buffer $BENCH_b --methods rkv/portable,rkv --compressions 2 \
         --n-gpu-layers $NGL --threads $THREADS --json "$WORK/compression-$shape.json"
     if [ -f "$WORK/compression-$shape.json" ]; then
         "$PY" scripts/gpu_report.py compression "$WORK/compression-$shape.json" "$shape" "$RESULTS" >> "$SUMMARY"
     fi
 done
 
-run "throughput at a fixed KV memory, r1-llama-8b-shape" 120 "$PY" scripts/bench_steady_throughput.py \
+run "throughput at a fixed KV memory, r1-llama-8b-shape" "$([ $GPU = 1 ] && echo 100 || echo 300)" "$PY" scripts/bench_steady_throughput.py \
     --model "$WORK/r1-llama-8b-shape.gguf" "${TP_ARGS[@]}" --n-gpu-layers $NGL --threads $THREADS \
     --json "$WORK/throughput.json"
 if [ -f "$WORK/throughput.json" ]; then

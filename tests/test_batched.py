@@ -54,6 +54,23 @@ def test_a_batch_of_8_gives_each_request_its_text_alone(smollm2_path: Path, alon
     assert sum(r["usage"]["total_tokens"] > 32 + 16 for r in results) >= 6
 
 
+def test_8_sequences_of_a_tiny_model_equal_alone(tiny_model) -> None:
+    """The same check on a random model (the GPU check's, where SmolLM2 is not at hand): token
+    prompts, 80 greedy tokens each, past budget + buffer."""
+    path = tiny_model(arch="qwen2", n_head=4, n_head_kv=2)
+    prompts = [[int(t) for t in np.random.default_rng(i).integers(100, 20000, 12)] for i in range(8)]
+    settings = dict(max_tokens=80, temperature=0.0, logit_bias={t: float("-inf") for t in (0, 1, 2)})
+    llm = Llama(path, n_threads=2, flash_attn=True, verbose=False, **BUDGET)
+    try:
+        expected = [llm.create_completion(p, **settings)["choices"][0]["text"] for p in prompts]
+    finally:
+        llm.close()
+    with BatchedLlama(path, n_seq_max=8, n_threads=2, **BUDGET) as batch:
+        results = batch.generate_batch(prompts, **settings)
+        assert batch.step_stats().max_sequences == 8
+    assert [r["choices"][0]["text"] for r in results] == expected
+
+
 def test_full_caches_in_a_batch_equal_alone(smollm2_path: Path) -> None:
     expected = alone(smollm2_path, CHATS[:4], n_ctx=512)
     with BatchedLlama(smollm2_path, n_seq_max=4, n_ctx=512, n_threads=2) as batch:
