@@ -2,7 +2,10 @@
 each layer must hold the post-RoPE queries of the last ``window`` tokens of the right sequence, in
 time order, whatever the decode calls looked like (single tokens, ubatches longer than the
 window, several sequences in one call). The reference's selection reads these queries, so a
-capture bug would otherwise shift the engine and the spec alike."""
+capture bug would otherwise shift the engine and the spec alike.
+
+Llama-layout models are followed through every layer; the interleaved sliding-window models
+(gpt-oss, Gemma 3) through their first layer, made the full-attention (compressed) one."""
 from __future__ import annotations
 
 import numpy as np
@@ -96,5 +99,95 @@ def test_each_sequence_has_its_own_ring_when_calls_mix_them(tiny_model):
                 decode(ctx, chunks)
             for s, toks in seqs.items():
                 assert_ring_holds(ctx, weights, toks, seq_id=s)
+    finally:
+        llama_cpp.llama_model_free(model)
+
+
+def first_layer_queries(path, tokens: list[int]) -> tuple[np.ndarray, int, int]:
+    """Layer 0's post-RoPE queries of a tiny gpt-oss or Gemma 3 model (numpy, float64), times the
+    model's attention scale (Gemma 3 applies it to Q before the attention, gpt-oss in it); with
+    (n_head, head_dim). The first layer's queries depend on the embeddings and that layer alone."""
+    from gguf import GGUFReader
+
+    reader = GGUFReader(str(path))
+    arch = bytes(reader.fields["general.architecture"].parts[-1]).decode()
+
+    def field(key: str):
+        f = reader.fields[f"{arch}.{key}"]
+        return f.parts[f.data[0]][0]
+
+    t = {tensor.name: np.asarray(tensor.data, dtype=np.float64) for tensor in reader.tensors
+         if tensor.name == "token_embd.weight" or tensor.name.startswith("blk.0.")}
+    n_embd, n_head = int(field("embedding_length")), int(field("attention.head_count"))
+    d, eps, base = n_embd // n_head, float(field("attention.layer_norm_rms_epsilon")), float(field("rope.freq_base"))
+
+    def rms(x: np.ndarray, w: np.ndarray) -> np.ndarray:
+        return x / np.sqrt(np.mean(x * x, axis=-1, keepdims=True) + eps) * w
+
+    x = t["token_embd.weight"][tokens]
+    if arch == "gemma3":
+        x = x * np.sqrt(n_embd)
+    q = rms(x, t["blk.0.attn_norm.weight"]) @ t["blk.0.attn_q.weight"].T
+    if "blk.0.attn_q.bias" in t:
+        q = q + t["blk.0.attn_q.bias"]
+    q = q.reshape(len(tokens), n_head, d)
+    if "blk.0.attn_q_norm.weight" in t:
+        q = rms(q, t["blk.0.attn_q_norm.weight"])
+    # NEOX RoPE (both archs) rotates the pairs (i, i + d/2)
+    ang = np.arange(len(tokens))[:, None, None] * base ** (-np.arange(0, d, 2) / d)[None, None, :]
+    lo, hi = q[..., : d // 2], q[..., d // 2:]
+    q = np.concatenate([lo * np.cos(ang) - hi * np.sin(ang), lo * np.sin(ang) + hi * np.cos(ang)], axis=-1)
+    return q / np.sqrt(d), n_head, d
+
+
+def iswa_model(tiny_model, arch: str):
+    """Layer 0 made the full-attention layer (layer 1 slides), so that its queries can be computed
+    from the embeddings alone."""
+    return tiny_model(arch=arch, n_layer=2, n_head=4, n_head_kv=2, head_dim=32, swa_pattern=[False, True])
+
+
+def assert_first_ring_holds(ctx, path, tokens: list[int], seq_id: int = 0) -> None:
+    """Whichever of Q or the scale carries the model's attention scale, their product is fixed."""
+    expected, n_head, d = first_layer_queries(path, tokens)
+    q, _, scale = _native.layer_inputs(ctx, 0, WINDOW, n_head * d, 2 * d, seq_id=seq_id)
+    got = q.reshape(WINDOW, n_head, d) * scale
+    want = expected[-WINDOW:]
+    err = np.abs(got - want).max() / np.abs(want).max()
+    assert err < 2e-3, f"sequence {seq_id}: relative error {err:.2e}"
+    assert np.abs(got - expected[-WINDOW - 1:-1]).max() / np.abs(want).max() > 0.1
+
+
+@pytest.mark.parametrize("type_k,flash_attn", [("f16", False), ("f16", True), ("q8_0", True)])
+@pytest.mark.parametrize("arch", ["gpt-oss", "gemma3"])
+def test_an_iswa_models_full_attention_layer_captures_its_queries(tiny_model, arch, type_k, flash_attn):
+    path = iswa_model(tiny_model, arch)
+    llm = Llama(str(path), kv_budget=200, kv_buffer=32, kv_window=WINDOW, type_k=GGML_TYPES[type_k],
+                type_v=GGML_TYPES[type_k] if flash_attn else GGML_TYPES["f16"], flash_attn=flash_attn,
+                n_threads=2, verbose=False)
+    assert llm.compressed_layers() == [0]
+    tokens = random_tokens(27, seed=51)
+    for chunk in (tokens[:20], *([tok] for tok in tokens[20:])):
+        llm.eval(chunk)
+    assert_first_ring_holds(llm._ctx.ctx, path, tokens)
+
+
+@pytest.mark.parametrize("arch", ["gpt-oss", "gemma3"])
+def test_an_iswa_model_gives_each_sequence_its_own_ring(tiny_model, arch):
+    path = iswa_model(tiny_model, arch)
+    model = llama_cpp.llama_model_load_from_file(str(path).encode(), llama_cpp.llama_model_default_params())
+    try:
+        with low_level_context(model, n_ctx=2 * 256, n_seq_max=2, n_batch=64) as ctx:
+            _native.enable(ctx, _native.CompressionConfig(budget=100, buffer=32, window=WINDOW))
+            seqs = {0: random_tokens(13, seed=52), 1: random_tokens(6, seed=53)}
+            decode(ctx, [(s, toks, 0) for s, toks in seqs.items()])
+            for step in range(4):   # one token of sequence 0, three of sequence 1, per call
+                chunks = []
+                for s, n_new in ((0, 1), (1, 3)):
+                    new = random_tokens(n_new, seed=60 + 10 * step + s)
+                    chunks.append((s, new, len(seqs[s])))
+                    seqs[s].extend(new)
+                decode(ctx, chunks)
+            for s, toks in seqs.items():
+                assert_first_ring_holds(ctx, path, toks, seq_id=s)
     finally:
         llama_cpp.llama_model_free(model)
