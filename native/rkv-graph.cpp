@@ -65,10 +65,10 @@ static ggml_tensor * rkv_build_importance(ggml_context * ctx, ggml_tensor * keys
     // one product per KV head with all the queries of its group (query head h*group + g is KV head h's
     // g-th): the same layout as a broadcast over the query heads, in n_head_kv larger products. The
     // candidates are its columns: CUDA computes an F32 product of at most 16 columns on TF32 tensor
-    // cores (mmf, which ignores ggml_mul_mat_set_prec), one of n_cand columns in full F32 (cuBLAS)
+    // cores (mmf, which ignores ggml_prec_set_acc), one of n_cand columns in full F32 (cuBLAS)
     q = ggml_reshape_3d(ctx, q, d, n_q*group, n_head_kv);
     ggml_tensor * qk = ggml_mul_mat(ctx, q, k);                                              // [n_q*group, n_cand, n_head_kv]
-    ggml_mul_mat_set_prec(qk, GGML_PREC_F32);
+    ggml_prec_set_acc(qk, GGML_PREC_F32);
     ggml_tensor * kq = ggml_scale(ctx, ggml_cont(ctx, ggml_transpose(ctx, qk)), kq_scale);  // [n_cand, n_q*group, n_head_kv]
     if (group > 1) {
         kq = ggml_reshape_3d(ctx, kq, n_cand*n_q, group, n_head_kv);
@@ -138,7 +138,8 @@ static void rkv_redundancy(const float * sim_sum, const int32_t * last, const fl
     for (int64_t i = 0; i < n; ++i) {
         const int64_t j = last[i];
         // a row without near-copies is all zeros and argmax points anywhere (the fused paths say -1): not a hit
-        if (j >= 0 && j != i && last_sim[i] > threshold) {
+        // the index comes from a device: never trusted to stay inside the host's row
+        if (j >= 0 && j < n && j != i && last_sim[i] > threshold) {
             col[j] -= last_sim[i];
         }
     }
