@@ -14,6 +14,10 @@ from pathlib import Path
 LIB_DIR = Path(__file__).resolve().parent / "lib"
 LIB_NAME = {"darwin": "libllama.dylib", "win32": "llama.dll"}.get(sys.platform, "libllama.so")
 BUILD_INFO_NAME = "build-info.json"
+# ggml-vulkan reorders each graph's nodes for concurrency; with the engine's compressions that
+# reordering corrupted memory on Mesa's lavapipe (README, "Vulkan"), so it is off unless asked for
+VULKAN_NO_GRAPH_OPTIMIZE = "GGML_VK_DISABLE_GRAPH_OPTIMIZE"  # ggml reads its presence, not its value
+VULKAN_GRAPH_OPTIMIZE_OPT_IN = "RKV_VULKAN_GRAPH_OPTIMIZE"
 
 
 def library_path() -> Path:
@@ -40,6 +44,8 @@ def load_bindings():
             )
     else:
         os.environ["LLAMA_CPP_LIB_PATH"] = str(lib.parent)
+    if os.environ.get(VULKAN_GRAPH_OPTIMIZE_OPT_IN, "") in ("", "0"):
+        os.environ.setdefault(VULKAN_NO_GRAPH_OPTIMIZE, "1")
     import llama_cpp
 
     return llama_cpp

@@ -11,7 +11,7 @@ import os
 import subprocess
 import sys
 from pathlib import Path
-from typing import Dict, List
+from typing import Dict, List, Optional
 
 import numpy as np
 import pytest
@@ -36,13 +36,14 @@ ARCHS = {  # arch -> GQA shape (n_head, n_head_kv)
 }
 
 
-def clean_env(**extra: str) -> Dict[str, str]:
+def clean_env(**extra: Optional[str]) -> Dict[str, str]:
+    """This process's environment without the library overrides; ``extra`` sets (None: removes)."""
     env = {k: v for k, v in os.environ.items() if k not in ("LLAMA_CPP_LIB_PATH", "RKV_LOCAL_LIB_DIR")}
     env.update(extra)
-    return env
+    return {k: v for k, v in env.items() if v is not None}
 
 
-def run_python(code: str, **env: str) -> subprocess.CompletedProcess:
+def run_python(code: str, **env: Optional[str]) -> subprocess.CompletedProcess:
     return subprocess.run(
         [sys.executable, "-c", code], capture_output=True, text=True, timeout=SUBPROCESS_TIMEOUT_S,
         cwd=ROOT, env=clean_env(**env),
@@ -115,6 +116,14 @@ def test_llama_cpp_bound_to_our_library_first_is_accepted() -> None:
     )
     assert result.returncode == 0, result.stderr
     assert Path(result.stdout.strip()).resolve() == _library.library_path().resolve()
+
+
+def test_ggml_vulkans_graph_reordering_is_off_unless_asked_for() -> None:
+    """Reordering corrupted memory with compressions on lavapipe (README, "Vulkan")."""
+    code = f"import os, rkv_local; print(os.environ.get({_library.VULKAN_NO_GRAPH_OPTIMIZE!r}))"
+    env = {_library.VULKAN_NO_GRAPH_OPTIMIZE: None, _library.VULKAN_GRAPH_OPTIMIZE_OPT_IN: None}
+    assert run_python(code, **env).stdout.strip() == "1"
+    assert run_python(code, **{**env, _library.VULKAN_GRAPH_OPTIMIZE_OPT_IN: "1"}).stdout.strip() == "None"
 
 
 # ---------------------------------------------------------------------------
