@@ -27,7 +27,7 @@ from llama_cpp import _internals as internals
 from llama_cpp import llama_chat_format
 
 from . import _native
-from .llama import CACHE_PAD, KVStats, Llama, check_kv_arguments
+from .llama import CACHE_PAD, KVStats, Llama, check_kv_arguments, padded_cells
 from .sampling import check_grammar, check_logit_bias
 from .scheduler import DecodeScheduler, RequestCancelled, StepStats
 
@@ -297,7 +297,7 @@ class BatchedLlama:
             per_call = min(self.n_seq_max * buffer, max(self.n_seq_max + buffer, 512))
         else:
             self.n_ctx_seq = n_ctx or proto._model.n_ctx_train()
-            cells = -(-self.n_ctx_seq // CACHE_PAD) * CACHE_PAD
+            cells = padded_cells(self.n_ctx_seq)
             self.chunk_size = n_batch
             per_call = self.n_seq_max + n_batch
         self.cells_per_seq = cells

@@ -22,6 +22,11 @@ from .sampling import check_grammar, check_logit_bias
 # the physical cache is rounded to this: llama.cpp attends to n_kv = PAD(used, 256) cells anyway
 CACHE_PAD = 256
 
+
+def padded_cells(cells: int) -> int:
+    """``cells`` rounded up to a multiple of CACHE_PAD: the physical cache that holds them."""
+    return -(-cells // CACHE_PAD) * CACHE_PAD
+
 _CREATE_COMPLETION = inspect.signature(llama_cpp.Llama.create_completion)
 _GENERATE = inspect.signature(llama_cpp.Llama.generate)
 
@@ -227,7 +232,7 @@ class Llama(llama_cpp.Llama):
         n_batch = min(kwargs.pop("n_batch", None) or config.buffer, config.buffer)
         n_ubatch = min(kwargs.pop("n_ubatch", None) or n_batch, n_batch)
         # the kept prompt's cells come on top of the budget's
-        physical = -(-(int(kv_keep_prompt) + config.budget + config.buffer) // CACHE_PAD) * CACHE_PAD
+        physical = padded_cells(int(kv_keep_prompt) + config.budget + config.buffer)
         self._load(model_path, n_ctx=physical, n_batch=n_batch, n_ubatch=n_ubatch, **kwargs)
         try:
             _native.enable(self._ctx.ctx, config)

@@ -27,15 +27,11 @@ from typing import Any
 import numpy as np
 
 from rkv_local import _native, llama_cpp
-from rkv_local.llama import CACHE_PAD
+from rkv_local.llama import padded_cells
 
 GIB = 2**30
 # R-KV's paper (A100 80 GB, DeepSeek-R1-Distill-Llama-8B, 16K-token sequences, budget 1024)
 PAPER = {"full": {"n_seq": 30, "tps": 347.0}, "rkv": {"n_seq": 402, "tps": 3188.8}}
-
-
-def pad(cells: int) -> int:
-    return -(-cells // CACHE_PAD) * CACHE_PAD
 
 
 def decode(ctx, entries: list[tuple[int, int, int]], n_vocab: int, rng: np.random.Generator) -> None:
@@ -159,18 +155,18 @@ def main() -> None:
 
     try:
         rows = args.rows.split(",")
-        n_rkv = fits(pad(B + b))
+        n_rkv = fits(padded_cells(B + b))
         if "full" in rows:
-            cells = pad(args.length + args.steps)
+            cells = padded_cells(args.length + args.steps)
             n = fits(cells)
             report(run_row(model, "full", n, cells, [args.length] * n, args.steps, args, None, n_vocab))
         if "rkv" in rows:
             config = _native.CompressionConfig(budget=B, buffer=b)
             prefill = [B + (s % b) for s in range(n_rkv)]
-            report(run_row(model, "rkv", n_rkv, pad(B + b), prefill, args.steps, args, config, n_vocab))
+            report(run_row(model, "rkv", n_rkv, padded_cells(B + b), prefill, args.steps, args, config, n_vocab))
         if "limit" in rows:
             prefill = [B + (s % b) for s in range(n_rkv)]
-            report(run_row(model, "limit", n_rkv, pad(B + b + args.steps), prefill, args.steps, args, None, n_vocab))
+            report(run_row(model, "limit", n_rkv, padded_cells(B + b + args.steps), prefill, args.steps, args, None, n_vocab))
     finally:
         llama_cpp.llama_model_free(model)
     by = {r["row"]: r for r in results}

@@ -79,6 +79,12 @@ def decode(ctx, chunks: Sequence[tuple[int, Sequence[int], int]]) -> None:
         llama_cpp.llama_batch_free(batch)
 
 
+def gguf_field(reader, key: str):
+    """The value of a scalar metadata field of a ``gguf.GGUFReader``."""
+    f = reader.fields[key]
+    return f.parts[f.data[0]][0]
+
+
 @dataclass
 class TinyLlamaWeights:
     """The tensors of a tiny ``llama`` GGUF written by ``make_tiny_model``, in float64."""
@@ -97,8 +103,7 @@ class TinyLlamaWeights:
         reader = GGUFReader(str(path))
 
         def field(key: str):
-            f = reader.fields[key]
-            return f.parts[f.data[0]][0]
+            return gguf_field(reader, key)
 
         tensors = {t.name: np.asarray(t.data, dtype=np.float64) for t in reader.tensors}
         n_head = int(field("llama.attention.head_count"))

@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 
 from rkv_local import Llama, _native
-from engine_helpers import GGML_TYPES, TinyLlamaWeights, decode, low_level_context, random_tokens
+from engine_helpers import GGML_TYPES, TinyLlamaWeights, decode, gguf_field, low_level_context, random_tokens
 import llama_cpp
 
 WINDOW = 8
@@ -103,22 +103,22 @@ def test_each_sequence_has_its_own_ring_when_calls_mix_them(tiny_model):
         llama_cpp.llama_model_free(model)
 
 
-def first_layer_queries(path, tokens: list[int]) -> tuple[np.ndarray, int, int]:
+def first_layer_queries(path, tokens: list[int]) -> tuple[np.ndarray, int, int, int]:
     """Layer 0's post-RoPE queries of a tiny gpt-oss or Gemma 3 model (numpy, float64), times the
     model's attention scale (Gemma 3 applies it to Q before the attention, gpt-oss in it); with
-    (n_head, head_dim). The first layer's queries depend on the embeddings and that layer alone."""
+    (n_head, n_head_kv, head_dim). The first layer's queries depend on the embeddings and that layer alone."""
     from gguf import GGUFReader
 
     reader = GGUFReader(str(path))
     arch = bytes(reader.fields["general.architecture"].parts[-1]).decode()
 
     def field(key: str):
-        f = reader.fields[f"{arch}.{key}"]
-        return f.parts[f.data[0]][0]
+        return gguf_field(reader, f"{arch}.{key}")
 
     t = {tensor.name: np.asarray(tensor.data, dtype=np.float64) for tensor in reader.tensors
          if tensor.name == "token_embd.weight" or tensor.name.startswith("blk.0.")}
-    n_embd, n_head = int(field("embedding_length")), int(field("attention.head_count"))
+    n_embd, n_head, n_head_kv = (int(field(k)) for k in ("embedding_length", "attention.head_count",
+                                                          "attention.head_count_kv"))
     d, eps, base = n_embd // n_head, float(field("attention.layer_norm_rms_epsilon")), float(field("rope.freq_base"))
 
     def rms(x: np.ndarray, w: np.ndarray) -> np.ndarray:
@@ -137,7 +137,7 @@ def first_layer_queries(path, tokens: list[int]) -> tuple[np.ndarray, int, int]:
     ang = np.arange(len(tokens))[:, None, None] * base ** (-np.arange(0, d, 2) / d)[None, None, :]
     lo, hi = q[..., : d // 2], q[..., d // 2:]
     q = np.concatenate([lo * np.cos(ang) - hi * np.sin(ang), lo * np.sin(ang) + hi * np.cos(ang)], axis=-1)
-    return q / np.sqrt(d), n_head, d
+    return q / np.sqrt(d), n_head, n_head_kv, d
 
 
 def iswa_model(tiny_model, arch: str):
@@ -148,8 +148,8 @@ def iswa_model(tiny_model, arch: str):
 
 def assert_first_ring_holds(ctx, path, tokens: list[int], seq_id: int = 0) -> None:
     """Whichever of Q or the scale carries the model's attention scale, their product is fixed."""
-    expected, n_head, d = first_layer_queries(path, tokens)
-    q, _, scale = _native.layer_inputs(ctx, 0, WINDOW, n_head * d, 2 * d, seq_id=seq_id)
+    expected, n_head, n_head_kv, d = first_layer_queries(path, tokens)
+    q, _, scale = _native.layer_inputs(ctx, 0, WINDOW, n_head * d, n_head_kv * d, seq_id=seq_id)
     got = q.reshape(WINDOW, n_head, d) * scale
     want = expected[-WINDOW:]
     err = np.abs(got - want).max() / np.abs(want).max()

@@ -50,7 +50,7 @@ import numpy as np
 from tqdm import tqdm
 
 from .. import _native, llama_cpp
-from ..llama import CACHE_PAD
+from ..llama import CACHE_PAD, padded_cells
 from . import throughput
 from .decoding import eog_tokens, greedy_token
 from .measure import gpu_memory_bytes, machine_info, max_rss_bytes, proc_status, release_memory, reset_peak_rss
@@ -181,7 +181,7 @@ def decode_completion(llm, prompt: list[int], length: int, banned: np.ndarray, t
 def run_one(model_path: Path, config: RunConfig, prompt_text_tokens: list[int], length: int, args,
             progress: Optional[tqdm] = None, sample_every: Optional[int] = None, loop: str = "eval") -> dict[str, Any]:
     n_prompt = len(prompt_text_tokens)
-    n_ctx = -(-(n_prompt + length + 1) // CACHE_PAD) * CACHE_PAD
+    n_ctx = padded_cells(n_prompt + length + 1)
     release_memory()
     before = proc_status()
     peak_reset = reset_peak_rss()

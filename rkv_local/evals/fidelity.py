@@ -31,7 +31,7 @@ import numpy as np
 
 from tqdm import tqdm
 
-from ..llama import CACHE_PAD
+from ..llama import padded_cells
 from .datasets import data_path, read_jsonl
 from .decoding import ChatTemplate, clear_cache, eog_tokens, eval_all_logits, greedy_token
 from .measure import machine_info
@@ -80,7 +80,7 @@ def turn_separator(template: ChatTemplate) -> str:
 
 
 def make_texts(model_path: Path, rows: list[dict[str, Any]], args) -> list[dict[str, Any]]:
-    llm = open_llama(model_path, RunConfig("full"), n_ctx=-(-(args.length + 8) // CACHE_PAD) * CACHE_PAD,
+    llm = open_llama(model_path, RunConfig("full"), n_ctx=padded_cells(args.length + 8),
                      threads=args.threads, n_gpu_layers=args.n_gpu_layers)
     try:
         template = ChatTemplate(llm)
@@ -239,7 +239,7 @@ def score_text(model_path: Path, text: dict[str, Any], configs: list[RunConfig],
     tokens = text["tokens"]
     generated = np.asarray(text["generated"], dtype=bool)
     n = len(tokens)
-    n_ctx = -(-(n + 1) // CACHE_PAD) * CACHE_PAD
+    n_ctx = padded_cells(n + 1)
     ref = open_llama(model_path, RunConfig("full"), n_ctx=n_ctx, threads=args.threads,
                      n_gpu_layers=args.n_gpu_layers, n_batch=chunk)
     instances = []

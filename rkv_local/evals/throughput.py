@@ -32,7 +32,7 @@ from pathlib import Path
 from typing import Any
 
 from .. import BatchedLlama, _native
-from ..llama import CACHE_PAD
+from ..llama import CACHE_PAD, padded_cells
 from .decoding import eog_tokens
 from .measure import machine_info, proc_status, release_memory, reset_peak_rss
 from .prompts import build_prompt
@@ -45,7 +45,7 @@ MIB = 2**20
 def cells_of(config: RunConfig, prompt: int, length: int) -> int:
     """KV cells one sequence of ``config`` holds (the context llama.cpp allocates for it)."""
     need = config.budget + config.buffer if config.method != "full" else prompt + length + 1
-    return -(-need // CACHE_PAD) * CACHE_PAD
+    return padded_cells(need)
 
 
 def sweep(n_max: int) -> list[int]:
