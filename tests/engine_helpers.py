@@ -12,6 +12,7 @@ import numpy as np
 import rkv_local  # noqa: F401  (binds llama_cpp to our library first)
 from rkv_local import _native, reference
 import llama_cpp
+from near_tie import top2_gap
 
 GGML_TYPES = {"f32": 0, "f16": 1, "q4_0": 2, "q8_0": 8, "bf16": 30}
 
@@ -21,11 +22,15 @@ def last_logits(llm: llama_cpp.Llama) -> np.ndarray:
     return np.ctypeslib.as_array(ptr, shape=(llm.n_vocab(),)).copy()
 
 
-def greedy(llm: llama_cpp.Llama, n: int) -> list[int]:
-    """Decode n tokens one at a time, always the most likely one."""
+def greedy(llm: llama_cpp.Llama, n: int, gaps: Optional[list[float]] = None) -> list[int]:
+    """Decode n tokens one at a time, always the most likely one; ``gaps``, if given, receives the gap
+    between the two best logits of each (for ``near_tie.assert_same_greedy``)."""
     out = []
     for _ in range(n):
-        tok = int(np.argmax(last_logits(llm)))
+        logits = last_logits(llm)
+        tok = int(np.argmax(logits))
+        if gaps is not None:
+            gaps.append(top2_gap(logits))
         out.append(tok)
         llm.eval([tok])
     return out

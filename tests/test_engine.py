@@ -13,6 +13,7 @@ from engine_helpers import (
     GGML_TYPES, TinyLlamaWeights, greedy, kv_bytes_per_cell, last_logits, memory, random_tokens,
 )
 import llama_cpp
+from near_tie import assert_same_greedy
 
 BUDGET, BUFFER, WINDOW = 40, 16, 8
 
@@ -234,7 +235,8 @@ def test_state_round_trip_mid_generation(tiny_model):
 
     straight = make_llm(path)
     straight.eval(prompt)
-    expected = greedy(straight, 160)
+    gaps: list[float] = []
+    expected = greedy(straight, 160, gaps)
 
     first = make_llm(path)
     first.eval(prompt)
@@ -254,7 +256,9 @@ def test_state_round_trip_mid_generation(tiny_model):
     second.n_tokens -= 1
     second.eval([head[-1]])
     tail = greedy(second, 80)
-    assert head + tail == expected
+    # the restored cache's cells may lie elsewhere and the last token is decoded again: a near tie of
+    # the straight run may go the other way (tests/near_tie.py)
+    assert_same_greedy(expected, gaps, head + tail)
 
 
 def test_state_without_compression_data_is_refused(tiny_model):

@@ -15,6 +15,7 @@ from rkv_local import Llama, _native, reference
 import llama_cpp
 
 from engine_helpers import GGML_TYPES, greedy, last_logits, memory, random_tokens
+from near_tie import GapRecorder, assert_same_greedy, assert_same_unless_a_near_tie
 
 BUDGET, BUFFER, WINDOW = 40, 16, 8
 N_SWA = 32  # the tiny models' sliding window
@@ -167,8 +168,10 @@ def test_generation_far_past_the_budget(tiny_model, arch):
         assert full_bytes_per_cell == 2 * 2 * n_head_kv * d * len(MODELS[arch][1])
         for llm in (full, budgeted):
             llm.eval(prompt)
-        # identical until the first compression
-        assert greedy(full, BUDGET + BUFFER - len(prompt)) == greedy(budgeted, BUDGET + BUFFER - len(prompt))
+        # the same tokens until the first compression (a larger context: another n_kv, so another rounding)
+        gaps: list[float] = []
+        reference = greedy(full, BUDGET + BUFFER - len(prompt), gaps)
+        assert_same_greedy(reference, gaps, greedy(budgeted, BUDGET + BUFFER - len(prompt)), arch)
         mem = memory(budgeted)
         n_steps = 20 * BUDGET
         window_cells_max = 0
@@ -251,7 +254,8 @@ def test_state_reload_and_truncate(tiny_model, arch):
 
     straight = make_llm(path)
     straight.eval(prompt)
-    expected = greedy(straight, 200)
+    gaps: list[float] = []
+    expected = greedy(straight, 200, gaps)
     straight.close()
 
     first = make_llm(path)
@@ -273,7 +277,8 @@ def test_state_reload_and_truncate(tiny_model, arch):
         # a restored state has no logits: decode its last token again, as Llama.generate does
         second.n_tokens -= 1
         second.eval([head[-1]])
-        assert head + greedy(second, 80) == expected
+        # a restored window cache may hold its cells in other slots: another order of summation
+        assert_same_greedy(expected, gaps, head + greedy(second, 80), arch)
 
         # truncating the reloaded sequence into its compressed part is refused, and a prompt that
         # departs there is evaluated from scratch, as a fresh instance would
@@ -311,15 +316,16 @@ def test_sequences_in_a_batch_decode_in_their_own_streams(tiny_model):
     settings = dict(kv_budget=BUDGET, kv_buffer=BUFFER, kv_window=WINDOW, flash_attn=True, n_threads=1)
     alone = Llama(str(path), verbose=False, **settings)
     try:
-        before_compression = []
+        before_compression, gaps = [], []
         for prompt in prompts:
             alone.reset()
-            tokens = []
-            for token in alone.generate(prompt, temp=0.0):
+            tokens, recorder = [], GapRecorder()
+            for token in alone.generate(prompt, temp=0.0, logits_processor=llama_cpp.LogitsProcessorList([recorder])):
                 tokens.append(token)
                 if len(tokens) == BUDGET + BUFFER - len(prompt):
                     break
             before_compression.append(alone.detokenize(tokens).decode("utf-8", errors="ignore")[:-4])
+            gaps.append(recorder.gaps)
     finally:
         alone.close()
     texts = ["", "", ""]
@@ -332,6 +338,6 @@ def test_sequences_in_a_batch_decode_in_their_own_streams(tiny_model):
                 assert stats.cells_used <= BUDGET + BUFFER
                 compressions = max(compressions, stats.compressions)
                 window_bytes = max(window_bytes, stats.kv_bytes_window)
-    for text, prefix in zip(texts, before_compression):
-        assert text.startswith(prefix)
+    for i, (text, prefix, gap) in enumerate(zip(texts, before_compression, gaps)):
+        assert_same_unless_a_near_tie(prefix, gap, text[:len(prefix)], f"sequence {i}")
     assert compressions >= 3 and window_bytes > 0

@@ -7,6 +7,7 @@ import pytest
 
 from rkv_local import Llama, _native, reference
 from engine_helpers import GGML_TYPES, greedy, memory, random_tokens
+from near_tie import assert_same_greedy
 from test_engine import model_shape
 import llama_cpp
 
@@ -112,7 +113,9 @@ def test_a_truncation_into_the_kept_prompt_uncompresses_and_equals_a_fresh_run(t
 
     fresh = make_llm(path)
     start(fresh, prompt[:PROMPT - 7] + turn2)
-    assert greedy(fresh, 2 * (BUDGET + BUFFER)) == ours
+    gaps: list[float] = []
+    # the fresh run evaluates the prompt in one batch, ours in two: a near tie may go the other way
+    assert_same_greedy(greedy(fresh, 2 * (BUDGET + BUFFER), gaps), gaps, ours)
     assert llm.kv_stats().cells_kept == fresh.kv_stats().cells_kept == PROMPT - 7 + len(turn2)
 
 
@@ -136,7 +139,8 @@ def test_state_round_trip_keeps_the_prompt_and_the_pause(tiny_model):
     head = greedy(llm, 2 * (BUDGET + BUFFER))
     _native.set_paused(llm._ctx.ctx, 0, True)
     state = llm.save_state()
-    expected = greedy(llm, 40)
+    gaps: list[float] = []
+    expected = greedy(llm, 40, gaps)
 
     other = make_llm(path)
     other.load_state(state)
@@ -144,7 +148,7 @@ def test_state_round_trip_keeps_the_prompt_and_the_pause(tiny_model):
     assert (stats.cells_kept, stats.compression_paused) == (PROMPT, True)
     other.n_tokens -= 1
     other.eval([head[-1]])
-    assert greedy(other, 40) == expected
+    assert_same_greedy(expected, gaps, greedy(other, 40))   # a restored state: tests/near_tie.py
     assert other.kv_stats().compressions == stats.compressions   # still paused: no compression
 
 
