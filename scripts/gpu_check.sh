@@ -6,9 +6,9 @@
 #
 #   scripts/gpu_check.sh OUT        # or RKV_GPU_OUT=OUT; results (8 files at most) go to OUT
 #
-# Timing plan, one H200 and 16 cores: the estimates sum to 9 minutes; each step has a time limit (the
-# limits sum to 11, for a step that hangs) and appends its results to OUT as it ends, so a run cut off
-# still returns what it finished:
+# Timing plan, one H100 (about 78 GiB) or H200 (about 139 GiB) and 16 cores: the estimates sum to 9
+# minutes; each step has a time limit (the limits sum to 11, for a step that hangs) and appends its
+# results to OUT as it ends, so a run cut off still returns what it finished:
 #   0:00  unpack .gpu/, find cuBLAS, check the imports                         ~10 s
 #   0:10  configure and build libllama with CUDA for sm_90 only (16 jobs)      ~3.5 min (limit 240 s)
 #   3:40  engine tests, cache on the GPU, fused CUDA kernel (78 tests)         ~2 min   (limit 150 s)
@@ -17,8 +17,13 @@
 #         heads of 64), R1-Distill-Llama-8B (32 x 32/8 heads of 128, hidden 4096, FFN 14336), SmolLM2's
 #         vocabulary                                                            ~35 s    (limit 45 s)
 #   6:50  compression benchmark on both shapes, B = 1024, b = 128              ~55 s    (limits 30, 45 s)
-#   7:45  the paper's throughput table on the 8B shape: 64 GiB of KV, full cache at 16K tokens against
-#         rkv at 1024 + 128 and the limit, 128 steady decode steps              ~1.5 min (limit 100 s)
+#   7:45  the paper's throughput table on the 8B shape: full cache at 16K tokens against rkv at
+#         1024 + 128 and the limit, 128 steady decode steps, in the KV memory the GPU has free after the
+#         weights (~14 GiB) less a reserve for compute buffers (4 GiB + 5%), at most 64 GiB (about the
+#         paper's A100 80 GB): ~58 GiB on an H100 (28 full sequences), 64 on an H200 (31). More would
+#         only add full sequences (rkv is at llama.cpp's 256 on both) and their prefill, the step's
+#         longest part; the H100's fewer full sequences save about the time its slower memory (3.35
+#         against 4.8 TB/s) costs in the decode steps                          ~1.5 min (limit 100 s)
 #
 # Without a GPU (nvidia-smi finds none: `make gpu-dryrun` here) the same steps run on the CPU, with a
 # CPU build, the tests without offload, and the shapes and sizes scaled down (said in the summary).
@@ -166,14 +171,15 @@ if [ $GPU = 1 ]; then
     R1_SHAPE="dict(arch='llama', n_layer=32, n_head=32, n_head_kv=8, head_dim=128, n_ff=14336)"
     NGL=-1; THREADS=4
     BENCH_B=1024; BENCH_b=128
-    TP_ARGS=(--kv-memory-gib 64 --length 16384 --budget 1024 --buffer 128 --steps 128)
+    TP_ARGS=(--kv-memory-gib auto --kv-memory-max-gib 64 --length 16384 --budget 1024 --buffer 128 --steps 128)
 else
     # scaled for a CPU: the head layouts, fewer and narrower layers, smaller budgets
     QWEN_SHAPE="dict(arch='qwen2', n_layer=4, n_head=14, n_head_kv=2, head_dim=64, n_ff=1024)"
     R1_SHAPE="dict(arch='llama', n_layer=2, n_head=32, n_head_kv=8, head_dim=128, n_ff=1024)"
     NGL=0; THREADS=$(nproc)
     BENCH_B=256; BENCH_b=64
-    TP_ARGS=(--kv-memory-gib 0.1 --length 2048 --budget 128 --buffer 32 --steps 32)
+    # the same sizing from the host's available memory, capped to keep the step short
+    TP_ARGS=(--kv-memory-gib auto --kv-memory-max-gib 0.1 --length 2048 --budget 128 --buffer 32 --steps 32)
     note "  (CPU: the shapes below are scaled down: $QWEN_SHAPE; $R1_SHAPE)"
 fi
 models() {

@@ -26,3 +26,6 @@ unshare -n env -i PATH="$DRY/venv/bin:/usr/local/bin:/usr/bin:/bin" HOME="$DRY/h
     bash "$DRY/repo/scripts/gpu_check.sh" "$OUT"
 echo "gpu_dryrun: $(( $(date +%s) - start )) s; results in $OUT:"
 ls -la "$OUT"
+# the throughput step took the GPU's sizing path (free memory after the weights, here the host's)
+grep -q '^KV memory .* the free memory after the weights' "$OUT/summary.md" \
+    || { echo "gpu_dryrun: the throughput step did not size its KV memory (see $OUT/summary.md)" >&2; exit 1; }

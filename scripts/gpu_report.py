@@ -20,11 +20,24 @@ def compression(data: dict) -> str:
     return "\n".join(lines) + "\n"
 
 
+def kv_memory(plan: dict) -> str:
+    """How the KV memory of the rows was chosen (bench_steady_throughput.py's kv_memory)."""
+    device = (f"{plan['device']}: {plan['total_gib']:.1f} GiB, {plan['free_before_load_gib']:.1f} free before the "
+              f"weights ({plan['weights_gib']:.2f} GiB), {plan['free_after_load_gib']:.1f} after")
+    if plan["bound"] == "given":
+        return f"\nKV memory {plan['kv_memory_gib']:.2f} GiB, given; {device}"
+    cap = f"at most {plan['max_gib']:g} GiB" if plan["max_gib"] > 0 else "no cap"
+    return (f"\nKV memory {plan['kv_memory_gib']:.2f} GiB: the free memory after the weights less "
+            f"{plan['reserve_gib']:.2f} GiB for compute buffers, {cap} (bound: {plan['bound']}); {device}")
+
+
 def throughput(data: dict) -> str:
-    lines = ["\n| row | sequences | cells each | KV GiB | decode tok/s (all) | per sequence | compressions |",
-             "|---|---|---|---|---|---|---|"]
+    lines = [kv_memory(data["kv_memory"])] if "kv_memory" in data else []
+    lines += ["\n| row | sequences | cells each | KV GiB | decode tok/s (all) | per sequence | compressions |",
+              "|---|---|---|---|---|---|---|"]
     for r in data["rows"]:
-        lines.append(f"| {r['row']} | {r['n_seq']} | {r['cells_per_seq']} | {r['kv_gib']:.2f} | {r['tps']:.1f} | "
+        fewer = f" (of {r['n_seq_planned']} planned)" if r.get("n_seq_planned", r["n_seq"]) != r["n_seq"] else ""
+        lines.append(f"| {r['row']} | {r['n_seq']}{fewer} | {r['cells_per_seq']} | {r['kv_gib']:.2f} | {r['tps']:.1f} | "
                      f"{r['per_seq_tps']:.2f} | {r['compressions']} |")
     by = {r["row"]: r for r in data["rows"]}
     paper = data["paper"]
