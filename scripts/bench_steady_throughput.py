@@ -34,6 +34,7 @@ import numpy as np
 
 from rkv_local import _native, llama_cpp
 from rkv_local._library import loaded_library
+from rkv_local.batched import available_memory
 from rkv_local.llama import padded_cells
 
 GIB = 2**30
@@ -99,20 +100,9 @@ def device_memory(on_gpu: bool) -> dict[str, Any]:
         free, total = free + dev_free.value, total + dev_total.value
     if not use_gpus:
         # ggml counts all of a CPU's memory as free; the kernel's MemAvailable is what can be had
-        free = min(free, host_available() or free)
+        free = min(free, available_memory() or free)
     names = [lib.ggml_backend_dev_description(d).decode(errors="replace") for d in chosen]
     return {"device": " + ".join(names), "kind": "gpu" if use_gpus else "cpu", "free": free, "total": total}
-
-
-def host_available() -> int | None:
-    try:
-        with open("/proc/meminfo") as f:
-            for line in f:
-                if line.startswith("MemAvailable:"):
-                    return int(line.split()[1]) * 1024
-    except OSError:
-        pass
-    return None
 
 
 def kv_memory_plan(args, before: dict[str, Any], after: dict[str, Any], weights_bytes: int) -> dict[str, Any]:
