@@ -1,5 +1,5 @@
 // Entry points of the rkv-local engine called from the patched llama.cpp sources (patches/).
-// Each hook is only reached when compression is enabled on the cache.
+// Each hook is only reached when compression is enabled on the cache, except rkv_window_cache_size.
 #pragma once
 
 #include "llama.h"
@@ -13,6 +13,10 @@ class  llama_batch_allocr;
 class  llama_io_read_i;
 class  llama_io_write_i;
 class  llama_kv_cache_context;
+
+// cells per stream of a sliding-window cache: llama.cpp's choice, or at least size_window (the window
+// and one ubatch, padded) while rkv_set_window_cache_for_budget is on for the creating thread
+uint32_t rkv_window_cache_size(uint32_t size_llama, uint32_t size_window);
 
 // memory-update path
 bool rkv_engine_batch_fits (rkv_engine & eng, const llama_batch_allocr & balloc);

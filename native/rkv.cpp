@@ -2,6 +2,7 @@
 #include "rkv.h"
 
 #include "rkv-engine.h"
+#include "rkv-hooks.h"
 
 #include "llama-context.h"
 #include "llama-kv-cache.h"
@@ -185,16 +186,56 @@ int32_t rkv_set_compression_observer(llama_context * ctx, rkv_compression_observ
     return 0;
 }
 
+// contexts created on this thread size their window cache for the window (rkv_set_window_cache_for_budget)
+static thread_local bool rkv_window_for_budget = false;
+
+void rkv_set_window_cache_for_budget(bool on) {
+    rkv_window_for_budget = on;
+}
+
+uint32_t rkv_window_cache_size(uint32_t size_llama, uint32_t size_window) {
+    if (!rkv_window_for_budget) {
+        return size_llama;
+    }
+    // padded as llama.cpp pads the window cache (ggml-org/llama.cpp#17037)
+    return std::max(size_llama, (uint32_t) GGML_PAD(size_window, 256));
+}
+
+static int64_t cell_bytes_allocated(const llama_kv_cache & kv) {
+    size_t total = 0;
+    for (const auto & [buft, size] : kv.memory_breakdown()) {
+        total += size;
+    }
+    return (int64_t) (total/((size_t) kv.get_size()*kv.get_n_stream()));
+}
+
+int32_t rkv_get_window_cache(const llama_context * ctx, llama_seq_id seq_id, rkv_window_cache * out) {
+    rkv_error.clear();
+    const llama_kv_cache * swa = nullptr;
+    const llama_kv_cache * kv = rkv_cache_of(ctx, &swa);
+    if (!kv || !out) {
+        return rkv_fail("this model's memory is not a plain attention KV cache");
+    }
+    if (seq_id < 0 || (uint32_t) seq_id >= kv->get_n_seq_max()) {
+        return rkv_fail("invalid sequence id " + std::to_string(seq_id));
+    }
+    *out = {};
+    if (!swa) {
+        return 0;
+    }
+    out->n_swa          = (int32_t) llama_model_n_swa(llama_get_model(ctx));
+    out->cells          = swa->get_size();
+    out->cells_used     = swa->get_cells(seq_id).get_used();
+    out->bytes_per_cell = cell_bytes_allocated(*swa);
+    return 1;
+}
+
 int64_t rkv_kv_bytes_per_cell(const llama_context * ctx) {
     const llama_kv_cache * kv = rkv_cache_of(ctx);
     if (!kv) {
         return rkv_fail("this model's memory is not a plain attention KV cache");
     }
-    size_t total = 0;
-    for (const auto & [buft, size] : kv->memory_breakdown()) {
-        total += size;
-    }
-    return (int64_t) (total/((size_t) kv->get_size()*kv->get_n_stream()));
+    return cell_bytes_allocated(*kv);
 }
 
 int32_t rkv_get_layers(const llama_context * ctx, int32_t * out, int32_t n_max) {

@@ -112,6 +112,24 @@ typedef void (*rkv_compression_observer)(void * user_data, llama_seq_id seq_id, 
 LLAMA_API int32_t rkv_set_compression_observer(struct llama_context * ctx, rkv_compression_observer observer,
                                                void * user_data);
 
+// Sliding-window models (Gemma 3, gpt-oss): llama.cpp gives the window cache min(n_ctx, n_swa + n_ubatch)
+// cells per stream, and a budgeted context's n_ctx (budget + buffer) may be smaller than the window, which
+// then does not fit: a decode fails once the window cache is full. While this is on, contexts created on
+// the calling thread size their window cache for the window (n_swa + n_ubatch, padded to 256) whatever
+// n_ctx is. Off by default: llama.cpp's own sizing.
+LLAMA_API void rkv_set_window_cache_for_budget(bool on);
+
+struct rkv_window_cache {
+    int32_t n_swa;          // the window, in tokens
+    int64_t cells;          // cells the window cache has per stream (allocated)
+    int64_t cells_used;     // cells the sequence's stream holds now
+    int64_t bytes_per_cell; // K+V bytes of one cell over the window layers
+};
+
+// The window cache of an interleaved sliding-window model, compressed or not. Returns 1 and fills out;
+// 0 (out zeroed) when the model has none; -1 on error.
+LLAMA_API int32_t rkv_get_window_cache(const struct llama_context * ctx, llama_seq_id seq_id, struct rkv_window_cache * out);
+
 // K+V bytes one cell takes over all layers, for any plain KV cache (compressed or not); -1 if none.
 // For an interleaved sliding-window model: over its full-attention layers (the cache that grows).
 LLAMA_API int64_t rkv_kv_bytes_per_cell(const struct llama_context * ctx);

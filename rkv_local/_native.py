@@ -3,7 +3,8 @@ from __future__ import annotations
 
 import ctypes
 import os
-from typing import Optional
+from contextlib import contextmanager
+from typing import Iterator, Optional
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -67,6 +68,15 @@ class RkvProfile(ctypes.Structure):
     ]
 
 
+class RkvWindowCache(ctypes.Structure):
+    _fields_ = [
+        ("n_swa", ctypes.c_int32),
+        ("cells", ctypes.c_int64),
+        ("cells_used", ctypes.c_int64),
+        ("bytes_per_cell", ctypes.c_int64),
+    ]
+
+
 # void (*)(void * user_data, llama_seq_id seq_id, int32_t phase)
 CompressionObserver = ctypes.CFUNCTYPE(None, ctypes.c_void_p, ctypes.c_int32, ctypes.c_int32)
 
@@ -122,6 +132,8 @@ def _bind():
         "rkv_set_paused": ([ctx_p, ctypes.c_int32, ctypes.c_bool], ctypes.c_int32),
         "rkv_set_compression_observer": ([ctx_p, CompressionObserver, ctypes.c_void_p], ctypes.c_int32),
         "rkv_kv_bytes_per_cell": ([ctx_p], ctypes.c_int64),
+        "rkv_set_window_cache_for_budget": ([ctypes.c_bool], None),
+        "rkv_get_window_cache": ([ctx_p, ctypes.c_int32, ctypes.POINTER(RkvWindowCache)], ctypes.c_int32),
         "rkv_get_layers": ([ctx_p, ctypes.POINTER(ctypes.c_int32), ctypes.c_int32], ctypes.c_int32),
         "rkv_get_stats": ([ctx_p, ctypes.c_int32, ctypes.POINTER(RkvSeqStats)], ctypes.c_int32),
         "rkv_get_profile": ([ctx_p, ctypes.c_int32, ctypes.POINTER(RkvProfile)], ctypes.c_int32),
@@ -200,6 +212,23 @@ def set_compression_observer(ctx: int, observer: Optional["CompressionObserver"]
 def bytes_per_cell(ctx: int) -> int:
     """K+V bytes of one cache cell over all layers."""
     return _check(lib().rkv_kv_bytes_per_cell(ctx))
+
+
+@contextmanager
+def window_cache_for_budget() -> Iterator[None]:
+    """Contexts created inside (on this thread) give a sliding-window model's window cache the cells
+    its window needs, even where that exceeds n_ctx (a budgeted context's budget + buffer)."""
+    lib().rkv_set_window_cache_for_budget(True)
+    try:
+        yield
+    finally:
+        lib().rkv_set_window_cache_for_budget(False)
+
+
+def window_cache(ctx: int, seq_id: int = 0) -> Optional[RkvWindowCache]:
+    """The window cache of a sliding-window model (Gemma 3, gpt-oss); None for other models."""
+    out = RkvWindowCache()
+    return out if _check(lib().rkv_get_window_cache(ctx, seq_id, ctypes.byref(out))) else None
 
 
 def compressed_layers(ctx: int) -> list[int]:

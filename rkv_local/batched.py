@@ -18,7 +18,7 @@ import random
 import threading
 import warnings
 from concurrent.futures import ThreadPoolExecutor
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
 from typing import Any, Dict, Iterator, List, Optional, Sequence, Tuple, Union
 
 import llama_cpp
@@ -27,7 +27,7 @@ from llama_cpp import _internals as internals
 from llama_cpp import llama_chat_format
 
 from . import _native
-from .llama import CACHE_PAD, KVStats, Llama, check_kv_arguments, padded_cells
+from .llama import CACHE_PAD, KVStats, Llama, check_kv_arguments, padded_cells, window_figures
 from .sampling import check_grammar, check_logit_bias
 from .scheduler import DecodeScheduler, RequestCancelled, StepStats
 
@@ -35,7 +35,7 @@ __all__ = ["BatchedLlama", "RequestCancelled", "StepStats"]
 
 Prompt = Union[str, List[int], List[Dict[str, Any]]]   # text, tokens, or chat messages
 
-def _available_memory() -> Optional[int]:
+def available_memory() -> Optional[int]:
     """MemAvailable of /proc/meminfo in bytes; None where there is none."""
     try:
         with open("/proc/meminfo") as f:
@@ -308,10 +308,16 @@ class BatchedLlama:
         params.kv_unified = False          # one stream per sequence: each is compressed on its own
         params.n_batch = per_call
         params.n_ubatch = min(n_ubatch or per_call, per_call)   # llama.cpp splits a call into ubatches
-        self._check_memory(_native.bytes_per_cell(proto._ctx.ctx) * cells * self.n_seq_max, cells)
+        kv_bytes = _native.bytes_per_cell(proto._ctx.ctx) * cells
+        window = _native.window_cache(proto._ctx.ctx)
+        if window is not None:   # a sliding-window model's window cache: the window and one ubatch (at most
+            window_cells = padded_cells(window.n_swa + params.n_ubatch)   # the context without a budget)
+            kv_bytes += window.bytes_per_cell * (window_cells if self.kv_config is not None else min(window_cells, cells))
+        self._check_memory(kv_bytes * self.n_seq_max, cells)
         proto._ctx.close()
         try:
-            self._ctx = internals.LlamaContext(model=proto._model, params=params, verbose=verbose)
+            with _native.window_cache_for_budget() if self.kv_config is not None else nullcontext():
+                self._ctx = internals.LlamaContext(model=proto._model, params=params, verbose=verbose)
         except ValueError as exc:
             raise ValueError(
                 f"cannot create a context of {self.n_seq_max} sequences x {cells} KV cells "
@@ -336,7 +342,7 @@ class BatchedLlama:
         """Refuse a host-memory cache larger than the memory available: llama.cpp clears the cache
         buffer when it creates it, so an overcommitted allocation would end in the OOM killer."""
         on_host = self._proto.model_params.n_gpu_layers == 0 or not self._proto.context_params.offload_kqv
-        available = _available_memory()
+        available = available_memory()
         if on_host and available is not None and kv_bytes > available:
             raise ValueError(
                 f"cannot create a context of {self.n_seq_max} sequences x {cells} KV cells: its K/V would take "
@@ -391,6 +397,10 @@ class BatchedLlama:
     def create_completion(self, prompt: Union[str, List[int]], **kwargs: Any) -> Any:
         """``Llama.create_completion`` on a sequence of its own; with ``stream=True`` an iterator."""
         return self._run_request("create_completion", dict(prompt=prompt, **kwargs))
+
+    def warn_chat_format_fallback(self) -> None:
+        """``Llama.warn_chat_format_fallback``: once for all requests."""
+        self._proto.warn_chat_format_fallback(stacklevel=2)
 
     def create_chat_completion(self, messages: List[Dict[str, Any]], **kwargs: Any) -> Any:
         """``Llama.create_chat_completion`` on a sequence of its own; with ``stream=True`` an iterator."""
@@ -495,20 +505,22 @@ class BatchedLlama:
             return KVStats(first.method, first.budget, first.buffer, total("compressions"), total("evicted_tokens"),
                            total("cells_used"), total("cells_peak"), total("kv_bytes_used"), total("kv_bytes_full"),
                            total("n_tokens"), total("compress_seconds"), n_ctx=self.n_ctx_seq,
-                           cells_max=self.cells_per_seq * self.n_seq_max, kv_bytes_window=total("kv_bytes_window"))
+                           cells_max=self.cells_per_seq * self.n_seq_max, kv_bytes_window=total("kv_bytes_window"),
+                           kv_bytes_window_allocated=total("kv_bytes_window_allocated"))
         cfg = self.kv_config
         with self._scheduler.ctx_lock:
+            window = window_figures(self._ctx.ctx, seq_id)
             if cfg is not None:
                 s = _native.seq_stats(self._ctx.ctx, seq_id)
                 return KVStats(cfg.method, cfg.budget, cfg.buffer, s.n_compressions, s.n_evicted, s.cells_used,
                                s.cells_peak, s.kv_bytes_used, s.kv_bytes_full, s.n_tokens, s.compress_seconds,
                                pos_compacted=s.pos_compacted, n_ctx=self.n_ctx_seq,
-                               cells_max=cfg.budget + cfg.buffer, kv_bytes_window=s.kv_bytes_window)
+                               cells_max=cfg.budget + cfg.buffer, **window)
             memory = llama_cpp.llama_get_memory(self._ctx.ctx)
             n = int(llama_cpp.llama_memory_seq_pos_max(memory, seq_id)) + 1 if n_tokens is None else n_tokens
             per_cell = _native.bytes_per_cell(self._ctx.ctx)
         return KVStats("full", None, None, 0, 0, n, n, n * per_cell, n * per_cell, n, 0.0,
-                       n_ctx=self.n_ctx_seq, cells_max=self.cells_per_seq)
+                       n_ctx=self.n_ctx_seq, cells_max=self.cells_per_seq, **window)
 
     def step_stats(self) -> StepStats:
         """Where the scheduler's time went (see ``StepStats``)."""

@@ -5,6 +5,7 @@ import ctypes
 import difflib
 import inspect
 import os
+import warnings
 from dataclasses import dataclass
 from typing import Any, Generator, Optional, Sequence
 
@@ -60,11 +61,21 @@ class KVStats:
     cells_max: int = 0                # most cells the sequence may hold: kept prompt + budget + buffer (n_ctx
                                       # without a budget); more while kv_compress="think" pauses, as room allows
     # sliding-window models (gpt-oss, Gemma 3): the figures above are the full-attention layers' (the cache
-    # that grows and is compressed); this is what their window layers hold now, bounded by llama.cpp
-    # with or without a budget (0 for other models, and without a budget)
+    # that grows and is compressed); these are the window layers' cache, bounded by the window with or
+    # without a budget: the bytes it holds now and the bytes allocated for the sequence (0 for other models)
     kv_bytes_window: int = 0
+    kv_bytes_window_allocated: int = 0
     cells_kept: int = 0               # cells of the kept prompt (kv_keep_prompt), never evicted
     compression_paused: bool = False  # kv_compress="think": the thinking ended, the answer is not evicted
+
+
+def window_figures(ctx: int, seq_id: int) -> dict[str, int]:
+    """KVStats' window-cache fields for one sequence (zeros for a model without sliding-window layers)."""
+    window = _native.window_cache(ctx, seq_id)
+    if window is None:
+        return {}
+    return dict(kv_bytes_window=window.cells_used * window.bytes_per_cell,
+                kv_bytes_window_allocated=window.cells * window.bytes_per_cell)
 
 
 def n_ctx_train(model_path: str | os.PathLike[str], verbose: bool = True) -> int:
@@ -92,6 +103,33 @@ class ComposableProcessors(llama_cpp.LogitsProcessorList):
     def extend(self, processors: Any) -> "ComposableProcessors":  # type: ignore[override]
         super().extend(processors)
         return self
+
+
+@dataclass
+class ChatFormatFallback:
+    """A model without a chat template, whose chats go through llama-cpp-python's fallback format: said
+    once per model (``BatchedLlama``'s requests share it), as llama.cpp's server names its fallback."""
+
+    model: str
+    chat_format: str
+    warned: bool = False
+
+    @classmethod
+    def of(cls, llm: llama_cpp.Llama, model_path: str, chat_format: Optional[str]) -> Optional["ChatFormatFallback"]:
+        chose = chat_format is not None or llm.chat_handler is not None
+        if chose or any(key.startswith("tokenizer.chat_template") for key in llm.metadata):
+            return None
+        return cls(os.path.basename(model_path), llm.chat_format)
+
+    def warn(self, stacklevel: int) -> None:
+        if self.warned:
+            return
+        self.warned = True
+        warnings.warn(
+            f"{self.model} has no chat template: chat messages are formatted as {self.chat_format!r}, "
+            f"llama-cpp-python's fallback, which the model was not trained on (a base model may answer nothing); "
+            f"choose a chat_format, or complete plain text with create_completion",
+            UserWarning, stacklevel=stacklevel + 1)
 
 
 class _Closed:
@@ -233,7 +271,9 @@ class Llama(llama_cpp.Llama):
         n_ubatch = min(kwargs.pop("n_ubatch", None) or n_batch, n_batch)
         # the kept prompt's cells come on top of the budget's
         physical = padded_cells(int(kv_keep_prompt) + config.budget + config.buffer)
-        self._load(model_path, n_ctx=physical, n_batch=n_batch, n_ubatch=n_ubatch, **kwargs)
+        # a sliding-window model's window cache holds its window whatever the budget (llama.cpp caps it at n_ctx)
+        with _native.window_cache_for_budget():
+            self._load(model_path, n_ctx=physical, n_batch=n_batch, n_ubatch=n_ubatch, **kwargs)
         try:
             _native.enable(self._ctx.ctx, config)
         except _native.RkvError as exc:
@@ -255,9 +295,17 @@ class Llama(llama_cpp.Llama):
         """llama-cpp-python's constructor, the model offloaded to the RPC servers' devices if any."""
         if self._devices is None:
             super().__init__(model_path, **kwargs)
-            return
-        with rpc.using_devices(self._devices):
-            super().__init__(model_path, **kwargs)
+        else:
+            with rpc.using_devices(self._devices):
+                super().__init__(model_path, **kwargs)
+        self._chat_fallback = ChatFormatFallback.of(self, model_path, kwargs.get("chat_format"))
+
+    def warn_chat_format_fallback(self, stacklevel: int = 1) -> None:
+        """Warn (once) when chats go through llama-cpp-python's fallback format: the model has no chat
+        template and no ``chat_format`` or ``chat_handler`` was chosen. ``create_chat_completion`` calls it."""
+        fallback = self._chat_fallback
+        if fallback is not None and self.chat_handler is None and self.chat_format == fallback.chat_format:
+            fallback.warn(stacklevel + 1)
 
     def _check_rpc_servers(self) -> None:
         gone = rpc.failed_servers(self._rpc_servers)
@@ -409,6 +457,7 @@ class Llama(llama_cpp.Llama):
         and the rest in ``content``, as llama.cpp's server does with ``--reasoning-format deepseek``."""
         if reasoning_format not in REASONING_FORMATS:
             raise ValueError(f"unknown reasoning_format {reasoning_format!r}; choose one of {', '.join(REASONING_FORMATS)}")
+        self.warn_chat_format_fallback(stacklevel=2)
         response = super().create_chat_completion(messages, *args, **kwargs)
         if reasoning_format == "none":
             return response
@@ -512,16 +561,16 @@ class Llama(llama_cpp.Llama):
             try:
                 per_cell = _native.bytes_per_cell(self._ctx.ctx)
             except _native.RkvError:  # no attention KV cache (recurrent, hybrid models)
-                per_cell = 0
+                return KVStats("full", None, None, 0, 0, n, n, 0, 0, n, 0.0, cells_max=self.n_ctx(), **counters)
             return KVStats("full", None, None, 0, 0, n, n, n * per_cell, n * per_cell, n, 0.0,
-                           cells_max=self.n_ctx(), **counters)
+                           cells_max=self.n_ctx(), **window_figures(self._ctx.ctx, 0), **counters)
         s = _native.seq_stats(self._ctx.ctx, 0)
         return KVStats(
             cfg.method, cfg.budget, cfg.buffer, s.n_compressions, s.n_evicted, s.cells_used, s.cells_peak,
             s.kv_bytes_used, s.kv_bytes_full, s.n_tokens, s.compress_seconds,
             pos_compacted=s.pos_compacted, cells_max=self._keep_prompt + cfg.budget + cfg.buffer,
-            kv_bytes_window=s.kv_bytes_window, cells_kept=s.cells_kept, compression_paused=bool(s.paused),
-            **counters,
+            cells_kept=s.cells_kept, compression_paused=bool(s.paused),
+            **window_figures(self._ctx.ctx, 0), **counters,
         )
 
     def compressed_layers(self) -> list[int]:

@@ -22,7 +22,9 @@ table gives every budgeted run's speed as a share of the limit measured by the s
 run and last quarter).
 
 Memory. K/V bytes come from the engine (`kv_stats`: cells in use times bytes per cell; the full
-cache holds one cell per token). `peak RSS Δ` is the growth of the process's resident memory
+cache holds one cell per token). A sliding-window model's (Gemma 3, gpt-oss) are both of its
+caches: the full-attention layers' (compressed with a budget) plus the window layers' (the window,
+with or without a budget); the window's share is also given apart. `peak RSS Δ` is the growth of the process's resident memory
 during the run: the kernel's peak counter (VmHWM) is reset through `/proc/self/clear_refs`
 right before the model is loaded and read after the last token, minus the resident size measured
 just before loading (garbage collected, heap trimmed). It counts the model weights the run touched,
@@ -125,7 +127,7 @@ class Timeline:
             return
         s = self._llm.kv_stats()
         self.points.append({"generated": generated, "seconds": time.perf_counter() - self.start,
-                            "kv_bytes_used": s.kv_bytes_used, "cells_used": s.cells_used})
+                            "kv_bytes_used": s.kv_bytes_used + s.kv_bytes_window, "cells_used": s.cells_used})
         if self._progress is not None:
             self._progress.update(generated - (self.points[-2]["generated"] if len(self.points) > 1 else 0))
 
@@ -234,9 +236,12 @@ def run_one(model_path: Path, config: RunConfig, prompt_text_tokens: list[int], 
         "cells_used": stats.cells_used,
         "cells_peak": stats.cells_peak,
         "n_tokens": stats.n_tokens,
-        "kv_bytes_used": stats.kv_bytes_used,
-        "kv_bytes_full": stats.kv_bytes_full,
-        "kv_bytes_allocated": physical * bytes_per_cell,
+        # both caches of a sliding-window model; the window's also apart
+        "kv_bytes_used": stats.kv_bytes_used + stats.kv_bytes_window,
+        "kv_bytes_full": stats.kv_bytes_full + stats.kv_bytes_window,
+        "kv_bytes_allocated": physical * bytes_per_cell + stats.kv_bytes_window_allocated,
+        "kv_bytes_window": stats.kv_bytes_window,
+        "kv_bytes_window_allocated": stats.kv_bytes_window_allocated,
         "compute_buffer_bytes": compute_buffer,
         "rss_before_bytes": before.get("VmRSS"),
         "peak_rss_bytes": peak,

@@ -83,7 +83,9 @@ def run_point(model_path: Path, config: RunConfig, prompt: list[int], length: in
             if chunk["choices"][0]["finish_reason"] not in (None, "length"):
                 raise SystemExit(f"error: a sequence ended early ({chunk['choices'][0]['finish_reason']})")
         seconds = time.perf_counter() - t0
-        kv_bytes = batch.cells_per_seq * n_seq * _native.bytes_per_cell(batch._ctx.ctx)
+        # a sliding-window model's window caches too (one per sequence, the window whatever the budget)
+        kv_bytes = batch.cells_per_seq * n_seq * _native.bytes_per_cell(batch._ctx.ctx) \
+            + batch.kv_stats().kv_bytes_window_allocated
         steps = batch.step_stats()
     finally:
         batch.close()
