@@ -8,7 +8,7 @@ generate and inspect send the prompt through the model's chat template when it s
 (``--raw`` completes it as plain text).
     rkv-local serve smollm2-135m --kv-budget 1024 --port 8000
 
-A model is a GGUF path or a known name (``smollm2-135m``, ``qwen2.5-coder-0.5b``), downloaded on
+A model is a GGUF path or a known name (``smollm2-135m``, ``qwen2.5-coder-0.5b``, ``gemma3-270m``), downloaded on
 first use. Exit status: 0 on success, 2 for bad arguments or settings, 1 for other failures,
 130 when interrupted.
 """
@@ -22,10 +22,12 @@ import shutil
 import signal
 import sys
 import time
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Dict, Iterable, List, Optional, Sequence, TextIO
 
+from .models import KNOWN_MODELS
 from .reasoning import REASONING_FORMATS
 
 PROG = "rkv-local"
@@ -73,7 +75,7 @@ def _device_kwargs(args: argparse.Namespace) -> Dict[str, Any]:
 
 def _add_model_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("model", metavar="MODEL",
-                   help="GGUF file, or a known model name: smollm2-135m, qwen2.5-coder-0.5b (downloaded once)")
+                   help=f"GGUF file, or a known model name: {', '.join(KNOWN_MODELS)} (downloaded once)")
     g = p.add_argument_group("model and context")
     g.add_argument("--n-ctx", type=int, default=0, metavar="N",
                    help="logical context: positions and max tokens run up to it (default: the model's training context)")
@@ -564,6 +566,7 @@ def cmd_chat(args: argparse.Namespace) -> int:
     history: List[Dict[str, str]] = list(system)
     color = _isatty(sys.stdout) and not os.environ.get("NO_COLOR")
     with closing(_load(args)) as llm:
+        llm.warn_chat_format_fallback()   # before the first turn, not after it
         if interactive:
             sys.stderr.write(f"{PROG} chat: {args.model}; /exit or Ctrl-D quits, /reset forgets the conversation\n")
         while True:
@@ -721,6 +724,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
         llm = BatchedLlama(str(path), **kwargs)
     except ValueError as exc:
         raise CliError(str(exc).splitlines()[0] if str(exc) else repr(exc)) from None
+    llm.warn_chat_format_fallback()   # at start: the server's chat requests would otherwise say it in its log
     alias = args.model_alias or args.model
     app = server.create_app(llm, model_alias=alias, api_key=args.api_key, shutdown_timeout_s=args.shutdown_timeout,
                             max_queue=args.max_queue, reasoning_format=args.reasoning_format)
@@ -752,6 +756,11 @@ def cmd_serve(args: argparse.Namespace) -> int:
 # ---------------------------------------------------------------------------------------------
 
 
+def _show_warning(message: Any, category: Any, filename: str, lineno: int, file: Any = None, line: Any = None) -> None:
+    # a user-facing line, as the CLI's errors are, not Python's file:line report
+    print(f"{PROG}: warning: {message}", file=sys.stderr, flush=True)
+
+
 def main(argv: Optional[Sequence[str]] = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
@@ -761,7 +770,9 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         except (AttributeError, ValueError):
             pass
     try:
-        return int(args.handler(args) or 0)
+        with warnings.catch_warnings():
+            warnings.showwarning = _show_warning
+            return int(args.handler(args) or 0)
     except CliError as exc:
         print(f"{PROG}: error: {exc}", file=sys.stderr)
         return exc.status

