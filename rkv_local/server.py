@@ -242,6 +242,8 @@ class _Metrics:
             "rkv_sequence_tokens": ("Logical length of the sequence (its positions)", "n_tokens"),
             "rkv_sequence_compressions": ("Compressions of the sequence's current request", "compressions"),
             "rkv_sequence_kv_bytes": ("KV-cache bytes the sequence holds now", "kv_bytes_used"),
+            "rkv_sequence_window_kv_bytes": ("Sliding-window models: bytes the sequence's window cache holds now "
+                                             "(not in rkv_sequence_kv_bytes)", "kv_bytes_window"),
         }
         families = {name: GaugeMetricFamily(name, doc, labels=["seq_id"]) for name, (doc, _) in figures.items()}
         for seq_id in range(llm.n_seq_max):

@@ -165,15 +165,22 @@ def test_real_gemma3_batched_three_sequences(gemma3_path):
 
 
 def test_real_gemma3_through_the_server(gemma3_path, tmp_path):
-    from test_server import serve
+    from test_server import _metrics, serve
 
     vocab = Llama(str(gemma3_path), vocab_only=True, verbose=False)
     ban = {str(t): -100 for t in eog_tokens(vocab)}
     vocab.close()
     with serve(gemma3_path, tmp_path, "--kv-budget", "128", "--kv-buffer", str(BUFFER), "--parallel", "2") as server:
-        done = server.client().completions.create(model="gemma3", prompt=PROMPT, max_tokens=LENGTH, temperature=0.0,
-                                                  logit_bias=ban)
-        assert done.usage.completion_tokens == LENGTH and done.choices[0].finish_reason == "length"
+        chunks = server.client().completions.create(model="gemma3", prompt=PROMPT, max_tokens=LENGTH,
+                                                    temperature=0.0, logit_bias=ban, stream=True)
+        finish = None
+        for n, chunk in enumerate(chunks):
+            finish = chunk.choices[0].finish_reason or finish
+            if n == LENGTH // 2:   # mid-way: the stream's both caches in the server's metrics
+                metrics = _metrics(server)
+                assert 0 < metrics["rkv_sequence_cells", (("seq_id", "0"),)] <= 128 + BUFFER
+                assert metrics["rkv_sequence_window_kv_bytes", (("seq_id", "0"),)] > 0
+        assert finish == "length"
         last = server.get("/rkv/stats")["last_finished"]
         assert last["n_tokens"] >= LENGTH and 0 < last["cells_peak"] <= 128 + BUFFER
         # the base model has no chat template: said once, at start
