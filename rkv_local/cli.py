@@ -482,10 +482,12 @@ def _summary(llm: Any, result: StreamResult) -> str:
         kv = (f"cells in use {s.cells_used} (peak {s.cells_peak}, {kept}budget {s.budget} + buffer {s.buffer}, "
               f"{s.method}), compressions {s.compressions}")
     share = f" ({100 * s.kv_bytes_used / s.kv_bytes_full:.0f}%)" if s.kv_bytes_full else ""
+    # a sliding-window model's window layers hold their window apart, with or without a budget
+    window = f" + {_human_bytes(s.kv_bytes_window)} in the window layers" if s.kv_bytes_window else ""
     # a chat's next turn evaluates only what the cache did not hold
     evaluated = (f", {s.prompt_tokens_evaluated} evaluated" if s.prompt_tokens_evaluated < s.prompt_tokens else "")
     return (f"{PROG}: tokens {result.generated} (prompt {result.prompt_tokens}{evaluated}), {kv}, "
-            f"{rate}, KV {_human_bytes(s.kv_bytes_used)} of {_human_bytes(s.kv_bytes_full)} for a full cache{share}, "
+            f"{rate}, KV {_human_bytes(s.kv_bytes_used)} of {_human_bytes(s.kv_bytes_full)} for a full cache{share}{window}, "
             f"finish {result.finish_reason or '-'}, {result.seconds:.1f} s")
 
 

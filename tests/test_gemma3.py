@@ -219,6 +219,16 @@ def test_chat_on_the_command_line_warns_once(gemma3_path):
     assert done.stderr.count(warning) == 1 and "UserWarning" not in done.stderr
 
 
+def test_generate_counts_the_window_layers_in_its_summary(gemma3_path):
+    from test_cli import run_cli
+
+    done = run_cli("generate", gemma3_path, "The capital of France is", "--kv-budget", "64", "--kv-buffer",
+                   str(BUFFER), "--max-tokens", "120", "--ignore-eos")
+    assert done.returncode == 0, done.stderr
+    assert "compressions 1" in done.stderr or "compressions 2" in done.stderr
+    assert "for a full cache (" in done.stderr and " in the window layers, finish length" in done.stderr
+
+
 def test_bench_and_fidelity_count_both_caches(gemma3_path, tmp_path):
     """bench's K/V figures are the full-attention cache's plus the window cache's; fidelity runs on a base
     model's plain-text prompts."""
