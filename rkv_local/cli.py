@@ -73,6 +73,25 @@ def _device_kwargs(args: argparse.Namespace) -> Dict[str, Any]:
     return kwargs
 
 
+def _add_chat_format_arg(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--chat-format", default=None, metavar="NAME",
+                   help="llama-cpp-python chat format, e.g. chatml (default: the model's own template)")
+
+
+def _chat_format_kwargs(args: argparse.Namespace) -> Dict[str, Any]:
+    """{"chat_format": NAME} for --chat-format, refused here if llama-cpp-python has no such format."""
+    name = getattr(args, "chat_format", None)
+    if name is None:
+        return {}
+    from llama_cpp.llama_chat_format import LlamaChatCompletionHandlerNotFoundException, get_chat_completion_handler
+
+    try:
+        get_chat_completion_handler(name)
+    except LlamaChatCompletionHandlerNotFoundException as exc:
+        raise CliError(str(exc)) from None
+    return {"chat_format": name}
+
+
 def _add_model_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("model", metavar="MODEL",
                    help=f"GGUF file, or a known model name: {', '.join(KNOWN_MODELS)} (downloaded once)")
@@ -198,6 +217,7 @@ def build_parser() -> argparse.ArgumentParser:
                      example="qwen2.5-coder-0.5b --kv-budget 512")
     _add_sampling_args(p, max_tokens=512)
     p.add_argument("--system", default=None, metavar="TEXT", help="a system message")
+    _add_chat_format_arg(p)
 
     p = _add_command(sub, "inspect", cmd_inspect, help="show which tokens each layer and KV head kept",
                      description="Generate --max-tokens tokens after PROMPT with the budget, then show which "
@@ -235,8 +255,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="requests decoded together, each with its own KV stream of at most BUDGET+BUFFER cells "
                         "(or --n-ctx without a budget); more requests wait (default 1)")
     p.add_argument("--model-alias", default=None, metavar="NAME", help="the model's name in the API (default: MODEL as given)")
-    p.add_argument("--chat-format", default=None, metavar="NAME",
-                   help="llama-cpp-python chat format (default: the model's own template)")
+    _add_chat_format_arg(p)
     p.add_argument("--reasoning-format", choices=REASONING_FORMATS, default="none",
                    help="deepseek: a reasoning model's thinking goes to message.reasoning_content (delta.reasoning_"
                         "content when streamed), the rest to content, as llama.cpp's server does; a request may "
@@ -309,7 +328,7 @@ def _load(args: argparse.Namespace):
     from . import Llama
 
     kwargs: Dict[str, Any] = dict(n_ctx=args.n_ctx, verbose=args.verbose, flash_attn=args.flash_attn,
-                                  **_device_kwargs(args))
+                                  **_device_kwargs(args), **_chat_format_kwargs(args))
     if args.n_threads is not None:
         kwargs.update(n_threads=args.n_threads, n_threads_batch=args.n_threads)
     if getattr(args, "seed", None) is not None:
@@ -709,15 +728,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
     # gives a request other logits when other requests share its decode calls
     kwargs: Dict[str, Any] = dict(n_seq_max=args.parallel, n_ctx=args.n_ctx, verbose=args.verbose,
                                   **_device_kwargs(args), **_kv_kwargs(args), **_prompt_kwargs(args))
-    if args.chat_format is not None:
-        from llama_cpp.llama_chat_format import (LlamaChatCompletionHandlerNotFoundException,
-                                                 get_chat_completion_handler)
-
-        try:
-            get_chat_completion_handler(args.chat_format)
-        except LlamaChatCompletionHandlerNotFoundException as exc:
-            raise CliError(str(exc)) from None
-        kwargs["chat_format"] = args.chat_format
+    kwargs.update(_chat_format_kwargs(args))
     if args.n_threads is not None:
         kwargs.update(n_threads=args.n_threads, n_threads_batch=args.n_threads)
     if args.seed is not None:

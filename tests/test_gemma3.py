@@ -217,6 +217,10 @@ def test_chat_on_the_command_line_warns_once(gemma3_path):
     assert done.returncode == 0, done.stderr
     warning = f"rkv-local: warning: {gemma3_path.name} has no chat template: chat messages are formatted as 'llama-2'"
     assert done.stderr.count(warning) == 1 and "UserWarning" not in done.stderr
+    chosen = run_cli("chat", gemma3_path, "--chat-format", "gemma", "--max-tokens", "8", input="Hi\n")
+    assert chosen.returncode == 0 and "warning" not in chosen.stderr, chosen.stderr
+    unknown = run_cli("chat", gemma3_path, "--chat-format", "no-such-format", input="Hi\n")
+    assert unknown.returncode == 2 and "no-such-format" in unknown.stderr
 
 
 def test_generate_counts_the_window_layers_in_its_summary(gemma3_path):
