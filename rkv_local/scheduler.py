@@ -43,11 +43,20 @@ class StepStats:
     decode_seconds: float = 0.0   # inside llama_decode
     sample_seconds: float = 0.0   # sampling after each decode
     max_sequences: int = 0        # most sequences one decode call carried
+    # steps in which every sequence decoded one token (no prompt chunk): decoding proper
+    single_token_steps: int = 0
+    single_token_tokens: int = 0
+    single_token_seconds: float = 0.0
 
     @property
     def overhead(self) -> float:
         """The share of the steps' time spent outside llama_decode."""
         return 1.0 - self.decode_seconds / self.step_seconds if self.step_seconds > 0 else 0.0
+
+    @property
+    def single_token_tps(self) -> Optional[float]:
+        """Tokens per second over the steps that only decoded generated tokens (None if none ran)."""
+        return self.single_token_tokens / self.single_token_seconds if self.single_token_seconds > 0 else None
 
 
 @dataclass(eq=False)
@@ -179,6 +188,10 @@ class DecodeScheduler:
                 stats.decode_seconds += decode_s
                 stats.sample_seconds += sample_s
                 stats.max_sequences = max(stats.max_sequences, len({id(sub.view) for sub in batch}))
+                if all(len(sub.tokens) == 1 for sub in batch):
+                    stats.single_token_steps += 1
+                    stats.single_token_tokens += len(batch)
+                    stats.single_token_seconds += end - step_start
             step_start = end
             # while the thread waits, it holds no request (the views hold their BatchedLlama)
             batch = None

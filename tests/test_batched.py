@@ -412,6 +412,10 @@ def test_step_stats_split_a_step_into_decode_and_the_rest(smollm2_path: Path) ->
     assert 19 <= stats.steps <= 40 and stats.tokens >= 2 * 19
     assert 0 < stats.decode_seconds < stats.step_seconds and 0 < stats.sample_seconds < stats.step_seconds
     assert 0 < stats.overhead < 1
+    # the generated tokens fed back (19 a sequence) decode in single-token steps, but for a step
+    # that a late prompt shared
+    assert 2 * 19 - 2 <= stats.single_token_tokens <= 2 * 19 and stats.single_token_steps <= 40
+    assert 0 < stats.single_token_seconds < stats.step_seconds and stats.single_token_tps > 0
 
 
 def test_a_second_completion_in_one_sequence_truncates_its_own_sequence(smollm2_path: Path) -> None:

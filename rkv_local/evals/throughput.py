@@ -5,8 +5,9 @@ what one full-cache sequence of the prompt plus L tokens needs, `--kv-memory` to
 cache runs as many sequences as fit in it, and so does each compressed configuration (B + b cells
 a sequence); each point of the sweep runs S = 1, 2, 4, ... up to that count, all S sequences in one
 `BatchedLlama` on the same prompt, every one generating exactly L tokens (end-of-generation
-masked, greedy). Reported per point: aggregate decode tokens/s (all sequences, from the moment
-every prompt is done to the last token; and with the prefill, over the whole wall time),
+masked, greedy). Reported per point: aggregate decode tokens/s (all sequences, over the
+scheduler's steps in which every sequence decoded one generated token, so no prompt's time is in
+it; and with the prefill, over the whole wall time),
 per-sequence tokens/s, the K/V bytes the context holds, and the process's peak RSS growth.
 
 The physical limit printed beside each compressed point: the aggregate speed of the same number
@@ -15,9 +16,8 @@ tokens), which is the fastest a budgeted cache could decode on this machine; the
 aggregate is reported as a share of it. The limit goes through the same loop (`stream_batch`,
 llama-cpp-python's completion loop) and generates as many tokens as the rows it is compared with:
 each of its sequences runs requests of B + b - prompt tokens back to back until it has generated
-L. Their prompts after the first are prefilled within the run: that time, estimated as the first
-prompts' (all sequences' prompts decoded together, before any token), is taken out of the decode
-time.
+L. Their prompts after the first are prefilled within the run, in steps that the decode speed
+leaves out like the first prompts'.
 
 `outside decode`: the share of the scheduler's steps spent outside `llama_decode` (waiting for
 the sequences' Python loops to hand in their next tokens, sampling, handoffs; `StepStats`).
@@ -71,15 +71,13 @@ def run_point(model_path: Path, config: RunConfig, prompt: list[int], length: in
     batch = BatchedLlama(model_path, n_seq_max=n_seq, n_ctx=n_ctx, n_threads=args.threads,
                          n_threads_batch=args.threads, n_gpu_layers=args.n_gpu_layers, verbose=False,
                          **config.llama_kwargs())
-    first: dict[int, float] = {}
     try:
         t0 = time.perf_counter()
-        for i, chunk in batch.stream_batch([prompt] * len(requests), temperature=0.0,
+        for _, chunk in batch.stream_batch([prompt] * len(requests), temperature=0.0,
                                            logit_bias={t: float("-inf") for t in eog},
                                            settings=[dict(max_tokens=n) for n in requests]):
             if isinstance(chunk, Exception):
                 raise SystemExit(f"error: {config.label} with {n_seq} sequences: {chunk}")
-            first.setdefault(i, time.perf_counter())
             if chunk["choices"][0]["finish_reason"] not in (None, "length"):
                 raise SystemExit(f"error: a sequence ended early ({chunk['choices'][0]['finish_reason']})")
         seconds = time.perf_counter() - t0
@@ -90,12 +88,12 @@ def run_point(model_path: Path, config: RunConfig, prompt: list[int], length: in
     finally:
         batch.close()
     peak = proc_status().get("VmHWM", 0)
-    # decoding proper: from the moment every sequence has its first token (all prompts done) to the
-    # end, less the later rounds' prompts (each round's prompts taken to cost what the first's did)
-    prefill = max(first[i] for i in range(n_seq)) - t0
-    decode_seconds = seconds - prefill * rounds
     generated = sum(requests)
-    decode_tps = (generated - len(requests)) / decode_seconds   # each first token came with its prompt
+    # decoding proper: the scheduler's steps in which every sequence decoded one generated token
+    # (a step that carried a prompt chunk, of the first requests or of the later rounds', is prefill)
+    decode_tps = steps.single_token_tps
+    if decode_tps is None:
+        raise SystemExit(f"error: {config.label} with {n_seq} sequences: no decode step ran (length too short?)")
     return {"label": config.label, "method": config.method, "budget": config.budget, "length": length,
             "n_seq": n_seq, "generated": generated, "requests_per_seq": rounds, "seconds": seconds,
             "aggregate_tps": decode_tps, "per_seq_tps": decode_tps / n_seq,
