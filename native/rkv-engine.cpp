@@ -82,8 +82,9 @@ std::string rkv_engine::check(const llama_kv_cache & kv, const llama_context & l
     const auto & hp = kv.hparams;
     const auto & cp = lctx.get_cparams();
 
-    if (p.method < RKV_METHOD_RKV || p.method > RKV_METHOD_STREAMINGLLM) {
-        return "unknown method " + std::to_string(p.method) + " (0 rkv, 1 snapkv, 2 h2o, 3 streamingllm)";
+    if (p.method < RKV_METHOD_RKV || p.method > RKV_METHOD_TRIATTENTION) {
+        return "unknown method " + std::to_string(p.method) + " (0 rkv, 1 snapkv, 2 h2o, 3 streamingllm, 4 keydiff, "
+               "5 triattention)";
     }
     if (p.window < 1) {
         return "window must be at least 1, got " + std::to_string(p.window);

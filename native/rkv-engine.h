@@ -12,6 +12,10 @@
 
 class llama_kv_cache;
 
+// the RoPE llama.cpp applies in model layer il (rkv-triattention.cpp); false with `why` if it has none we support
+bool rkv_layer_rope(const llama_context & lctx, int32_t il, rkv_rope & out, std::vector<float> & freq_factors,
+                    std::string & why);
+
 struct rkv_stream_state {
     bool      pending     = false; // compress at the next memory update
     llama_pos pos_compact = -1;    // P_c, the position of every compacted cell; -1 while uncompressed
@@ -61,6 +65,21 @@ struct rkv_engine {
 
     // last `window` queries per stream and layer: F32 [n_embd_q, n_stream*window + 1], the extra row
     // takes the writes of older tokens of a ubatch
+    // triattention (rkv-triattention.cpp), by KV-cache layer index: the layer's RoPE and calibration
+    struct tri_layer {
+        bool neox = false;
+        std::vector<double> omega;   // angle per position of each rotated pair
+        double mscale = 1.0;         // YaRN's magnitude
+        std::vector<float> centres;  // [n_head][d]: mean pre-RoPE query (empty: not calibrated)
+        std::vector<float> abs_means; // [n_head][d/2]: mean modulus of each pair
+    };
+    std::vector<tri_layer> tri;
+    // fills `tri`'s RoPE part; empty when it succeeded, else why the model cannot use triattention
+    std::string init_triattention(const llama_context & lctx);
+    // per query head of a layer, for the next query position t: the mean over the future offsets of
+    // the rotated centre, F32 [n_head][d], and the norm term's weights, F32 [n_head][d/2]
+    void triattention_queries(uint32_t layer, llama_pos t, std::vector<float> & q_eff, std::vector<float> & w) const;
+
     std::vector<ggml_tensor *> rings; // by KV-cache layer index
     std::vector<float> kq_scale;      // recorded when the attention graph is built
     std::vector<std::pair<ggml_context_ptr, ggml_backend_buffer_ptr>> ctxs_bufs;

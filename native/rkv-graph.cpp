@@ -37,7 +37,7 @@ struct rkv_score_inputs {
 
 // What one layer's graphs leave for the host.
 struct rkv_score_outputs {
-    ggml_tensor * importance = nullptr; // F32 [n_cand, n_head_kv]
+    ggml_tensor * importance = nullptr; // F32 [n_cand, n_head_kv] (keydiff: its whole score)
     ggml_tensor * sim_sum    = nullptr; // F32 [n, n_head_kv]: sum of a key's similarities to all others
     ggml_tensor * kn         = nullptr; // F32 [d, n, n_head_kv]: the normalised keys (input of the CUDA kernel)
     // portable graph
@@ -82,6 +82,72 @@ static ggml_tensor * rkv_build_importance(ggml_context * ctx, ggml_tensor * keys
         imp = ggml_pool_1d(ctx, imp, GGML_OP_POOL_MAX, kernel, 1, kernel/2);
     }
     return imp;
+}
+
+// KeyDiff: minus each candidate's cosine similarity to the mean of the head's normalised keys (all n
+// of them), F32 [n_cand, n_head_kv]. Products as mul + sum_rows: F32 on every backend.
+static ggml_tensor * rkv_build_keydiff(ggml_context * ctx, ggml_tensor * keys, const rkv_score_inputs & in) {
+    const int64_t d         = keys->ne[0];
+    const int64_t n_head_kv = keys->ne[2];
+    const int64_t n_cand    = in.cells_cand->ne[0];
+
+    ggml_tensor * kn = ggml_l2_norm(ctx, ggml_get_rows(ctx, keys, in.cells_all), RKV_NORM_EPS);        // [d, n, n_head_kv]
+    ggml_tensor * anchor = ggml_mean(ctx, ggml_cont(ctx, ggml_permute(ctx, kn, 1, 0, 2, 3)));         // [1, d, n_head_kv]
+    anchor = ggml_l2_norm(ctx, ggml_reshape_3d(ctx, anchor, d, 1, n_head_kv), RKV_NORM_EPS);
+    ggml_tensor * cand = ggml_view_3d(ctx, kn, d, n_cand, n_head_kv, kn->nb[1], kn->nb[2], 0);
+    ggml_tensor * cos  = ggml_sum_rows(ctx, ggml_mul(ctx, cand, anchor));                             // [1, n_cand, n_head_kv]
+    return ggml_neg(ctx, ggml_reshape_2d(ctx, cos, n_cand, n_head_kv));
+}
+
+// TriAttention, before the host z-scores it: per query head, the logit of the mean rotated centre
+// (q_eff, F32 [d, n_head]) with each candidate plus the norm term's weights (w, F32 [d/2, n_head]) on
+// the candidate's pair moduli. F32 [group, n_cand, n_head_kv].
+static ggml_tensor * rkv_build_triattention(ggml_context * ctx, ggml_tensor * keys, const rkv_score_inputs & in,
+                                            ggml_tensor * q_eff, ggml_tensor * w, bool neox) {
+    const int64_t d         = keys->ne[0];
+    const int64_t half      = d/2;
+    const int64_t n_head_kv = keys->ne[2];
+    const int64_t n_cand    = in.cells_cand->ne[0];
+    const int64_t group     = q_eff->ne[1]/n_head_kv;
+
+    ggml_tensor * k  = ggml_get_rows(ctx, keys, in.cells_cand);                                   // [d, n_cand, n_head_kv]
+    ggml_tensor * qk = ggml_mul_mat(ctx, ggml_reshape_3d(ctx, q_eff, d, group, n_head_kv), k);   // [group, n_cand, n_head_kv]
+    ggml_prec_set_acc(qk, GGML_PREC_F32);
+
+    ggml_tensor * moduli;                                                                        // [d/2, n_cand, n_head_kv]
+    if (neox) {
+        ggml_tensor * a = ggml_cont(ctx, ggml_view_3d(ctx, k, half, n_cand, n_head_kv, k->nb[1], k->nb[2], 0));
+        ggml_tensor * b = ggml_cont(ctx, ggml_view_3d(ctx, k, half, n_cand, n_head_kv, k->nb[1], k->nb[2], half*k->nb[0]));
+        moduli = ggml_sqrt(ctx, ggml_add(ctx, ggml_sqr(ctx, a), ggml_sqr(ctx, b)));
+    } else {
+        ggml_tensor * pairs = ggml_sum_rows(ctx, ggml_reshape_2d(ctx, ggml_sqr(ctx, k), 2, half*n_cand*n_head_kv));
+        moduli = ggml_sqrt(ctx, ggml_reshape_3d(ctx, pairs, half, n_cand, n_head_kv));
+    }
+    ggml_tensor * norm = ggml_mul_mat(ctx, ggml_reshape_3d(ctx, w, half, group, n_head_kv), moduli);
+    ggml_prec_set_acc(norm, GGML_PREC_F32);
+    return ggml_add(ctx, qk, norm);
+}
+
+// triattention's host side of a KV head: each query head's raw scores (the graph's layout, [group, n_cand]
+// per KV head) z-scored over the candidates, then the max over the group
+static void rkv_triattention_finish(const float * raw, int64_t group, int64_t n_cand, std::vector<double> & score) {
+    score.assign(n_cand, -INFINITY);
+    for (int64_t g = 0; g < group; ++g) {
+        double mean = 0.0;
+        for (int64_t j = 0; j < n_cand; ++j) {
+            mean += raw[g + group*j];
+        }
+        mean /= (double) n_cand;
+        double var = 0.0;
+        for (int64_t j = 0; j < n_cand; ++j) {
+            const double x = raw[g + group*j] - mean;
+            var += x*x;
+        }
+        const double sd = std::max(std::sqrt(var/(double) n_cand), 1e-6); // reference.TRI_STD_FLOOR
+        for (int64_t j = 0; j < n_cand; ++j) {
+            score[j] = std::max(score[j], (raw[g + group*j] - mean)/sd);
+        }
+    }
 }
 
 // The parts of the redundancy that need all pairs of keys. Column sums of the similarity matrix
@@ -266,6 +332,8 @@ bool rkv_engine::run_scoring_graphs(uint32_t strm, llama_context * lctx, const s
     const int64_t  n_head_kv = kv.hparams.n_head_kv(kv.layers[0].il);
     const bool     redundant = params.method == RKV_METHOD_RKV;
     const bool     scored    = params.method != RKV_METHOD_STREAMINGLLM;
+    const bool     keydiff   = params.method == RKV_METHOD_KEYDIFF;
+    const bool     tri_att   = params.method == RKV_METHOD_TRIATTENTION;
     const int64_t  n_q       = params.method == RKV_METHOD_H2O ? 1 : window;
     const int32_t  kernel    = params.method == RKV_METHOD_H2O ? 1 : params.kernel;
 
@@ -289,6 +357,16 @@ bool rkv_engine::run_scoring_graphs(uint32_t strm, llama_context * lctx, const s
         std::copy(cells_all.begin() + h*n, cells_all.begin() + h*n + n_cand, cells_cand.begin() + h*n_cand);
     }
     const llama_pos pos_last = kv.v_cells[strm].pos_get(order.back());
+    if (tri_att) {
+        for (uint32_t l = 0; l < n_layer(); ++l) {
+            if (tri[l].centres.empty()) {
+                LLAMA_LOG_ERROR("%s: triattention: layer %d has no query statistics (rkv_set_query_stats)\n", __func__,
+                                kv.layers[l].il);
+                return false;
+            }
+        }
+    }
+    std::vector<float> q_eff, tri_w;
     for (int64_t t = 0; t < n_q; ++t) {
         const llama_pos p = pos_last - (llama_pos) (n_q - 1 - t);
         q_rows[t] = (int32_t) (strm*window + ((p % (llama_pos) window) + window) % window);
@@ -340,8 +418,10 @@ bool rkv_engine::run_scoring_graphs(uint32_t strm, llama_context * lctx, const s
         rkv_score_inputs in;
         in.cells_cand = rkv_new_input(ctx, GGML_TYPE_I32, n_cand, n_head_kv);
         in.q_rows     = rkv_new_input(ctx, GGML_TYPE_I32, n_q);
+        in.cells_all  = keydiff ? rkv_new_input(ctx, GGML_TYPE_I32, n, n_head_kv) : nullptr;
         std::vector<rkv_score_outputs> outs(l1 - l0);
         std::vector<ggml_tensor *> keys(l1 - l0), sinks_in(l1 - l0, nullptr);
+        std::vector<ggml_tensor *> q_eff_in(l1 - l0, nullptr), tri_w_in(l1 - l0, nullptr);
         for (uint32_t l = l0; l < l1; ++l) {
             const auto & layer = kv.layers[l];
             const int64_t d = kv.hparams.n_embd_head_k(layer.il);
@@ -350,8 +430,17 @@ bool rkv_engine::run_scoring_graphs(uint32_t strm, llama_context * lctx, const s
             if (!sinks[l].empty()) {
                 sinks_in[l - l0] = rkv_new_input(ctx, GGML_TYPE_F32, n_head_kv);
             }
-            outs[l - l0].importance = rkv_build_importance(ctx, keys[l - l0], rings[l], kv.hparams.n_head(layer.il), kq_scale[l], in, kernel,
-                                                           sinks_in[l - l0]);
+            if (tri_att) {
+                q_eff_in[l - l0] = rkv_new_input(ctx, GGML_TYPE_F32, d, kv.hparams.n_head(layer.il));
+                tri_w_in[l - l0] = rkv_new_input(ctx, GGML_TYPE_F32, d/2, kv.hparams.n_head(layer.il));
+                outs[l - l0].importance = rkv_build_triattention(ctx, keys[l - l0], in, q_eff_in[l - l0], tri_w_in[l - l0],
+                                                                 tri[l].neox);
+            } else if (keydiff) {
+                outs[l - l0].importance = rkv_build_keydiff(ctx, keys[l - l0], in);
+            } else {
+                outs[l - l0].importance = rkv_build_importance(ctx, keys[l - l0], rings[l], kv.hparams.n_head(layer.il),
+                                                               kq_scale[l], in, kernel, sinks_in[l - l0]);
+            }
             ggml_set_output(outs[l - l0].importance);
             ggml_build_forward_expand(gf, outs[l - l0].importance);
         }
@@ -361,8 +450,14 @@ bool rkv_engine::run_scoring_graphs(uint32_t strm, llama_context * lctx, const s
         }
         rkv_set_input(in.cells_cand, cells_cand.data());
         rkv_set_input(in.q_rows, q_rows.data());
+        rkv_set_input(in.cells_all, cells_all.data());
         for (uint32_t l = l0; l < l1; ++l) {
             rkv_set_input(sinks_in[l - l0], sinks[l].data());
+            if (tri_att) {
+                triattention_queries(l, pos_last + 1, q_eff, tri_w);
+                rkv_set_input(q_eff_in[l - l0], q_eff.data());
+                rkv_set_input(tri_w_in[l - l0], tri_w.data());
+            }
         }
         clock.lap(prof.build_seconds);
         if (lctx->graph_compute(gf, false) != GGML_STATUS_SUCCESS) {
@@ -374,7 +469,7 @@ bool rkv_engine::run_scoring_graphs(uint32_t strm, llama_context * lctx, const s
         note_compute_buffer(sched);
         imp.resize(l1 - l0);
         for (uint32_t l = l0; l < l1; ++l) {
-            imp[l - l0].resize(n_cand*n_head_kv);
+            imp[l - l0].resize(ggml_nelements(outs[l - l0].importance)); // triattention: one row per query head
             ggml_backend_tensor_get(outs[l - l0].importance, imp[l - l0].data(), 0, imp[l - l0].size()*sizeof(float));
         }
         clock.lap(prof.host_seconds);
@@ -475,6 +570,12 @@ bool rkv_engine::run_scoring_graphs(uint32_t strm, llama_context * lctx, const s
                 if (redundant) {
                     rkv_redundancy(sim_sum[l - l0].data() + h*n, last[l - l0].data() + h*n, last_sim[l - l0].data() + h*n,
                                    n, n_cand, params.threshold, red);
+                }
+                if (tri_att) {
+                    const int64_t group = (int64_t) imp[l - l0].size()/(n_cand*n_head_kv);
+                    rkv_triattention_finish(imp[l - l0].data() + h*group*n_cand, group, n_cand, score);
+                    rkv_select(score, m, n, kept[l*n_head_kv + h]);
+                    continue;
                 }
                 const float * im = imp[l - l0].data() + h*n_cand;
                 for (int64_t j = 0; j < n_cand; ++j) {

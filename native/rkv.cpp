@@ -10,8 +10,10 @@
 #include "llama-memory-hybrid.h"
 #include "llama-memory-hybrid-iswa.h"
 #include "llama-memory-recurrent.h"
+#include "llama-model.h"
 
 #include <algorithm>
+#include <cmath>
 #include <cstring>
 #include <exception>
 #include <string>
@@ -125,11 +127,19 @@ int32_t rkv_enable(llama_context * ctx, const rkv_params * params) {
             return rkv_fail("the cache already holds tokens: enable compression before decoding (or clear the cache)");
         }
     }
+    std::shared_ptr<rkv_engine> eng;
     try {
-        kv->rkv = std::make_shared<rkv_engine>(*kv, swa, *params);
+        eng = std::make_shared<rkv_engine>(*kv, swa, *params);
     } catch (const std::exception & e) {
         return rkv_fail(e.what());
     }
+    if (params->method == RKV_METHOD_TRIATTENTION) {
+        const std::string tri_why = eng->init_triattention(*ctx);
+        if (!tri_why.empty()) {
+            return rkv_fail(tri_why);
+        }
+    }
+    kv->rkv = std::move(eng);
     return 0;
 }
 
@@ -236,6 +246,46 @@ int64_t rkv_kv_bytes_per_cell(const llama_context * ctx) {
         return rkv_fail("this model's memory is not a plain attention KV cache");
     }
     return cell_bytes_allocated(*kv);
+}
+
+int32_t rkv_get_rope(const llama_context * ctx, int32_t il, rkv_rope * out, float * freq_factors, int32_t n_max) {
+    rkv_error.clear();
+    if (!ctx || !out) {
+        return rkv_fail("null context or output");
+    }
+    std::vector<float> factors;
+    std::string why;
+    if (!rkv_layer_rope(*ctx, il, *out, factors, why)) {
+        return rkv_fail(why);
+    }
+    std::copy_n(factors.begin(), std::min<size_t>(factors.size(), (size_t) std::max(n_max, 0)), freq_factors);
+    return 0;
+}
+
+int32_t rkv_set_query_stats(llama_context * ctx, int32_t il, const float * centres, const float * abs_means) {
+    int32_t layer = -1;
+    rkv_engine * eng = rkv_checked(ctx, 0, il, &layer);
+    if (!eng) {
+        return -1;
+    }
+    if (eng->params.method != RKV_METHOD_TRIATTENTION) {
+        return rkv_fail("query statistics are triattention's; this context compresses with another method");
+    }
+    if (!centres || !abs_means) {
+        return rkv_fail("null statistics");
+    }
+    const llama_hparams & hp = ctx->get_model().hparams;
+    const int64_t d      = hp.n_embd_head_k(il);
+    const int64_t n_head = hp.n_head(il);
+    for (int64_t i = 0; i < n_head*d; ++i) {
+        if (!std::isfinite(centres[i]) || (i < n_head*d/2 && !(std::isfinite(abs_means[i]) && abs_means[i] >= 0.0f))) {
+            return rkv_fail("query statistics of layer " + std::to_string(il) + " are not finite (or a modulus is negative)");
+        }
+    }
+    auto & tl = eng->tri[layer];
+    tl.centres.assign(centres, centres + n_head*d);
+    tl.abs_means.assign(abs_means, abs_means + n_head*d/2);
+    return 0;
 }
 
 int32_t rkv_get_layers(const llama_context * ctx, int32_t * out, int32_t n_max) {

@@ -16,6 +16,9 @@ enum rkv_method {
     RKV_METHOD_SNAPKV       = 1, // importance only
     RKV_METHOD_H2O          = 2, // importance from the last query only, no pooling
     RKV_METHOD_STREAMINGLLM = 3, // the first `sink` tokens and the most recent ones
+    RKV_METHOD_KEYDIFF      = 4, // the keys least similar (cosine) to the head's mean key; no queries
+    RKV_METHOD_TRIATTENTION = 5, // the attention calibrated pre-RoPE query centres would pay over future
+                                 // offsets, plus a norm term (rkv_set_query_stats); no queries
 };
 
 // Which kernels a compression uses. The portable graphs of stock ggml ops run on every backend (Metal
@@ -129,6 +132,31 @@ struct rkv_window_cache {
 // The window cache of an interleaved sliding-window model, compressed or not. Returns 1 and fills out;
 // 0 (out zeroed) when the model has none; -1 on error.
 LLAMA_API int32_t rkv_get_window_cache(const struct llama_context * ctx, llama_seq_id seq_id, struct rkv_window_cache * out);
+
+// The rotary position embedding of a model layer as llama.cpp applies it to queries and keys.
+struct rkv_rope {
+    int32_t n_rot;        // rotated dimensions (the head size for every model triattention accepts)
+    int32_t neox;         // 1: pairs (i, i + n_rot/2); 0: pairs (2i, 2i + 1)
+    float   freq_base;
+    float   freq_scale;
+    float   ext_factor;   // YaRN
+    float   attn_factor;
+    float   beta_fast;
+    float   beta_slow;
+    int32_t n_ctx_orig;
+    int32_t n_freq_factors; // per-pair divisors of the frequencies (Llama 3 and LongRoPE models), 0: none
+};
+
+// The RoPE of model layer il (a layer of any context, compressed or not). freq_factors receives up to
+// n_max of the layer's frequency factors. Returns 0, or -1 (a layer without RoPE, M-RoPE, ...).
+LLAMA_API int32_t rkv_get_rope(const struct llama_context * ctx, int32_t il, struct rkv_rope * out,
+                               float * freq_factors, int32_t n_max);
+
+// triattention's calibration of compressed layer il: per query head, the mean pre-RoPE query
+// (centres [n_head][head_dim]) and the mean modulus of each rotated pair (abs_means [n_head][head_dim/2]).
+// Every compressed layer needs it before the first compression. Returns 0 or -1.
+LLAMA_API int32_t rkv_set_query_stats(struct llama_context * ctx, int32_t il, const float * centres,
+                                      const float * abs_means);
 
 // K+V bytes one cell takes over all layers, for any plain KV cache (compressed or not); -1 if none.
 // For an interleaved sliding-window model: over its full-attention layers (the cache that grows).

@@ -10,8 +10,10 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from ._library import loaded_library
+from .reference import METHODS, Rope
 
-METHOD_IDS = {"rkv": 0, "snapkv": 1, "h2o": 2, "streamingllm": 3}
+# enum rkv_method (native/rkv.h) numbers the methods in the spec's order
+METHOD_IDS = {name: i for i, name in enumerate(METHODS)}
 # which kernels compress (enum rkv_kernels): "auto" the fused ones where the cache's backend has them
 # (near-copy scan: CPU, CUDA; in-place K/V moves: CPU), "portable" always the stock ggml graphs
 KERNELS_IDS = {"auto": 0, "portable": 1}
@@ -77,6 +79,21 @@ class RkvWindowCache(ctypes.Structure):
     ]
 
 
+class RkvRope(ctypes.Structure):
+    _fields_ = [
+        ("n_rot", ctypes.c_int32),
+        ("neox", ctypes.c_int32),
+        ("freq_base", ctypes.c_float),
+        ("freq_scale", ctypes.c_float),
+        ("ext_factor", ctypes.c_float),
+        ("attn_factor", ctypes.c_float),
+        ("beta_fast", ctypes.c_float),
+        ("beta_slow", ctypes.c_float),
+        ("n_ctx_orig", ctypes.c_int32),
+        ("n_freq_factors", ctypes.c_int32),
+    ]
+
+
 # void (*)(void * user_data, llama_seq_id seq_id, int32_t phase)
 CompressionObserver = ctypes.CFUNCTYPE(None, ctypes.c_void_p, ctypes.c_int32, ctypes.c_int32)
 
@@ -135,6 +152,10 @@ def _bind():
         "rkv_set_window_cache_for_budget": ([ctypes.c_bool], None),
         "rkv_get_window_cache": ([ctx_p, ctypes.c_int32, ctypes.POINTER(RkvWindowCache)], ctypes.c_int32),
         "rkv_get_layers": ([ctx_p, ctypes.POINTER(ctypes.c_int32), ctypes.c_int32], ctypes.c_int32),
+        "rkv_get_rope": ([ctx_p, ctypes.c_int32, ctypes.POINTER(RkvRope), ctypes.POINTER(ctypes.c_float), ctypes.c_int32],
+                         ctypes.c_int32),
+        "rkv_set_query_stats": ([ctx_p, ctypes.c_int32, ctypes.POINTER(ctypes.c_float), ctypes.POINTER(ctypes.c_float)],
+                                ctypes.c_int32),
         "rkv_get_stats": ([ctx_p, ctypes.c_int32, ctypes.POINTER(RkvSeqStats)], ctypes.c_int32),
         "rkv_get_profile": ([ctx_p, ctypes.c_int32, ctypes.POINTER(RkvProfile)], ctypes.c_int32),
         "rkv_get_kept_positions": (
@@ -240,6 +261,26 @@ def compressed_layers(ctx: int) -> list[int]:
     return list(out)
 
 
+def rope(ctx: int, layer: int) -> Rope:
+    """The RoPE llama.cpp applies in a model layer, as the spec describes it."""
+    out = RkvRope()
+    factors = np.zeros(4096, dtype=np.float32)
+    _check(lib().rkv_get_rope(ctx, layer, ctypes.byref(out), factors.ctypes.data_as(ctypes.POINTER(ctypes.c_float)),
+                              factors.size))
+    return Rope(n_rot=out.n_rot, neox=bool(out.neox), freq_base=out.freq_base, freq_scale=out.freq_scale,
+                ext_factor=out.ext_factor, attn_factor=out.attn_factor, beta_fast=out.beta_fast,
+                beta_slow=out.beta_slow, n_ctx_orig=out.n_ctx_orig,
+                freq_factors=tuple(float(f) for f in factors[:out.n_freq_factors]) if out.n_freq_factors else None)
+
+
+def set_query_stats(ctx: int, layer: int, centres: np.ndarray, abs_means: np.ndarray) -> None:
+    """triattention's calibration of a compressed layer ([n_head, d] and [n_head, d/2])."""
+    fp = ctypes.POINTER(ctypes.c_float)
+    centres = np.ascontiguousarray(centres, dtype=np.float32)
+    abs_means = np.ascontiguousarray(abs_means, dtype=np.float32)
+    _check(lib().rkv_set_query_stats(ctx, layer, centres.ctypes.data_as(fp), abs_means.ctypes.data_as(fp)))
+
+
 def seq_stats(ctx: int, seq_id: int = 0) -> RkvSeqStats:
     out = RkvSeqStats()
     _check(lib().rkv_get_stats(ctx, seq_id, ctypes.byref(out)))
@@ -263,14 +304,15 @@ def kept_positions(ctx: int, layer: int, head: int, seq_id: int = 0) -> np.ndarr
 
 
 def layer_inputs(ctx: int, layer: int, window: int, n_embd_q: int, n_embd_k: int,
-                 seq_id: int = 0) -> tuple[np.ndarray, np.ndarray, float]:
-    """(queries [window, n_embd_q], keys [n, n_embd_k], kq_scale) the next compression would score."""
-    n_max = 1 << 16
+                 seq_id: int = 0, keys: bool = True) -> tuple[np.ndarray, np.ndarray, float]:
+    """(queries [window, n_embd_q], keys [n, n_embd_k], kq_scale) the next compression would score
+    (``keys=False``: the queries only, keys empty)."""
+    n_max = (1 << 16) if keys else 0
     queries = np.zeros((window, n_embd_q), dtype=np.float32)
-    keys = np.zeros((n_max, n_embd_k), dtype=np.float32)
+    key_rows = np.zeros((n_max, n_embd_k), dtype=np.float32)
     scale = ctypes.c_float(0.0)
     fp = ctypes.POINTER(ctypes.c_float)
     n = _check(lib().rkv_get_layer_inputs(
-        ctx, seq_id, layer, queries.ctypes.data_as(fp), queries.size, keys.ctypes.data_as(fp), keys.size,
+        ctx, seq_id, layer, queries.ctypes.data_as(fp), queries.size, key_rows.ctypes.data_as(fp), key_rows.size,
         ctypes.byref(scale)))
-    return queries, keys[:n].copy(), scale.value
+    return queries, key_rows[:min(n, n_max)].copy(), scale.value

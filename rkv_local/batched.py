@@ -234,6 +234,7 @@ class BatchedLlama:
         kv_keep_prompt: int = 0,
         kv_compress: str = "all",
         kv_think_end: Optional[str] = None,
+        kv_calibration: Optional[Union[str, "os.PathLike[str]"]] = None,
         n_ctx: int = 0,
         n_batch: int = 512,
         n_ubatch: Optional[int] = None,
@@ -264,7 +265,7 @@ class BatchedLlama:
         self.n_seq_max = n_seq_max
         budget = dict(kv_budget=kv_budget, kv_buffer=kv_buffer, kv_method=kv_method, kv_window=kv_window,
                       kv_lambda=kv_lambda, kv_keep_prompt=kv_keep_prompt, kv_compress=kv_compress,
-                      kv_think_end=kv_think_end) if kv_budget is not None else {}
+                      kv_think_end=kv_think_end, kv_calibration=kv_calibration) if kv_budget is not None else {}
         # The prototype holds the model and everything per-request views share; its own small
         # context is replaced by the batched one below.
         proto_ctx = dict(n_ctx=n_ctx) if kv_budget is not None else dict(n_ctx=CACHE_PAD, n_batch=CACHE_PAD)
@@ -334,6 +335,8 @@ class BatchedLlama:
         if self.kv_config is not None:
             try:
                 _native.enable(self._ctx.ctx, self.kv_config)
+                if proto._kv_calibration is not None:
+                    proto._kv_calibration.apply(self._ctx.ctx)
             except _native.RkvError as exc:
                 raise ValueError(f"cannot compress this model's KV cache: {exc}") from exc
         self._n_vocab = proto.n_vocab()

@@ -29,9 +29,9 @@ from typing import Any, Callable, Dict, Iterable, List, Optional, Sequence, Text
 
 from .models import KNOWN_MODELS
 from .reasoning import REASONING_FORMATS
+from .reference import METHODS as KV_METHODS
 
 PROG = "rkv-local"
-KV_METHODS = ("rkv", "snapkv", "h2o", "streamingllm")
 # `chat` keeps this much of its prompt whole: each turn then evaluates only what the last one lacked
 CHAT_KEEP_PROMPT = 1024
 

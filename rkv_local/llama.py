@@ -14,7 +14,7 @@ import numpy as np
 from llama_cpp._utils import suppress_stdout_stderr
 from llama_cpp.llama_tokenizer import LlamaTokenizer
 
-from . import _native, rpc
+from . import _native, calibration, rpc
 from ._native import CompressionConfig
 from .detokenize import Detokenizer, PieceTable
 from .reasoning import REASONING_FORMATS, ThinkingWatch, split_message, split_stream, thinking_open_in_prompt
@@ -143,7 +143,7 @@ class _Closed:
 
 
 KV_ARGUMENTS = ("kv_budget", "kv_buffer", "kv_method", "kv_window", "kv_lambda", "kv_keep_prompt", "kv_compress",
-                "kv_think_end")
+                "kv_think_end", "kv_calibration")
 KV_COMPRESS = ("all", "think")
 _LLAMA_CPP_PARAMETERS = frozenset(inspect.signature(llama_cpp.Llama.__init__).parameters)
 
@@ -202,6 +202,7 @@ class Llama(llama_cpp.Llama):
         kv_keep_prompt: int = 0,
         kv_compress: str = "all",
         kv_think_end: Optional[str] = None,
+        kv_calibration: Optional[str | os.PathLike[str]] = None,
         rpc_servers: Optional[Sequence[str] | str] = None,
         **kwargs: Any,
     ) -> None:
@@ -218,6 +219,8 @@ class Llama(llama_cpp.Llama):
         self._detokenizer: Optional[Detokenizer] = None
         self._keep_prompt = 0
         self._thinking: Optional[ThinkingWatch] = None
+        self._kv_calibration: Optional[calibration.Calibration] = None
+        self._kv_calibration_path: Optional[str] = None
         self._rpc_servers = _endpoints(rpc_servers)
         self._devices: Optional[list[int]] = None
         if self._rpc_servers:
@@ -236,6 +239,11 @@ class Llama(llama_cpp.Llama):
             raise ValueError(f"kv_keep_prompt must be 0 or more cells, got {kv_keep_prompt}")
         if kv_compress not in KV_COMPRESS:
             raise ValueError(f"unknown kv_compress {kv_compress!r}; choose one of {', '.join(KV_COMPRESS)}")
+        if kv_calibration is not None and config.method != "triattention":
+            raise ValueError(f"kv_calibration is triattention's; kv_method is {config.method!r}")
+        if kv_calibration is not None and not os.path.isfile(kv_calibration):
+            raise ValueError(f"no calibration file {os.fspath(kv_calibration)} (make one with "
+                             f"`rkv-local calibrate MODEL --out FILE`)")
         if kwargs.get("logits_all"):
             raise ValueError("logits_all (and so logprobs) is not supported with a kv_budget: "
                              "a logical context of logits would not fit the budget")
@@ -276,7 +284,11 @@ class Llama(llama_cpp.Llama):
             self._load(model_path, n_ctx=physical, n_batch=n_batch, n_ubatch=n_ubatch, **kwargs)
         try:
             _native.enable(self._ctx.ctx, config)
-        except _native.RkvError as exc:
+            if config.method == "triattention":
+                device = {k: kwargs[k] for k in ("n_gpu_layers", "n_threads", "n_threads_batch") if k in kwargs}
+                self._kv_calibration, self._kv_calibration_path = calibration.resolve(model_path, kv_calibration, **device)
+                self._kv_calibration.apply(self._ctx.ctx)
+        except (_native.RkvError, ValueError, FileNotFoundError) as exc:
             self.close()
             raise ValueError(f"cannot compress this model's KV cache: {exc}") from exc
         self._kv_config = config
@@ -542,6 +554,8 @@ class Llama(llama_cpp.Llama):
                 kv_compress="think" if self._thinking else "all",
                 kv_think_end=self._thinking.marker if self._thinking else None,
             )
+            if self._kv_calibration_path is not None:
+                state.update(kv_calibration=self._kv_calibration_path)
         return state
 
     # ------------------------------------------------------------------

@@ -30,6 +30,39 @@ Spec choices (all deliberate, the engine must follow them):
   ascending) - on exactly equal scores the OLDER token wins - plus every window token;
   kept indices are returned ascending. If N <= budget nothing is evicted.
 * streamingllm: keeps the first ``sink`` tokens and the most recent budget - sink.
+* keydiff (arXiv 2504.15364, as kvpress's KeyDiffPress scores it): no queries. Per KV head the
+  anchor is the mean of the N L2-normalised keys (window included, as kvpress averages every key
+  it scores); a candidate's score is minus its cosine similarity to the anchor, so the keys least
+  like the average are kept. Keys are normalised with the NORM_EPS floor and the anchor's norm
+  with the same floor (torch's cosine_similarity floors with 1e-8; only all-zero keys differ).
+  The paper compresses block by block as a prompt is read; here, as for every method, at each
+  decode-time compression.
+* triattention (arXiv 2604.04921; checked against the authors' scorer, triattention/methods/
+  pruning_utils.py and triattention.py of their repository, in tests/test_triattention_authors.py):
+  no queries at run time, but calibration statistics of each layer's *pre-RoPE* queries, per query
+  head: the centre c = E[q] (the mean vector; per rotated pair f it is the complex mean E[q_f]) and
+  A_f = E|q_f|, the mean modulus of each rotated pair (``QueryStats``). Pairs are the ones the
+  model's RoPE rotates: (2i, 2i+1) for llama.cpp's normal RoPE, (i, i + n_rot/2) for NEOX (the
+  authors always split halves, which is the same pairing in Hugging Face's layout). With t the
+  position of the next query (newest cached position + 1) and offsets o_j = 2^j, j = 0..16, a
+  candidate's cached (post-RoPE) key k scores, for query head h:
+
+      S_h(k) = mean_j < RoPE(c_h, t + o_j), k >  +  s * sum_f (A_hf - |c_hf|) * |k_f|
+
+  where RoPE is the layer's rotation exactly as llama.cpp applies it (``Rope``: frequencies
+  base^(-2i/n_rot) over freq_factors, linear freq_scale, YaRN's ramp and magnitude s), and |k_f|
+  the modulus of the key's pair f. This equals the authors' series
+  sum_f s^2 |c_f||k'_f| cos((t + o_j - p) w_f + arg(c_f conj k'_f)) over the pre-RoPE key
+  k' = RoPE^-1(k, p) plus their norm term s^2 (A_f - |c_f|)|k'_f|, without inverting any key: the
+  key's position is in its rotation. No 1/sqrt(d), no softmax. Each query head's S over the Nc
+  candidates is z-scored ((S - mean) / max(std, 1e-6), population std), the heads of a KV group are
+  reduced with MAX, and each layer and KV head keeps its best: the authors'
+  ``per_layer_perhead_pruning`` mode. Their paper runs instead average the group maxima over the
+  layers and keep one set per KV head for all layers; the engine selects per layer and head for
+  every method, so we take their per-layer mode. They add 1e-6 uniform noise to break ties; we use
+  the shared tie rule. They protect no recent window (their vLLM port protects 128 tokens) and
+  always keep the prompt; here the window and the kept prompt follow the shared rules. Rotated
+  dimensions only: a model with partial rotary dimensions (n_rot < head size) is refused.
 * Kept prompt (``n_kept``): the first ``n_kept`` tokens are kept whole and are no part of the
   scoring: the tokens after them are selected as if they were the whole sequence (they are the
   candidates and the window; softmaxes and the similarity run over them only), so at most
@@ -41,7 +74,9 @@ from dataclasses import dataclass
 
 import numpy as np
 
-METHODS = ("rkv", "snapkv", "h2o", "streamingllm")
+METHODS = ("rkv", "snapkv", "h2o", "streamingllm", "keydiff", "triattention")
+TRI_OFFSETS = 2.0 ** np.arange(17)  # triattention: future query offsets 1, 2, 4, ..., 65536
+TRI_STD_FLOOR = 1e-6
 NORM_EPS = 1e-12  # key L2-norm floor used by redundancy()
 
 
@@ -56,6 +91,118 @@ class ScoringParams:
     threshold: float = 0.5
     sink: int = 4  # streamingllm's kept first tokens
     authors_argmax: bool = False
+
+
+@dataclass(frozen=True)
+class Rope:
+    """A layer's rotary position embedding as llama.cpp applies it (ggml_rope_ext, no M-RoPE)."""
+
+    n_rot: int
+    neox: bool
+    freq_base: float = 10000.0
+    freq_scale: float = 1.0
+    ext_factor: float = 0.0
+    attn_factor: float = 1.0
+    beta_fast: float = 32.0
+    beta_slow: float = 1.0
+    n_ctx_orig: int = 0
+    freq_factors: tuple[float, ...] | None = None
+
+    def frequencies(self) -> tuple[np.ndarray, float]:
+        """Angle per position of each rotated pair, [n_rot/2], and the magnitude s (YaRN's mscale)."""
+        n = self.n_rot
+        i = np.arange(n // 2, dtype=np.float64)
+        extrap = self.freq_base ** (-2.0 * i / n)
+        if self.freq_factors is not None:
+            extrap = extrap / np.asarray(self.freq_factors, dtype=np.float64)
+        theta = self.freq_scale * extrap
+        mscale = self.attn_factor
+        if self.ext_factor != 0.0:
+            def corr_dim(n_rot: float) -> float:
+                return n * np.log(self.n_ctx_orig / (n_rot * 2 * np.pi)) / (2 * np.log(self.freq_base))
+            low = max(0.0, np.floor(corr_dim(self.beta_fast)))
+            high = min(n - 1.0, np.ceil(corr_dim(self.beta_slow)))
+            ramp = 1.0 - np.clip((i - low) / max(0.001, high - low), 0.0, 1.0)
+            mix = ramp * self.ext_factor
+            theta = theta * (1.0 - mix) + extrap * mix
+            mscale *= 1.0 + 0.1 * np.log(1.0 / self.freq_scale)
+        return theta, float(mscale)
+
+    def pairs(self) -> tuple[np.ndarray, np.ndarray]:
+        """Indices of the two components of each rotated pair."""
+        half = np.arange(self.n_rot // 2)
+        return (half, half + self.n_rot // 2) if self.neox else (2 * half, 2 * half + 1)
+
+    def rotate(self, x: np.ndarray, positions: np.ndarray) -> np.ndarray:
+        """x [..., n_tok, n_head, d] rotated at positions [n_tok] (negative positions rotate back)."""
+        x = np.asarray(x, dtype=np.float64)
+        theta, mscale = self.frequencies()
+        angle = np.asarray(positions, dtype=np.float64)[:, None, None] * theta   # [n_tok, 1, n_rot/2]
+        cos, sin = np.cos(angle) * mscale, np.sin(angle) * mscale
+        a, b = self.pairs()
+        out = x.copy()
+        out[..., a] = x[..., a] * cos - x[..., b] * sin
+        out[..., b] = x[..., a] * sin + x[..., b] * cos
+        return out
+
+    def unrotate(self, x: np.ndarray, positions: np.ndarray) -> np.ndarray:
+        """The inverse of ``rotate`` (the magnitude s divided out)."""
+        _, mscale = self.frequencies()
+        return self.rotate(x, -np.asarray(positions, dtype=np.float64)) / mscale**2
+
+    def pair_moduli(self, x: np.ndarray) -> np.ndarray:
+        """|x_f| of each rotated pair: [..., n_rot/2]."""
+        a, b = self.pairs()
+        x = np.asarray(x, dtype=np.float64)
+        return np.hypot(x[..., a], x[..., b])
+
+
+@dataclass(frozen=True)
+class QueryStats:
+    """triattention's calibration of one layer: per query head, the mean pre-RoPE query [n_head, d]
+    and the mean modulus of each of its rotated pairs [n_head, n_rot/2]."""
+
+    centre: np.ndarray
+    abs_mean: np.ndarray
+
+
+@dataclass(frozen=True)
+class TriAttentionInputs:
+    """What triattention scores with besides the keys: the layer's statistics and RoPE, and the
+    position of the next query (the newest cached token's + 1)."""
+
+    stats: QueryStats
+    rope: Rope
+    position: int
+
+
+def triattention_query_scores(keys: np.ndarray, n_candidates: int, tri: TriAttentionInputs) -> np.ndarray:
+    """Raw S_h of the candidates for every query head, [n_head, Nc] (see module doc)."""
+    keys = np.asarray(keys, dtype=np.float64)
+    centre = np.asarray(tri.stats.centre, dtype=np.float64)
+    n_head, d = centre.shape
+    n_head_kv = keys.shape[1]
+    if keys.shape[2] != d or tri.rope.n_rot != d or n_head % n_head_kv:
+        raise ValueError(f"triattention: keys {keys.shape}, centres {centre.shape}, n_rot {tri.rope.n_rot}")
+    positions = tri.position + TRI_OFFSETS
+    rotated = tri.rope.rotate(np.broadcast_to(centre, (len(positions), n_head, d)), positions)  # [17, n_head, d]
+    _, mscale = tri.rope.frequencies()
+    weights = mscale * (np.asarray(tri.stats.abs_mean, dtype=np.float64) - tri.rope.pair_moduli(centre))
+    kv_of = np.arange(n_head) // (n_head // n_head_kv)
+    cand = keys[:n_candidates, kv_of]                                             # [Nc, n_head, d]
+    trig = np.einsum("ohd,nhd->hn", rotated, cand) / len(positions)
+    norm = np.einsum("hf,nhf->hn", weights, tri.rope.pair_moduli(cand))
+    return trig + norm
+
+
+def triattention_scores(keys: np.ndarray, n_candidates: int, tri: TriAttentionInputs) -> np.ndarray:
+    """Candidate scores [n_head_kv, Nc]: each query head's S z-scored, MAX over a KV group."""
+    raw = triattention_query_scores(keys, n_candidates, tri)
+    if n_candidates == 0:
+        return np.zeros((keys.shape[1], 0))
+    z = (raw - raw.mean(axis=1, keepdims=True)) / np.maximum(raw.std(axis=1, keepdims=True), TRI_STD_FLOOR)
+    n_head_kv = keys.shape[1]
+    return z.reshape(n_head_kv, -1, n_candidates).max(axis=1)
 
 
 def _softmax(x: np.ndarray, axis: int = -1) -> np.ndarray:
@@ -175,6 +322,15 @@ def redundancy(keys: np.ndarray, n_candidates: int, threshold: float, authors_ar
     return _softmax(column_mean, axis=-1)[:, :n_candidates]
 
 
+def keydiff_scores(keys: np.ndarray, n_candidates: int) -> np.ndarray:
+    """Minus each candidate key's cosine similarity to its head's mean normalised key, [n_head_kv, Nc]."""
+    per_head = np.moveaxis(np.asarray(keys, dtype=np.float64), 1, 0)  # [n_head_kv, N, d]
+    unit = per_head / np.maximum(np.linalg.norm(per_head, axis=-1, keepdims=True), NORM_EPS)
+    anchor = unit.mean(axis=1)  # [n_head_kv, d]
+    anchor /= np.maximum(np.linalg.norm(anchor, axis=-1, keepdims=True), NORM_EPS)
+    return -np.einsum("hnd,hd->hn", unit[:, :n_candidates], anchor)
+
+
 def head_scores(
     method: str,
     queries: np.ndarray,
@@ -182,9 +338,10 @@ def head_scores(
     kq_scale: float,
     params: ScoringParams,
     sinks: np.ndarray | None = None,
+    tri: TriAttentionInputs | None = None,
 ) -> np.ndarray:
     """Candidate scores [n_head_kv, Nc]; higher is kept first. ``sinks``: the layer's [n_head]
-    attention-sink logits, None for a model without them.
+    attention-sink logits, None for a model without them; ``tri``: triattention's inputs.
 
     streamingllm: score = candidate index (newer first), sink tokens get Nc + index
     so they outrank every other candidate; this reproduces its positional selection.
@@ -197,6 +354,12 @@ def head_scores(
         index = np.arange(n_candidates, dtype=np.float64)
         score = np.where(index < params.sink, index + n_candidates, index)
         return np.tile(score, (n_head_kv, 1))
+    if method == "keydiff":
+        return keydiff_scores(keys, n_candidates)
+    if method == "triattention":
+        if tri is None:
+            raise ValueError("triattention needs its calibration statistics, RoPE and position (tri=...)")
+        return triattention_scores(keys, n_candidates, tri)
     candidates = keys[:n_candidates]
     if method == "h2o":
         return importance(queries[-1:], candidates, kq_scale, kernel=1, sinks=sinks)
@@ -221,6 +384,7 @@ def select(
     params: ScoringParams,
     sinks: np.ndarray | None = None,
     n_kept: int = 0,
+    tri: TriAttentionInputs | None = None,
 ) -> list[np.ndarray]:
     """Kept token indices per kv head (ascending, length min(N, n_kept + budget))."""
     _check_params(method, params)
@@ -228,12 +392,12 @@ def select(
     if n_kept:
         if not 0 <= n_kept <= keys.shape[0]:
             raise ValueError(f"n_kept = {n_kept} for {keys.shape[0]} tokens")
-        rest = select(method, queries, keys[n_kept:], kq_scale, params, sinks)
+        rest = select(method, queries, keys[n_kept:], kq_scale, params, sinks, tri=tri)
         return [np.concatenate([np.arange(n_kept), n_kept + kept]) for kept in rest]
     n_tokens, n_head_kv = keys.shape[0], keys.shape[1]
     if n_tokens <= params.budget:
         return [np.arange(n_tokens) for _ in range(n_head_kv)]
-    scores = head_scores(method, queries, keys, kq_scale, params, sinks)
+    scores = head_scores(method, queries, keys, kq_scale, params, sinks, tri)
     n_candidates = n_tokens - params.window
     window_indices = np.arange(n_candidates, n_tokens)
     kept = []
@@ -272,6 +436,7 @@ def kept_sets_equivalent(
     other_kept: list,
     rtol: float = 1e-4,
     sinks: np.ndarray | None = None,
+    tri: TriAttentionInputs | None = None,
 ) -> bool:
     """True when other_kept (per kv head) matches select() up to cut-off ties.
 
@@ -280,12 +445,12 @@ def kept_sets_equivalent(
     score (max pooling creates plateaus of equal scores). streamingllm is positional,
     so it must match exactly.
     """
-    ours = select(method, queries, keys, kq_scale, params, sinks)
+    ours = select(method, queries, keys, kq_scale, params, sinks, tri=tri)
     if len(other_kept) != len(ours):
         return False
     n_tokens = np.asarray(keys).shape[0]
     evicting = n_tokens > params.budget
-    scores = head_scores(method, queries, keys, kq_scale, params, sinks) if evicting else None
+    scores = head_scores(method, queries, keys, kq_scale, params, sinks, tri) if evicting else None
     n_candidates = n_tokens - params.window
     for head, our_row in enumerate(ours):
         other_row = np.asarray(other_kept[head]).astype(np.int64).ravel()

@@ -5,7 +5,7 @@ from __future__ import annotations
 import contextlib
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Iterator, Optional, Sequence
+from typing import Any, Iterator, Optional, Sequence
 
 import numpy as np
 
@@ -179,6 +179,15 @@ class TinyLlamaWeights:
         return x @ t["token_embd.weight"].T, ks, vs
 
 
+def tri_inputs(ctx: int, calibration, layer: int, positions: list) -> Optional[reference.TriAttentionInputs]:
+    """triattention's inputs for the spec (None without a calibration): the layer's statistics and
+    RoPE, and the next query's position (after the newest cached token, by the heads' positions)."""
+    if calibration is None:
+        return None
+    newest = max(int(p[-1]) for p in positions if len(p))
+    return reference.TriAttentionInputs(calibration.stats(layer), _native.rope(ctx, layer), newest + 1)
+
+
 @dataclass
 class SpecWatch:
     """Compares the compressions of a context with reference.select while they run, through the
@@ -189,6 +198,7 @@ class SpecWatch:
     shape: tuple[int, int, int, int]   # n_layer, n_head, n_head_kv, head_dim
     params: reference.ScoringParams
     layers: Optional[list[int]] = None  # the compressed layers (default: all)
+    calibration: Any = None             # triattention's (rkv_local.calibration.Calibration)
     every: int = 1                      # compare every Nth compression of a sequence
     compressions: dict[int, int] = field(default_factory=dict)   # per sequence
     compared: int = 0
@@ -220,7 +230,7 @@ class SpecWatch:
             q, k, scale = _native.layer_inputs(self.ctx, layer, window, n_head * d, n_head_kv * d, seq_id=seq_id)
             positions = [_native.kept_positions(self.ctx, layer, h, seq_id) for h in range(n_head_kv)]
             layers.append((layer, q.reshape(window, n_head, d), k.reshape(-1, n_head_kv, d)[n_kept:], scale,
-                           [p[n_kept:] for p in positions]))
+                           [p[n_kept:] for p in positions], tri_inputs(self.ctx, self.calibration, layer, positions)))
         self._inputs[seq_id] = (n_kept, layers)
 
     def _after(self, seq_id: int) -> None:
@@ -228,7 +238,7 @@ class SpecWatch:
             return
         n_kept, layers = self._inputs.pop(seq_id)
         self.compared += 1
-        for layer, q, k, scale, positions in layers:
+        for layer, q, k, scale, positions, tri in layers:
             native = []
             for h in range(self.shape[2]):
                 after = _native.kept_positions(self.ctx, layer, h, seq_id)[n_kept:]
@@ -237,7 +247,7 @@ class SpecWatch:
                     self.failures.append(f"sequence {seq_id} layer {layer} head {h}: kept {after}")
                     return
                 native.append(idx)
-            if not reference.kept_sets_equivalent(self.method, q, k, scale, self.params, native):
+            if not reference.kept_sets_equivalent(self.method, q, k, scale, self.params, native, tri=tri):
                 self.failures.append(f"sequence {seq_id}, compression {self.compressions[seq_id]}, layer {layer}: "
                                      f"differs from reference.select")
 

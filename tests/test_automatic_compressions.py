@@ -19,7 +19,7 @@ def watch_llama(llm: Llama, method: str) -> SpecWatch:
                      reference.ScoringParams(budget=BUDGET, window=WINDOW))
 
 
-@pytest.mark.parametrize("method", ["rkv", "snapkv", "h2o", "streamingllm"])
+@pytest.mark.parametrize("method", ["rkv", "snapkv", "h2o", "streamingllm", "keydiff"])
 def test_decoding_token_by_token(tiny_model, method):
     path = tiny_model(arch="qwen3", n_head=8, n_head_kv=2, head_dim=32)
     llm = Llama(str(path), kv_budget=BUDGET, kv_buffer=BUFFER, kv_window=WINDOW, kv_method=method,

@@ -75,6 +75,8 @@ CASES = [
     ("qwen2", 4, 4, 32, "f16", True, "rkv"),
     ("llama", 4, 2, 32, "bf16", True, "streamingllm"),
     ("qwen3", 8, 4, 32, "q4_0", True, "rkv"),
+    ("llama", 4, 2, 32, "f16", False, "keydiff"),
+    ("qwen3", 8, 2, 64, "q8_0", True, "keydiff"),
 ]
 
 

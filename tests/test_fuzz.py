@@ -54,7 +54,7 @@ B, b = 32, 16
 WINDOW = 8       # kv_window's default
 SPEC_EVERY = 3   # every third compression of a sequence is compared with the spec
 N_CTX = 700  # logical context: small, so that runs reach it and must be refused there
-METHODS = ("rkv", "snapkv", "h2o", "streamingllm")
+METHODS = ("rkv", "snapkv", "h2o", "streamingllm", "keydiff")
 
 
 @dataclass(frozen=True)

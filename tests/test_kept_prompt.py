@@ -54,6 +54,7 @@ def compress_against_reference(llm: Llama, method: str, n_kept: int) -> None:
     ("llama", 4, 2, "f16", "rkv"),
     ("qwen3", 8, 2, "q8_0", "snapkv"),
     ("qwen2", 4, 4, "f16", "streamingllm"),
+    ("llama", 8, 2, "q8_0", "keydiff"),
 ])
 def test_selection_after_a_kept_prompt_equals_reference(tiny_model, arch, n_head, n_head_kv, type_kv, method):
     llm = make_llm(tiny_model(arch=arch, n_head=n_head, n_head_kv=n_head_kv), method=method, type_kv=type_kv)

@@ -75,7 +75,65 @@ def _brute_redundancy(keys, n_candidates, threshold, authors_argmax=False):
     return out
 
 
-def _brute_select(method, queries, keys, scale, p, sinks=None):
+def _brute_keydiff(keys, n_candidates):
+    n, n_kv, d = keys.shape
+    out = []
+    for h in range(n_kv):
+        unit = []
+        for i in range(n):
+            norm = math.sqrt(sum(float(keys[i, h, t]) ** 2 for t in range(d)))
+            unit.append([float(keys[i, h, t]) / max(norm, 1e-12) for t in range(d)])
+        anchor = [sum(u[t] for u in unit) / n for t in range(d)]
+        anchor_norm = math.sqrt(sum(a * a for a in anchor))
+        out.append([-sum(u * a for u, a in zip(unit[j], anchor)) / anchor_norm for j in range(n_candidates)])
+    return out
+
+
+def _tri_inputs(method, n_head, d, seed=0):
+    """triattention's calibration, RoPE and position for a random case (None for other methods)."""
+    if method != "triattention":
+        return None
+    rng = np.random.default_rng(900 + seed)
+    stats = ref.QueryStats(centre=rng.normal(size=(n_head, d)), abs_mean=rng.uniform(1.0, 3.0, size=(n_head, d // 2)))
+    return ref.TriAttentionInputs(stats, ref.Rope(n_rot=d, neox=bool(seed % 2), freq_base=100.0), position=120)
+
+
+def _brute_triattention(keys, n_candidates, tri):
+    """The authors' series, key by key: invert each key's RoPE at an assumed position j, then
+    sum_f |c_f||k_f| cos((t + o - j) w_f + arg(c_f conj k_f)) over the offsets, plus the norm term."""
+    import cmath
+    n, n_kv, d = keys.shape
+    n_head = tri.stats.centre.shape[0]
+    group = n_head // n_kv
+    omega, _ = tri.rope.frequencies()
+    a, b = tri.rope.pairs()
+    raw = []
+    for qh in range(n_head):
+        c = [complex(tri.stats.centre[qh, a[f]], tri.stats.centre[qh, b[f]]) for f in range(d // 2)]
+        row = []
+        for j in range(n_candidates):
+            k_pre = tri.rope.unrotate(keys[j:j + 1, qh // group][:, None, :], np.array([j]))[0, 0]
+            k = [complex(k_pre[a[f]], k_pre[b[f]]) for f in range(d // 2)]
+            trig = 0.0
+            for o in ref.TRI_OFFSETS:
+                for f in range(d // 2):
+                    z = c[f] * k[f].conjugate()
+                    trig += abs(z) * math.cos((tri.position + o - j) * omega[f] + cmath.phase(z))
+            norm = sum((tri.stats.abs_mean[qh, f] - abs(c[f])) * abs(k[f]) for f in range(d // 2))
+            row.append(trig / len(ref.TRI_OFFSETS) + norm)
+        raw.append(row)
+    out = []
+    for h in range(n_kv):
+        zs = []
+        for row in raw[h * group:(h + 1) * group]:
+            mean = sum(row) / len(row)
+            std = max(math.sqrt(sum((x - mean) ** 2 for x in row) / len(row)), 1e-6)
+            zs.append([(x - mean) / std for x in row])
+        out.append([max(z[j] for z in zs) for j in range(n_candidates)])
+    return out
+
+
+def _brute_select(method, queries, keys, scale, p, sinks=None, tri=None):
     n, n_kv = keys.shape[0], keys.shape[1]
     if n <= p.budget:
         return [list(range(n)) for _ in range(n_kv)], None
@@ -85,6 +143,10 @@ def _brute_select(method, queries, keys, scale, p, sinks=None):
         return [kept for _ in range(n_kv)], None
     if method == "h2o":
         scores = _brute_importance(queries[-1:], keys, nc, scale, 1, sinks)
+    elif method == "keydiff":
+        scores = _brute_keydiff(keys, nc)
+    elif method == "triattention":
+        scores = _brute_triattention(keys, nc, tri)
     else:
         scores = _brute_importance(queries, keys, nc, scale, p.kernel, sinks)
     if method == "rkv":
@@ -175,7 +237,7 @@ def test_window_kept_sorted_and_length_budget(method):
     rng = np.random.default_rng(1)
     queries, keys, scale = _random_case(rng, 40, 4, 2)
     keys[-8:] *= 0.0  # window tokens would score terribly if they were scored
-    kept = ref.select(method, queries, keys, scale, ScoringParams(budget=16))
+    kept = ref.select(method, queries, keys, scale, ScoringParams(budget=16), tri=_tri_inputs(method, 4, 8))
     assert len(kept) == 2
     for row in kept:
         assert len(row) == 16
@@ -187,7 +249,7 @@ def test_window_kept_sorted_and_length_budget(method):
 def test_no_eviction_when_within_budget(method):
     rng = np.random.default_rng(2)
     queries, keys, scale = _random_case(rng, 16, 2, 1)
-    for row in ref.select(method, queries, keys, scale, ScoringParams(budget=16)):
+    for row in ref.select(method, queries, keys, scale, ScoringParams(budget=16), tri=_tri_inputs(method, 2, 8)):
         assert row.tolist() == list(range(16))
 
 
@@ -242,13 +304,14 @@ def test_matches_brute_force(method, group, authors_argmax):
     n_kv = 2
     queries, keys, scale = _random_case(rng, 29, n_kv * group, n_kv, d=6, n_q=8)
     params = ScoringParams(budget=17, authors_argmax=authors_argmax)
-    expected_kept, expected_scores = _brute_select(method, queries, keys, scale, params)
-    kept = ref.select(method, queries, keys, scale, params)
+    tri = _tri_inputs(method, n_kv * group, 6, seed=group)
+    expected_kept, expected_scores = _brute_select(method, queries, keys, scale, params, tri=tri)
+    kept = ref.select(method, queries, keys, scale, params, tri=tri)
     assert [row.tolist() for row in kept] == expected_kept
     if expected_scores is not None:
-        got = ref.head_scores(method, queries, keys, scale, params)
-        np.testing.assert_allclose(got, np.array(expected_scores), rtol=1e-10, atol=1e-14)
-    assert ref.kept_sets_equivalent(method, queries, keys, scale, params, expected_kept)
+        got = ref.head_scores(method, queries, keys, scale, params, tri=tri)
+        np.testing.assert_allclose(got, np.array(expected_scores), rtol=1e-10, atol=1e-12)
+    assert ref.kept_sets_equivalent(method, queries, keys, scale, params, expected_kept, tri=tri)
 
 
 def test_brute_force_components_on_gqa():
@@ -278,13 +341,14 @@ def test_sinks_match_brute_force(method, group):
     queries, keys, scale = _random_case(rng, 29, n_kv * group, n_kv, d=6, n_q=8)
     sinks = rng.normal(scale=2.0, size=n_kv * group)
     params = ScoringParams(budget=17)
-    expected_kept, expected_scores = _brute_select(method, queries, keys, scale, params, sinks)
-    kept = ref.select(method, queries, keys, scale, params, sinks)
+    tri = _tri_inputs(method, n_kv * group, 6, seed=group)
+    expected_kept, expected_scores = _brute_select(method, queries, keys, scale, params, sinks, tri=tri)
+    kept = ref.select(method, queries, keys, scale, params, sinks, tri=tri)
     assert [row.tolist() for row in kept] == expected_kept
     if expected_scores is not None:
-        got = ref.head_scores(method, queries, keys, scale, params, sinks)
-        np.testing.assert_allclose(got, np.array(expected_scores), rtol=1e-10, atol=1e-14)
-    assert ref.kept_sets_equivalent(method, queries, keys, scale, params, expected_kept, sinks=sinks)
+        got = ref.head_scores(method, queries, keys, scale, params, sinks, tri=tri)
+        np.testing.assert_allclose(got, np.array(expected_scores), rtol=1e-10, atol=1e-12)
+    assert ref.kept_sets_equivalent(method, queries, keys, scale, params, expected_kept, sinks=sinks, tri=tri)
 
 
 def test_sink_takes_its_share_of_the_softmax():
@@ -356,3 +420,18 @@ def test_bad_inputs_raise():
         ref.redundancy(keys, 31, 0.5)
     with pytest.raises(ValueError, match="expected 4"):
         ref.cutoff_ties(np.zeros(10), np.array([0, 1, 2]), 4)
+
+
+def test_keydiff_keeps_the_keys_least_like_the_mean():
+    """Twelve keys along one direction and four off it: the four are kept whatever the queries say."""
+    rng = np.random.default_rng(11)
+    keys = np.tile(np.array([1.0, 0.0, 0.0]), (24, 1, 1)) + 0.01 * rng.normal(size=(24, 1, 3))
+    odd = [3, 9, 14, 15]
+    keys[odd, 0] = [[0.0, 1.0, 0.0], [0.0, 0.0, -1.0], [0.2, -1.0, 0.3], [0.0, 0.7, 0.7]]
+    queries = np.tile(np.array([1.0, 0.0, 0.0]), (8, 1, 1))   # would favour the common keys
+    kept = ref.select("keydiff", queries, keys, 1.0, ScoringParams(budget=12))[0]
+    assert kept.tolist() == odd + list(range(16, 24))
+    # a key's scale does not matter, only its direction
+    scaled = keys.copy()
+    scaled[:16] *= rng.uniform(0.1, 10.0, size=(16, 1, 1))
+    assert ref.select("keydiff", queries, scaled, 1.0, ScoringParams(budget=12))[0].tolist() == kept.tolist()

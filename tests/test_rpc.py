@@ -80,7 +80,7 @@ def assert_on_the_device(llm: Llama) -> None:
 
 @pytest.mark.parametrize("method,type_kv,flash_attn", [
     ("rkv", "f16", False), ("rkv", "q8_0", True), ("snapkv", "f16", True), ("h2o", "f16", False),
-    ("streamingllm", "q4_0", True),
+    ("streamingllm", "q4_0", True), ("keydiff", "q8_0", False),
 ])
 def test_selection_on_an_rpc_device_equals_the_reference(tiny, servers, method, type_kv, flash_attn):
     llm = make_llm(tiny, method=method, type_kv=type_kv, flash_attn=flash_attn, rpc_servers=servers[:1])

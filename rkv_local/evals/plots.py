@@ -7,8 +7,8 @@ from typing import Any, Optional
 
 MIB = 2**20
 COLORS = {"full": "black", "rkv": "tab:red", "snapkv": "tab:blue", "h2o": "tab:green",
-          "streamingllm": "tab:orange"}
-MARKERS = {"full": "s", "rkv": "o", "snapkv": "^", "h2o": "v", "streamingllm": "D"}
+          "streamingllm": "tab:orange", "keydiff": "tab:purple", "triattention": "tab:brown"}
+MARKERS = {"full": "s", "rkv": "o", "snapkv": "^", "h2o": "v", "streamingllm": "D", "keydiff": "P", "triattention": "X"}
 LINESTYLES = ["-", "--", ":", "-."]
 
 
