@@ -127,6 +127,9 @@ def _add_model_args(p: argparse.ArgumentParser) -> None:
                         "channel), so the answer is not evicted (default all)")
     k.add_argument("--kv-think-end", default=None, metavar="TEXT",
                    help="the end-of-thinking marker for --kv-compress think (default: from the chat template)")
+    k.add_argument("--kv-calibration", default=None, metavar="FILE",
+                   help=f"triattention: the model's query statistics (`{PROG} calibrate`; default: calibrated once "
+                        "and cached beside the downloaded models)")
 
 
 def _add_sampling_args(p: argparse.ArgumentParser, max_tokens: int) -> None:
@@ -270,6 +273,24 @@ def build_parser() -> argparse.ArgumentParser:
 
     from .evals import add_commands  # the evaluation commands; the runtime itself never imports evals
 
+    p = sub.add_parser("calibrate", help="triattention's query statistics of a model, into a file",
+                       description="Decode a text with MODEL and save, per head of every compressed layer, the mean "
+                                   "of its pre-RoPE queries and of each rotated pair's modulus: what --kv-method "
+                                   "triattention scores with (--kv-calibration FILE). The file names the model by "
+                                   "its tensors and is refused for another one.",
+                       epilog=f"example:\n  {PROG} calibrate smollm2-135m --out smollm2.npz\n",
+                       formatter_class=_ExampleFormatter)
+    p.add_argument("model", metavar="MODEL",
+                   help=f"GGUF file, or a known model name: {', '.join(KNOWN_MODELS)} (downloaded once)")
+    p.add_argument("--out", required=True, metavar="FILE", help="the calibration file to write (.npz)")
+    p.add_argument("--data", default=None, metavar="FILE",
+                   help="a UTF-8 text file to calibrate on (default: MATH-500 problems and solutions, shipped)")
+    p.add_argument("--tokens", type=_positive_int, default=4096, metavar="N",
+                   help="tokens of it to decode (default 4096; at most the model's training context)")
+    p.add_argument("--n-threads", type=_positive_int, default=None, metavar="N", help="CPU threads")
+    p.add_argument("--n-gpu-layers", type=int, default=0, metavar="N", help="layers to offload to a GPU (default 0)")
+    p.set_defaults(handler=cmd_calibrate)
+
     add_commands(sub, IntermixedParser)
     return parser
 
@@ -293,13 +314,18 @@ def _prompt_kwargs(args: argparse.Namespace) -> Dict[str, Any]:
     keep = args.kv_keep_prompt
     if keep is None:
         keep = CHAT_KEEP_PROMPT if args.command == "chat" else 0
-    return dict(kv_keep_prompt=keep, kv_compress=args.kv_compress, kv_think_end=args.kv_think_end)
+    calibration = dict(kv_calibration=args.kv_calibration) if args.kv_calibration is not None else {}
+    return dict(kv_keep_prompt=keep, kv_compress=args.kv_compress, kv_think_end=args.kv_think_end, **calibration)
 
 
 def _check_kv_args(args: argparse.Namespace) -> None:
     """The settings ``Llama`` would refuse, refused before the model loads, named as options."""
     if args.n_ctx < 0:
         raise CliError(f"--n-ctx must not be negative, got {args.n_ctx}")
+    if args.kv_calibration is not None and (args.kv_budget is None or args.kv_method != "triattention"):
+        raise CliError("--kv-calibration is for --kv-method triattention (with a --kv-budget)")
+    if args.kv_calibration is not None and not Path(args.kv_calibration).is_file():
+        raise CliError(f"no calibration file {args.kv_calibration} (make one with `{PROG} calibrate MODEL --out FILE`)")
     if args.kv_budget is None:
         return
     from ._native import CompressionConfig
@@ -562,6 +588,28 @@ def _start_stream(llm: Any, args: argparse.Namespace, prompt: str, sampling: Dic
 # ---------------------------------------------------------------------------------------------
 # commands
 # ---------------------------------------------------------------------------------------------
+
+
+def cmd_calibrate(args: argparse.Namespace) -> int:
+    from .calibration import calibrate
+
+    if not args.out.endswith(".npz"):
+        raise CliError(f"--out must name a .npz file, got {args.out}")
+    text = None
+    if args.data is not None:
+        try:
+            text = Path(args.data).read_text(encoding="utf-8")
+        except (OSError, UnicodeDecodeError) as exc:
+            raise CliError(f"cannot read --data {args.data}: {exc}") from None
+    path = _resolve(args.model)
+    threads = dict(n_threads=args.n_threads, n_threads_batch=args.n_threads) if args.n_threads else {}
+    try:
+        made = calibrate(path, text=text, n_tokens=args.tokens, n_gpu_layers=args.n_gpu_layers, **threads)
+    except ValueError as exc:
+        raise CliError(str(exc)) from None
+    made.save(args.out)
+    print(f"{args.out}: {len(made.layers)} layers calibrated on {made.n_tokens} tokens", file=sys.stderr)
+    return 0
 
 
 def cmd_generate(args: argparse.Namespace) -> int:

@@ -131,7 +131,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--model", default="qwen2.5-coder-0.5b")
     ap.add_argument("--budget", type=int, default=1024)
     ap.add_argument("--buffer", type=int, default=128)
-    ap.add_argument("--methods", default="rkv/portable,rkv,snapkv,h2o,streamingllm",
+    ap.add_argument("--methods", default="rkv/portable,rkv,snapkv,h2o,streamingllm,keydiff,triattention",
                     help="comma-separated; rkv/portable: rkv on the portable graph (the path before the fused kernel)")
     ap.add_argument("--compressions", type=int, default=4)
     ap.add_argument("--limit-tokens", type=int, default=64, help="tokens over which the full cache's speed is taken")

@@ -159,3 +159,19 @@ def test_without_a_file_it_calibrates_once_and_caches(tiny_model, tmp_path, monk
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         Llama(str(path), kv_budget=BUDGET, kv_buffer=BUFFER, kv_method="triattention", verbose=False).close()
+
+
+def test_the_calibrate_command(tiny_model, tmp_path, capsys):
+    from rkv_local.cli import main
+
+    path = tiny_model(arch="qwen2", n_head=8, n_head_kv=2, head_dim=32)
+    (tmp_path / "text.txt").write_text(TEXT)
+    out = tmp_path / "cal.npz"
+    assert main(["calibrate", str(path), "--data", str(tmp_path / "text.txt"), "--tokens", "128", "--out", str(out),
+                 "--n-threads", "2"]) == 0
+    cal = calibration.Calibration.load(out)
+    assert cal.n_tokens == 128 and cal.source == "text" and cal.centres.shape == (2, 8, 32)
+    assert "2 layers calibrated on 128 tokens" in capsys.readouterr().err
+    assert main(["calibrate", str(path), "--out", str(tmp_path / "cal.bin")]) != 0
+    assert main(["generate", str(path), "x", "--kv-budget", "40", "--kv-calibration", str(out)]) != 0
+    assert "--kv-calibration is for --kv-method triattention" in capsys.readouterr().err
