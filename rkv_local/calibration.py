@@ -18,6 +18,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional
 
+import llama_cpp
 import numpy as np
 
 from . import _native
@@ -78,6 +79,11 @@ class Calibration:
 
     def apply(self, ctx: int) -> None:
         """Hand the statistics to a context compressing with triattention."""
+        from .llama import head_shape
+
+        n_head, d = head_shape(llama_cpp.llama_get_model(ctx))
+        if self.centres.shape[1:] != (n_head, d) or self.abs_means.shape[1:] != (n_head, d // 2):
+            raise ValueError(f"the calibration's heads {self.centres.shape[1:]} are not the model's ({n_head}, {d})")
         layers = _native.compressed_layers(ctx)
         if tuple(layers) != self.layers:
             raise ValueError(f"the calibration covers layers {list(self.layers)}, the context compresses {layers}")
@@ -132,12 +138,10 @@ def calibrate(model_path: str | os.PathLike[str], text: Optional[str] = None, n_
     """The statistics of ``model_path`` over ``n_tokens`` tokens of ``text`` (default: the built-in text)."""
     from tqdm import tqdm
 
-    from .llama import Llama
+    from .llama import Llama, head_shape, n_ctx_train
 
     if n_tokens < CHUNK:
         raise ValueError(f"calibration needs at least {CHUNK} tokens, got {n_tokens}")
-    from .llama import n_ctx_train
-
     n_train = n_ctx_train(os.fspath(model_path), False)
     if n_train:   # the whole text sits in one context of the model's training length
         n_tokens = min(n_tokens, (n_train - 2 * CHUNK) // CHUNK * CHUNK)
@@ -155,10 +159,7 @@ def calibrate(model_path: str | os.PathLike[str], text: Optional[str] = None, n_
         layers = _native.compressed_layers(ctx)
         ropes = [_native.rope(ctx, layer) for layer in layers]
         model = llm._model.model
-        import llama_cpp
-
-        n_head = llama_cpp.llama_model_n_head(model)
-        d = llama_cpp.llama_model_n_embd(model) // n_head
+        n_head, d = head_shape(model)
         n_embd_k = llama_cpp.llama_model_n_head_kv(model) * d
         for rope in ropes:
             if rope.n_rot != d:

@@ -97,6 +97,25 @@ def n_ctx_train(model_path: str | os.PathLike[str], verbose: bool = True) -> int
         llama_cpp.llama_model_free(model)
 
 
+def model_meta(model: Any, key: str) -> Optional[str]:
+    """A GGUF metadata value of a loaded model ("{arch}" in ``key`` names its architecture); None if absent."""
+    value = ctypes.create_string_buffer(256)
+    if "{arch}" in key:
+        llama_cpp.llama_model_meta_val_str(model, b"general.architecture", value, len(value))
+        key = key.replace("{arch}", value.value.decode())
+    if llama_cpp.llama_model_meta_val_str(model, key.encode(), value, len(value)) < 0:
+        return None
+    return value.value.decode()
+
+
+def head_shape(model: Any) -> tuple[int, int]:
+    """(query heads, head size) of a loaded model: the key length where the model states one (Gemma 3's
+    heads are not n_embd / n_head wide)."""
+    n_head = llama_cpp.llama_model_n_head(model)
+    key_length = model_meta(model, "{arch}.attention.key_length")
+    return n_head, int(key_length) if key_length else llama_cpp.llama_model_n_embd(model) // n_head
+
+
 class ComposableProcessors(llama_cpp.LogitsProcessorList):
     """A logits processor list whose ``extend`` returns the list (llama-cpp-python composes with it)."""
 

@@ -188,6 +188,29 @@ def tri_inputs(ctx: int, calibration, layer: int, positions: list) -> Optional[r
     return reference.TriAttentionInputs(calibration.stats(layer), _native.rope(ctx, layer), newest + 1)
 
 
+def triattention_matches_reference(llm, budget: int, window: int) -> int:
+    """Compress now and compare every layer with reference.select; the number of layers that differ."""
+    ctx = llm._ctx.ctx
+    n_layer, n_head, n_head_kv, d = shape_of(llm._model.model)
+    params = reference.ScoringParams(budget=budget, window=window)
+    before = []
+    for layer in _native.compressed_layers(ctx):
+        q, k, scale = _native.layer_inputs(ctx, layer, window, n_head * d, n_head_kv * d)
+        positions = [_native.kept_positions(ctx, layer, h) for h in range(n_head_kv)]
+        before.append((layer, q.reshape(window, n_head, d), k.reshape(-1, n_head_kv, d), scale, positions,
+                       tri_inputs(ctx, llm._kv_calibration, layer, positions)))
+    assert _native.compress(ctx)
+    mismatches = 0
+    for layer, q, k, scale, positions, tri in before:
+        native = []
+        for h in range(n_head_kv):
+            after = _native.kept_positions(ctx, layer, h)
+            native.append(np.searchsorted(positions[h], after))
+            assert np.array_equal(positions[h][native[-1]], after)
+        mismatches += not reference.kept_sets_equivalent("triattention", q, k, scale, params, native, tri=tri)
+    return mismatches
+
+
 @dataclass
 class SpecWatch:
     """Compares the compressions of a context with reference.select while they run, through the

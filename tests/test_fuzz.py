@@ -44,7 +44,7 @@ from typing import Callable, Optional
 import numpy as np
 import pytest
 
-from rkv_local import Llama, _native, reference
+from rkv_local import Llama, _native, calibration, reference
 import llama_cpp
 
 from engine_helpers import GGML_TYPES, SpecWatch, decode, last_logits, low_level_context, shape_of
@@ -54,7 +54,7 @@ B, b = 32, 16
 WINDOW = 8       # kv_window's default
 SPEC_EVERY = 3   # every third compression of a sequence is compared with the spec
 N_CTX = 700  # logical context: small, so that runs reach it and must be refused there
-METHODS = ("rkv", "snapkv", "h2o", "streamingllm", "keydiff")
+METHODS = reference.METHODS
 
 
 @dataclass(frozen=True)
@@ -153,16 +153,26 @@ class LlamaFuzz:
                       for head in range(llama_cpp.llama_model_n_head_kv(n_model.model))]
         self.n_swa = self.case.model.get("sliding_window", 0)  # 0: no window layers
 
+    def calibration(self) -> dict:
+        """triattention's calibration file of the fuzzed model (made once, on a short text)."""
+        if self.method != "triattention":
+            return {}
+        path = self.tmp / "triattention.npz"
+        if not path.exists():
+            text = " ".join(f"item {i} costs {3 * i + 2} coins" for i in range(200))
+            calibration.calibrate(self.path, text=text, n_tokens=128, progress=False, n_threads=1).save(path)
+        return {"kv_calibration": str(path)}
+
     def new_llama(self) -> Llama:
         llm = Llama(str(self.path), kv_budget=self.budget, kv_buffer=b, kv_method=self.method, n_ctx=N_CTX,
                     kv_keep_prompt=self.case.keep, n_threads=1, n_threads_batch=1, verbose=False,
-                    **self.case.llama_kwargs())
+                    **self.case.llama_kwargs(), **self.calibration())
         if self.case.model.get("arch") != "gpt-oss":   # the spec's sinks are not read back from the model
             # every SPEC_EVERY-th automatic or forced compression against the spec, as it runs
             self.watches.append(SpecWatch(
                 llm._ctx.ctx, self.method, shape_of(llm._model.model),
                 reference.ScoringParams(budget=self.budget, window=WINDOW), layers=llm.compressed_layers(),
-                every=SPEC_EVERY))
+                every=SPEC_EVERY, calibration=llm._kv_calibration))
         return llm
 
     def close(self) -> None:

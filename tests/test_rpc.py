@@ -17,10 +17,10 @@ from typing import Iterator
 import numpy as np
 import pytest
 
-from rkv_local import BatchedLlama, Llama, _library, _native
+from rkv_local import BatchedLlama, Llama, _library, _native, calibration
 from rkv_local.rpc import RpcServerError, check_alive, rpc_server_path
 
-from engine_helpers import greedy, last_logits, random_tokens
+from engine_helpers import greedy, last_logits, random_tokens, triattention_matches_reference
 from near_tie import assert_same_completion, assert_same_greedy, recorded
 from test_engine import BUDGET, BUFFER, check_compression_matches_reference, make_llm
 
@@ -70,6 +70,20 @@ def servers(tmp_path_factory: pytest.TempPathFactory) -> Iterator[list[str]]:
 @pytest.fixture(scope="module")
 def tiny(tiny_model) -> Path:
     return tiny_model(arch="llama", n_head=4, n_head_kv=2, head_dim=32)
+
+
+def test_triattention_on_an_rpc_device_equals_the_reference(tiny, servers, tmp_path):
+    cal = tmp_path / "tri.npz"
+    text = " ".join(f"line {i}: {i * 7 % 13} apples" for i in range(200))
+    calibration.calibrate(tiny, text=text, n_tokens=128, progress=False, n_threads=2).save(cal)
+    llm = Llama(str(tiny), kv_budget=BUDGET, kv_buffer=BUFFER, kv_method="triattention", kv_calibration=str(cal),
+                rpc_servers=servers[:1], n_threads=2, verbose=False)
+    llm.eval(random_tokens(BUDGET + BUFFER, seed=1))
+    assert triattention_matches_reference(llm, BUDGET, 8) == 0
+    greedy(llm, BUFFER)
+    assert triattention_matches_reference(llm, BUDGET, 8) == 0
+    assert_on_the_device(llm)
+    llm.close()
 
 
 def assert_on_the_device(llm: Llama) -> None:

@@ -7,7 +7,8 @@ import numpy as np
 import pytest
 
 from rkv_local import BatchedLlama, Llama, _native, calibration, reference
-from engine_helpers import GGML_TYPES, SpecWatch, TinyLlamaWeights, greedy, random_tokens, shape_of, tri_inputs
+from engine_helpers import (GGML_TYPES, SpecWatch, TinyLlamaWeights, greedy, random_tokens, shape_of,
+                            triattention_matches_reference)
 
 BUDGET, BUFFER, WINDOW = 40, 16, 8
 TEXT = " ".join(f"step {i}: the sum of {i} and {2 * i + 1} is {3 * i + 1}." for i in range(400))
@@ -66,29 +67,6 @@ def Calibration_roundtrip(cal, path):
     return calibration.Calibration.load(path)
 
 
-def check_against_reference(llm: Llama) -> int:
-    """Compress now and compare every layer with reference.select; the number of layers that differ."""
-    ctx = llm._ctx.ctx
-    n_layer, n_head, n_head_kv, d = shape_of(llm._model.model)
-    params = reference.ScoringParams(budget=BUDGET, window=WINDOW)
-    before = []
-    for layer in _native.compressed_layers(ctx):
-        q, k, scale = _native.layer_inputs(ctx, layer, WINDOW, n_head * d, n_head_kv * d)
-        positions = [_native.kept_positions(ctx, layer, h) for h in range(n_head_kv)]
-        before.append((layer, q.reshape(WINDOW, n_head, d), k.reshape(-1, n_head_kv, d), scale, positions,
-                       tri_inputs(ctx, llm._kv_calibration, layer, positions)))
-    assert _native.compress(ctx)
-    mismatches = 0
-    for layer, q, k, scale, positions, tri in before:
-        native = []
-        for h in range(n_head_kv):
-            after = _native.kept_positions(ctx, layer, h)
-            native.append(np.searchsorted(positions[h], after))
-            assert np.array_equal(positions[h][native[-1]], after)
-        mismatches += not reference.kept_sets_equivalent("triattention", q, k, scale, params, native, tri=tri)
-    return mismatches
-
-
 @pytest.mark.parametrize("arch,n_head,n_head_kv,head_dim,type_kv,flash_attn", [
     ("llama", 4, 2, 32, "f16", False),     # normal RoPE: pairs (2i, 2i+1)
     ("qwen2", 8, 2, 32, "q8_0", True),     # NEOX: pairs (i, i + d/2)
@@ -100,10 +78,10 @@ def test_native_selection_equals_reference(calibrated, arch, n_head, n_head_kv, 
     llm = tri_llama(path, cal, type_k=GGML_TYPES[type_kv],
                     type_v=GGML_TYPES[type_kv] if flash_attn else GGML_TYPES["f16"], flash_attn=flash_attn)
     llm.eval(random_tokens(BUDGET + BUFFER, seed=3))
-    assert check_against_reference(llm) == 0
+    assert triattention_matches_reference(llm, BUDGET, WINDOW) == 0
     for round_ in range(3):   # later rounds score caches that already hold per-head tokens
         greedy(llm, BUFFER)
-        assert check_against_reference(llm) == 0, f"round {round_ + 2}"
+        assert triattention_matches_reference(llm, BUDGET, WINDOW) == 0, f"round {round_ + 2}"
 
 
 def test_automatic_compressions_and_a_kept_prompt(calibrated):
@@ -175,3 +153,20 @@ def test_the_calibrate_command(tiny_model, tmp_path, capsys):
     assert main(["calibrate", str(path), "--out", str(tmp_path / "cal.bin")]) != 0
     assert main(["generate", str(path), "x", "--kv-budget", "40", "--kv-calibration", str(out)]) != 0
     assert "--kv-calibration is for --kv-method triattention" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("shape", [
+    dict(arch="gemma3", n_layer=6, n_head=4, n_head_kv=2, head_dim=32, sliding_window=32),   # window layers
+    dict(arch="gpt-oss", n_layer=4, n_head=4, n_head_kv=2, head_dim=32, sliding_window=32),  # YaRN RoPE, sinks
+], ids=["gemma3-iswa", "gpt-oss"])
+def test_sliding_window_models_select_as_the_spec(calibrated, shape):
+    path, cal = calibrated(**shape)
+    llm = tri_llama(path, cal)
+    watch = SpecWatch(llm._ctx.ctx, "triattention", shape_of(llm._model.model),
+                      reference.ScoringParams(budget=BUDGET, window=WINDOW), layers=llm.compressed_layers(),
+                      calibration=llm._kv_calibration)
+    llm.eval(random_tokens(20, seed=6))
+    greedy(llm, 4 * (BUDGET + BUFFER))
+    watch.close()
+    assert not watch.failures, watch.failures[:3]
+    assert watch.compared == llm.kv_stats().compressions >= 4

@@ -47,7 +47,7 @@ BIN = 256  # positions per bin of the per-position curves in fidelity.json
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     add_model_arguments(parser)
-    add_kv_arguments(parser, methods="full,rkv,snapkv,h2o,streamingllm", budgets="64,128,256,512,1024")
+    add_kv_arguments(parser, methods="full,rkv,snapkv,h2o,streamingllm,keydiff,triattention", budgets="64,128,256,512,1024")
     parser.add_argument("--data", type=data_path, metavar="NAME|FILE", default=data_path("math500"),
                         help="a shipped benchmark (gsm8k, math500, aime24) or a JSONL file of problems "
                              "(question or problem field; default: math500)")

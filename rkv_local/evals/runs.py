@@ -12,7 +12,7 @@ from .. import BatchedLlama, Llama
 from .._native import METHOD_IDS
 from ..models import resolve_model
 
-COMPRESSED_METHODS = tuple(METHOD_IDS)          # rkv, snapkv, h2o, streamingllm
+COMPRESSED_METHODS = tuple(METHOD_IDS)          # rkv, snapkv, h2o, streamingllm, keydiff, triattention
 ALL_METHODS = ("full",) + COMPRESSED_METHODS
 
 
@@ -25,6 +25,7 @@ class RunConfig:
     buffer: int = 128
     window: int = 8
     lam: float = 0.1
+    calibration: Optional[str] = None   # triattention's file (None: the cached automatic one)
 
     @property
     def label(self) -> str:
@@ -33,14 +34,17 @@ class RunConfig:
     def llama_kwargs(self) -> dict[str, Any]:
         if self.method == "full":
             return {}
+        calibration = dict(kv_calibration=self.calibration) if self.method == "triattention" and self.calibration else {}
         return dict(kv_budget=self.budget, kv_buffer=self.buffer, kv_method=self.method,
-                    kv_window=self.window, kv_lambda=self.lam)
+                    kv_window=self.window, kv_lambda=self.lam, **calibration)
 
     def to_dict(self) -> dict[str, Any]:
         d = asdict(self)
         d["label"] = self.label
         if self.method == "full":
             d.update(budget=None, buffer=None, window=None, lam=None)
+        if self.method != "triattention":
+            d.pop("calibration")
         return d
 
 
@@ -74,7 +78,7 @@ def parse_methods(text: str) -> list[str]:
 
 
 def build_configs(methods: Sequence[str], budgets: Sequence[int], buffer: int, window: int, lam: float,
-                  *, include_full: bool = True) -> list[RunConfig]:
+                  *, include_full: bool = True, calibration: Optional[str] = None) -> list[RunConfig]:
     """``full`` first (when included), then every compressed method at every budget."""
     configs = []
     if include_full or "full" in methods:
@@ -85,7 +89,8 @@ def build_configs(methods: Sequence[str], budgets: Sequence[int], buffer: int, w
         for budget in budgets:
             if budget <= window:
                 raise SystemExit(f"error: budget {budget} must exceed kv_window {window}")
-            configs.append(RunConfig(method, int(budget), int(buffer), int(window), float(lam)))
+            configs.append(RunConfig(method, int(budget), int(buffer), int(window), float(lam),
+                                     calibration if method == "triattention" else None))
     return configs
 
 
@@ -111,11 +116,14 @@ def add_kv_arguments(parser: argparse.ArgumentParser, *, methods: str, budgets: 
     parser.add_argument("--kv-window", type=int, metavar="N", default=8, help="observation window α (default: %(default)s)")
     parser.add_argument("--kv-lambda", type=float, metavar="X", default=0.1,
                         help="R-KV importance weight λ (default: %(default)s)")
+    parser.add_argument("--kv-calibration", metavar="FILE", default=None,
+                        help="triattention's query statistics (`rkv-local calibrate`; default: calibrated once and "
+                             "cached beside the downloaded models)")
 
 
 def configs_from_args(args: argparse.Namespace, *, include_full: bool = True) -> list[RunConfig]:
     return build_configs(args.methods, args.budgets, args.kv_buffer, args.kv_window, args.kv_lambda,
-                         include_full=include_full)
+                         include_full=include_full, calibration=args.kv_calibration)
 
 
 def open_llama(model_path: Path, config: RunConfig, *, n_ctx: int, threads: int, n_gpu_layers: int = 0,

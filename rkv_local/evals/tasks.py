@@ -75,7 +75,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--limit", type=int, metavar="N", default=0, help="use the first N problems (default: all)")
     parser.add_argument("--offset", type=int, metavar="N", default=0, help="skip the first N problems (default: 0)")
     add_kv_arguments(
-        parser, methods="rkv,snapkv,h2o,streamingllm", budgets="128,256", buffer=128,
+        parser, methods="rkv,snapkv,h2o,streamingllm,keydiff,triattention", budgets="128,256", buffer=128,
         buffer_help="tokens decoded between two compressions. Short answers need a small buffer, or the "
                     "cache is hardly ever compressed: for GSM8K (answers of 150-400 tokens) use "
                     "--kv-buffer 32, which compresses every 32 tokens once the budget is reached; long "
