@@ -138,7 +138,8 @@ fi
 
 # -- engine tests -------------------------------------------------------------------------------
 TESTS=(tests/test_engine.py tests/test_fused.py tests/test_iswa.py tests/test_automatic_compressions.py
-       tests/test_kept_prompt.py tests/test_query_capture.py tests/test_batched.py::test_8_sequences_of_a_tiny_model_equal_alone)
+       tests/test_kept_prompt.py tests/test_query_capture.py tests/test_triattention.py
+       tests/test_batched.py::test_8_sequences_of_a_tiny_model_equal_alone)
 pytest_run() {   # pytest_run XML [args...]
     local xml=$1; shift
     "$PY" -m pytest -q -p no:cacheprovider -p gpu_offload --junitxml="$OUT/$xml" "$@"

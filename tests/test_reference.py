@@ -49,14 +49,21 @@ def _brute_importance(queries, keys, n_candidates, scale, kernel, sinks=None):
     return out
 
 
+def _brute_unit_keys(keys, h):
+    """Head h's keys, each divided by its norm (floored at 1e-12)."""
+    n, _, d = keys.shape
+    unit = []
+    for i in range(n):
+        norm = math.sqrt(sum(float(keys[i, h, t]) ** 2 for t in range(d)))
+        unit.append([float(keys[i, h, t]) / max(norm, 1e-12) for t in range(d)])
+    return unit
+
+
 def _brute_redundancy(keys, n_candidates, threshold, authors_argmax=False):
     n, n_kv, d = keys.shape
     out = []
     for h in range(n_kv):
-        unit = []
-        for i in range(n):
-            norm = math.sqrt(sum(float(keys[i, h, t]) ** 2 for t in range(d)))
-            unit.append([float(keys[i, h, t]) / max(norm, 1e-12) for t in range(d)])
+        unit = _brute_unit_keys(keys, h)
         sim = [[0.0 if i == j else sum(a * b for a, b in zip(unit[i], unit[j])) for j in range(n)] for i in range(n)]
         for i in range(n):
             last = None
@@ -79,10 +86,7 @@ def _brute_keydiff(keys, n_candidates):
     n, n_kv, d = keys.shape
     out = []
     for h in range(n_kv):
-        unit = []
-        for i in range(n):
-            norm = math.sqrt(sum(float(keys[i, h, t]) ** 2 for t in range(d)))
-            unit.append([float(keys[i, h, t]) / max(norm, 1e-12) for t in range(d)])
+        unit = _brute_unit_keys(keys, h)
         anchor = [sum(u[t] for u in unit) / n for t in range(d)]
         anchor_norm = math.sqrt(sum(a * a for a in anchor))
         out.append([-sum(u * a for u, a in zip(unit[j], anchor)) / anchor_norm for j in range(n_candidates)])
