@@ -72,6 +72,8 @@ def Calibration_roundtrip(cal, path):
     ("qwen2", 8, 2, 32, "q8_0", True),     # NEOX: pairs (i, i + d/2)
     ("qwen3", 4, 1, 64, "bf16", True),
     ("llama", 9, 3, 64, "f32", False),     # SmolLM2's heads
+    ("qwen2", 7, 1, 128, "f16", True),     # R1-Distill-Qwen-7B's groups of 7, heads of 128
+    ("llama", 8, 2, 128, "q8_0", False),   # R1-Distill-Llama-8B's groups of 4
 ])
 def test_native_selection_equals_reference(calibrated, arch, n_head, n_head_kv, head_dim, type_kv, flash_attn):
     path, cal = calibrated(arch=arch, n_head=n_head, n_head_kv=n_head_kv, head_dim=head_dim)
