@@ -37,7 +37,8 @@ struct rkv_score_inputs {
 
 // What one layer's graphs leave for the host.
 struct rkv_score_outputs {
-    ggml_tensor * importance = nullptr; // F32 [n_cand, n_head_kv] (keydiff: its whole score)
+    ggml_tensor * importance = nullptr; // F32 [n_cand, n_head_kv] (keydiff: its whole score; triattention: the
+                                        // raw score of each query head, [group, n_cand, n_head_kv])
     ggml_tensor * sim_sum    = nullptr; // F32 [n, n_head_kv]: sum of a key's similarities to all others
     ggml_tensor * kn         = nullptr; // F32 [d, n, n_head_kv]: the normalised keys (input of the CUDA kernel)
     // portable graph
