@@ -6,7 +6,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from rkv_local import BatchedLlama, Llama, _native, calibration, reference
+from rkv_local import BatchedLlama, Llama, calibration, reference
 from engine_helpers import (GGML_TYPES, SpecWatch, TinyLlamaWeights, greedy, random_tokens, shape_of,
                             triattention_matches_reference)
 
