@@ -25,7 +25,10 @@ VULKAN_TESTS ?= tests/test_engine.py tests/test_iswa.py \
 	--deselect tests/test_engine.py::test_smollm2_long_generation_stays_within_budget
 VULKAN_CMAKE_ARGS ?=
 
-.PHONY: all venv build demo test test-asan test-vulkan gpu-pack gpu-dryrun clean
+# llama.cpp's own llama-perplexity, the reference tests check eval fidelity's KLD statistics against
+PERPLEXITY := build/bin/llama-perplexity
+
+.PHONY: all venv build demo test test-asan test-vulkan gpu-pack gpu-dryrun llama-perplexity clean
 
 all: build
 
@@ -58,8 +61,14 @@ $(LIB): $(DEPS_STAMP) $(NATIVE_SRC)
 demo: build
 	$(BIN)/python -m rkv_local.demo
 
-test: build
+test: build $(PERPLEXITY)
 	$(BIN)/python -m pytest -q tests
+
+llama-perplexity: $(PERPLEXITY)
+
+$(PERPLEXITY): $(LIB)
+	$(BIN)/cmake -S . -B build -DRKV_PERPLEXITY=ON
+	$(BIN)/cmake --build build -j $(JOBS) --target llama-perplexity
 
 $(ASAN_LIB): $(DEPS_STAMP) $(NATIVE_SRC)
 	$(BIN)/cmake -S . -B $(ASAN_BUILD) -G Ninja -DCMAKE_MAKE_PROGRAM=$(CURDIR)/$(BIN)/ninja \

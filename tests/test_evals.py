@@ -198,6 +198,13 @@ def test_fidelity(smollm2_path, tmp_path):
     assert full["nll_diff"] == pytest.approx(0.0, abs=1e-9)
     assert 0.0 <= rkv["top1"] <= 1.0 and rkv["kl"] >= -1e-6 and rkv["compressions"] > 0
     assert rkv["positions_compressed"] > 0
+    # llama-perplexity's statistics, over all positions and after the first compression
+    stats, after = rkv["stats"], rkv["stats_compressed"]
+    assert stats["positions"] == rkv["positions"] and after["positions"] == rkv["positions_compressed"]
+    assert stats["kld_mean"] == rkv["kl"] and stats["same_top1"] == rkv["top1"]
+    assert 0 <= stats["kld_median"] <= stats["kld_p90"] <= stats["kld_p95"] <= stats["kld_p99"] <= stats["kld_max"]
+    assert full["stats"]["kld_max"] == pytest.approx(0.0, abs=1e-9) and full["stats"]["dp_rms"] == pytest.approx(0.0, abs=1e-7)
+    assert full["stats_compressed"] is None and full["positions_compressed"] == 0
     texts = json.loads((out / "fidelity_texts.json").read_text())["texts"]
     assert len(texts[0]["tokens"]) <= 160 and any(texts[0]["generated"])
     assert "| rkv@32 |" in (out / "fidelity.md").read_text()
@@ -207,6 +214,55 @@ def test_fidelity(smollm2_path, tmp_path):
     fidelity.add_arguments(args)
     again, cached = fidelity.load_or_make_texts(smollm2_path, data, args.parse_args(argv), out)
     assert cached and again == texts
+
+
+def test_fidelity_quick_sweep_free_running_and_advice(smollm2_path, tmp_path):
+    """--quick with a λ/window sweep, free running and budget advice in one run."""
+    data = copy_items("math500.jsonl", 2, tmp_path)
+    out = tmp_path / "fidelity"
+    argv = [str(smollm2_path), *COMMON, "--data", str(data), "--quick", "--methods", "rkv,streamingllm",
+            "--lambdas", "0.5", "--windows", "4", "--free-running", "1", "--advise", "--max-p99-kld", "1e9",
+            "--context", "4k,32k", "--out", str(out)]
+    assert invoke(fidelity, argv) == 0
+    result = json.loads((out / "fidelity.json").read_text())
+    s = result["settings"]
+    assert (s["n_texts"], s["length"], s["budgets"], s["kv_buffer"]) == (1, 448, [32, 64], 32)
+    rows = {r["label"]: r for r in result["summary"]}
+    assert set(rows) == {"rkv@32", "rkv@64", "streamingllm@32", "streamingllm@64",
+                         "rkv@32,λ0.5", "rkv@64,λ0.5", "rkv@32,w4", "rkv@64,w4"}
+    assert rows["rkv@64,λ0.5"]["lam"] == 0.5 and rows["rkv@64,w4"]["window"] == 4
+    assert rows["rkv@64,w4"]["series"] == "rkv,w4" and rows["rkv@64"]["series"] == "rkv"
+    # SmolLM2: 30 layers x 3 KV heads x 64 dims x (K, V) x 2 bytes per token
+    assert {r["bytes_per_cell"] for r in rows.values()} == {30 * 3 * 64 * 2 * 2}
+    advice = {a["series"]: a for a in result["advice"]}
+    assert set(advice) == {"rkv", "streamingllm", "rkv,λ0.5", "rkv,w4"}
+    assert all(a["budget"] == 32 for a in advice.values())        # any budget meets an unbounded target
+    assert advice["rkv"]["memory"][1] == {"context": 32768, "kv_mib": 23040 * 64 / 2**20, "full_kv_mib": 23040 * 32768 / 2**20}
+    # a target no budget meets, and one only the larger budget may meet
+    args = argparse.Namespace(max_p99_kld=0.0, min_same_top1=None, context=[32768])
+    assert all(a["budget"] is None for a in fidelity.advice(result["summary"], args, 23040.0))
+    args.max_p99_kld = rows["rkv@64"]["stats_compressed"]["kld_p99"]
+    chosen = {a["series"]: a["budget"] for a in fidelity.advice(result["summary"], args, 23040.0)}
+    assert chosen["rkv"] == (32 if rows["rkv@32"]["stats_compressed"]["kld_p99"] <= args.max_p99_kld else 64)
+    md = (out / "fidelity.md").read_text()
+    assert "Budget advice" in md and "Free running" in md and "| rkv@32,λ0.5 |" in md
+    free = {r["label"]: r for r in result["free_running"]}
+    assert set(free) == set(rows)
+    for r in free.values():
+        assert r["problems"] == 1 and 0 < r["length_mean"] <= 256 and 0 <= r["divergence"][0] <= 256
+
+
+def test_free_running_agrees_with_the_full_cache_until_it_compresses(smollm2_path, tmp_path):
+    """A budget the answer never reaches writes the full cache's answer; a small one leaves it."""
+    rows = [json.loads(line) for line in (DATA_DIR / "math500.jsonl").read_text().splitlines()[:2]]
+    args = argparse.Namespace(free_running=2, first_item=0, max_answer_tokens=48, threads=1, n_gpu_layers=0)
+    configs = [fidelity.RunConfig("rkv", 1024, 128), fidelity.RunConfig("streamingllm", 16, 16)]
+    result = {r["label"]: r for r in fidelity.free_running(smollm2_path, rows, configs, args)}
+    roomy, tight = result["rkv@1024"], result["streamingllm@16"]
+    assert roomy["identical"] == 2 and roomy["lengths"] == roomy["full_lengths"]
+    assert roomy["divergence"] == roomy["full_lengths"]
+    # the tight cache holds 32 of a prompt of more than 100 tokens: its answers start elsewhere
+    assert tight["identical"] < 2 and min(tight["divergence"]) < 48
 
 
 def test_tasks_resume(smollm2_path, tmp_path):

@@ -164,32 +164,36 @@ def _by_method(rows: list[dict[str, Any]], field: str) -> dict[str, list[tuple[i
 
 
 def plot_fidelity(result: dict[str, Any], out: Path) -> list[Path]:
-    """``fidelity.png``: top-1 agreement, KL(full‖compressed) and NLL difference vs budget."""
+    """``fidelity.png``: after the first compression, same top-1, the KLD's mean and percentiles (as
+    llama-perplexity reports them) and ΔNLL vs budget, one curve per method (and sweep setting)."""
     plt = _pyplot()
-    rows = result["summary"]
-    budgets = [r["budget"] for r in rows if r["budget"]]
-    panels = [("top1", "top-1 agreement with the full cache", "agreement"),
-              ("kl", "mean KL(full ‖ compressed)", "nats / token"),
-              ("nll_diff", "NLL difference (compressed − full)", "nats / token")]
-    fig, axes = plt.subplots(1, 3, figsize=(14, 4.2))
-    for ax, (field, title, ylabel) in zip(axes, panels):
-        for method, pts in _by_method(rows, field).items():
-            ax.plot(*zip(*pts), **_style(method, method))
-        log_scale = field == "kl" and all((r.get("kl") or 0) > 0 for r in rows if r["method"] != "full")
-        full = next((r for r in rows if r["method"] == "full"), None)
-        if full is not None and full.get(field) is not None and not log_scale:
-            ax.axhline(full[field], color="black", linestyle="--", linewidth=1, label="full")
+    rows = [r for r in result["summary"] if r["method"] != "full" and r.get("stats_compressed")]
+    if not rows:
+        return []
+    budgets = [r["budget"] for r in rows]
+    panels = [("same_top1", "same top-1 token as the full cache", "fraction", False),
+              ("kld_mean", "mean KLD(full ‖ compressed)", "nats / token", True),
+              ("kld_median", "median KLD", "nats / token", True),
+              ("kld_p99", "99th-percentile KLD", "nats / token", True),
+              ("kld_p99_9", "99.9th-percentile KLD", "nats / token", True),
+              ("nll_diff", "ΔNLL = ln PPL ratio (compressed − full)", "nats / token", False)]
+    fig, axes = plt.subplots(2, 3, figsize=(15, 8))
+    for ax, (field, title, ylabel, log_scale) in zip(axes.flat, panels):
+        for index, series in enumerate(dict.fromkeys(r["series"] for r in rows)):
+            pts = sorted((r["budget"], r["stats_compressed"][field]) for r in rows if r["series"] == series)
+            method = series.split(",")[0]
+            ax.plot(*zip(*pts), **_style(series, method, 0 if series == method else index))
         _log2_axis(ax, budgets)
+        if log_scale and all(r["stats_compressed"][field] > 0 for r in rows):
+            ax.set_yscale("log")
         ax.set_xlabel("KV budget (tokens per layer and head)")
         ax.set_ylabel(ylabel)
         ax.set_title(title, fontsize=10)
         ax.grid(alpha=0.3)
-        if log_scale:
-            ax.set_yscale("log")
-        ax.legend(fontsize=8)
+    axes.flat[0].legend(fontsize=7)
     s = result["settings"]
-    return [_save(fig, out / "fidelity.png", f"{s['model']}: teacher-forced over {s['n_texts']} text(s), "
-                  f"{s['scored_positions']} positions (kv_buffer {s['kv_buffer']})")]
+    return [_save(fig, out / "fidelity.png", f"{s['model']}: after the first compression, teacher-forced over "
+                  f"{s['n_texts']} text(s) of {s['length']} tokens (kv_buffer {s['kv_buffer']})")]
 
 
 def plot_accuracy(result: dict[str, Any], out: Path) -> list[Path]:

@@ -14,6 +14,8 @@ from ..models import resolve_model
 
 COMPRESSED_METHODS = tuple(METHOD_IDS)          # rkv, snapkv, h2o, streamingllm, keydiff, triattention
 ALL_METHODS = ("full",) + COMPRESSED_METHODS
+DEFAULT_WINDOW = 8
+DEFAULT_LAMBDA = 0.1
 
 
 @dataclass(frozen=True)
@@ -23,13 +25,25 @@ class RunConfig:
     method: str
     budget: Optional[int] = None
     buffer: int = 128
-    window: int = 8
-    lam: float = 0.1
+    window: int = DEFAULT_WINDOW
+    lam: float = DEFAULT_LAMBDA
     calibration: Optional[str] = None   # triattention's file (None: the cached automatic one)
 
     @property
+    def series(self) -> str:
+        """The method and the settings that differ from the defaults: what a curve over budgets shows."""
+        if self.method == "full":
+            return "full"
+        window = f",w{self.window}" if self.window != DEFAULT_WINDOW else ""
+        lam = f",λ{self.lam:g}" if self.method == "rkv" and self.lam != DEFAULT_LAMBDA else ""
+        return f"{self.method}{window}{lam}"
+
+    @property
     def label(self) -> str:
-        return "full" if self.method == "full" else f"{self.method}@{self.budget}"
+        if self.method == "full":
+            return "full"
+        method, _, settings = self.series.partition(",")
+        return f"{method}@{self.budget}" + (f",{settings}" if settings else "")
 
     def llama_kwargs(self) -> dict[str, Any]:
         if self.method == "full":
@@ -41,6 +55,7 @@ class RunConfig:
     def to_dict(self) -> dict[str, Any]:
         d = asdict(self)
         d["label"] = self.label
+        d["series"] = self.series
         if self.method == "full":
             d.update(budget=None, buffer=None, window=None, lam=None)
         if self.method != "triattention":
