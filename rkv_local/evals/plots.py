@@ -151,18 +151,6 @@ def plot_bench(result: dict[str, Any], out: Path) -> list[Path]:
     return paths
 
 
-def _by_method(rows: list[dict[str, Any]], field: str) -> dict[str, list[tuple[int, float]]]:
-    series: dict[str, list[tuple[int, float]]] = {}
-    for r in rows:
-        if r["method"] == "full" or r.get(field) is None:
-            continue
-        value = r[field]
-        if isinstance(value, float) and not math.isfinite(value):
-            continue
-        series.setdefault(r["method"], []).append((r["budget"], value))
-    return {m: sorted(v) for m, v in series.items()}
-
-
 def plot_fidelity(result: dict[str, Any], out: Path) -> list[Path]:
     """``fidelity.png``: after the first compression, same top-1, the KLD's mean and percentiles (as
     llama-perplexity reports them) and ΔNLL vs budget, one curve per method (and sweep setting)."""
