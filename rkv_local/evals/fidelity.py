@@ -54,7 +54,7 @@ from .runs import (RunConfig, add_kv_arguments, add_model_arguments, build_confi
 from .tasks import PROMPT_SUFFIX, item_question
 
 HELP = "KL divergence statistics (as llama-perplexity's) of compressed caches vs the full cache, and budget advice"
-EXAMPLE = ("examples:\n  rkv-local eval fidelity qwen2.5-coder-0.5b --budgets 64,256,1024\n"
+EXAMPLE = ("example:\n  rkv-local eval fidelity qwen2.5-coder-0.5b --budgets 64,256,1024\n"
            "  rkv-local eval fidelity model.gguf --advise --max-p99-kld 0.1")
 MIB = 2**20
 # --quick: a first look in a minute or two, and what the tests run
