@@ -1,0 +1,71 @@
+"""Condensed Markdown tables of `eval fidelity` results, one per figure, for RESULTS.md: methods as
+rows, budgets as columns, after the first compression.
+
+    python scripts/kld_summary.py results/kld-smollm2-4k [more result folders] [--figures kld_mean,kld_p99]
+"""
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+
+from rkv_local.evals.report import markdown_table
+
+TITLES = {"kld_mean": "mean KLD (± SE)", "kld_median": "median KLD", "kld_p99": "99th-percentile KLD",
+          "kld_p99_9": "99.9th-percentile KLD", "kld_max": "maximum KLD", "same_top1": "same top-1 % (± SE)",
+          "dp_rms": "RMS Δp %", "nll_diff": "ΔNLL (± SE)"}
+
+
+def cell(stats: dict, figure: str, gap: dict) -> str:
+    value = stats[figure]
+    if figure in ("same_top1", "dp_rms"):
+        text = f"{100 * value:.2f}"
+    else:
+        text = f"{value:.3g}"
+    error = stats.get(f"{figure}_error")
+    if error is not None and figure != "dp_rms":
+        text += f" ± {100 * error:.2f}" if figure == "same_top1" else f" ± {error:.2g}"
+    if figure == "kld_mean" and gap:
+        # the best at this budget in bold; a gap within two paired standard errors in italics
+        if gap["best"] == gap["label"]:
+            text = f"**{text}**"
+        elif gap["kld_vs_best"] < 2 * gap["kld_vs_best_error"]:
+            text = f"*{text}*"
+    return text
+
+
+def table(result: dict, figure: str) -> str:
+    rows = [r for r in result["summary"] if r["method"] != "full" and r.get("stats_compressed")]
+    budgets = sorted({r["budget"] for r in rows})
+    series = list(dict.fromkeys(r["series"] for r in rows))
+    by = {(r["series"], r["budget"]): r for r in rows}
+    body = []
+    for name in series:
+        line = [name]
+        for b in budgets:
+            r = by.get((name, b))
+            gap = {k: r[k] for k in ("best", "kld_vs_best", "kld_vs_best_error") if k in r} if r else {}
+            line.append(cell(r["stats_compressed"], figure, {**gap, "label": r["label"]} if gap else {}) if r else "–")
+        body.append(line)
+    return markdown_table(["method", *(f"B = {b}" for b in budgets)], body)
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("folders", nargs="+", type=Path)
+    ap.add_argument("--figures", default="kld_mean,kld_p99,same_top1")
+    args = ap.parse_args()
+    for folder in args.folders:
+        result = json.loads((folder / "fidelity.json").read_text())
+        s = result["settings"]
+        positions = max((r["positions_compressed"] for r in result["summary"]), default=0)
+        print(f"#### {s['model']}: {s['n_texts']} text(s) of {s['length']} tokens "
+              f"({'T = ' + str(s['temperature']) if s['temperature'] > 0 else 'greedy'}), "
+              f"up to {positions} positions after compression\n")
+        for figure in args.figures.split(","):
+            print(f"{TITLES[figure]}:\n\n{table(result, figure)}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
