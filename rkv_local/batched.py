@@ -62,9 +62,7 @@ class _SequenceContext:
         return getattr(self._shared, name)
 
     def kv_cache_seq_rm(self, seq_id: int, p0: int, p1: int) -> bool:
-        with self._scheduler.ctx_lock:
-            if self._scheduler.closed:
-                raise RuntimeError("this BatchedLlama is closed")
+        with self._scheduler.between_decodes():
             return bool(llama_cpp.llama_memory_seq_rm(llama_cpp.llama_get_memory(self._shared.ctx), self._seq_id,
                                                       p0, p1))
 
@@ -86,9 +84,7 @@ class _SequenceContext:
 
     def engine_call(self, fn: Any, *args: Any) -> Any:
         """``fn(ctx, seq_id, *args)`` of ``rkv_local._native`` on the view's sequence, between decodes."""
-        with self._scheduler.ctx_lock:
-            if self._scheduler.closed:
-                raise RuntimeError("this BatchedLlama is closed")
+        with self._scheduler.between_decodes():
             return fn(self._shared.ctx, self._seq_id, *args)
 
 
@@ -176,14 +172,12 @@ class _SequenceView(Llama):
     def compress_now(self) -> bool:
         if self._kv_config is None:
             raise RuntimeError("this BatchedLlama has no kv_budget")
-        with self._owner._scheduler.ctx_lock:
-            return _native.compress(self._ctx.ctx, self._seq_id)
+        return self._engine_call(_native.compress)
 
     def kept_positions(self, layer: int, head: int) -> np.ndarray:
         if self._kv_config is None:
             return np.arange(self.n_tokens, dtype=np.int32)
-        with self._owner._scheduler.ctx_lock:
-            return _native.kept_positions(self._ctx.ctx, layer, head, self._seq_id)
+        return self._engine_call(lambda ctx, seq_id: _native.kept_positions(ctx, layer, head, seq_id))
 
     def save_state(self) -> llama_cpp.LlamaState:
         raise RuntimeError(_NO_REQUEST_STATE)
