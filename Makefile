@@ -39,10 +39,9 @@ $(DEPS_STAMP): pyproject.toml Makefile
 	$(BIN)/python -m pip install -q --upgrade pip
 	# the bindings only: llama.cpp itself is built below, from the same release's source
 	CMAKE_ARGS="-DLLAMA_BUILD=OFF -DLLAVA_BUILD=OFF" $(BIN)/python -m pip install -q "llama-cpp-python==0.3.36"
-	# pyproject.toml's dependencies and its test and server extras, plus the build tools
-	$(BIN)/python -m pip install -q numpy gguf matplotlib tqdm pytest hypothesis openai scipy huggingface_hub cmake ninja \
-		"uvicorn>=0.22.0" "fastapi>=0.100.0" "pydantic-settings>=2.0.1" "sse-starlette>=1.6.1" \
-		"starlette-context>=0.3.6,<0.4" "PyYAML>=5.1" prometheus_client
+	# pyproject.toml's requirements and its test, server and evals extras, plus the build tools
+	$(BIN)/python rkv_local/requirements.py test server evals > $(VENV)/requirements.txt
+	$(BIN)/python -m pip install -q -r $(VENV)/requirements.txt cmake ninja
 	# the source folder is the package: no reinstall after each edit
 	echo "$(CURDIR)" > $$($(BIN)/python -c 'import sysconfig; print(sysconfig.get_paths()["purelib"])')/rkv-local-dev.pth
 	printf '#!/bin/sh\nexec "%s" -m rkv_local "$$@"\n' "$(CURDIR)/$(BIN)/python" > $(BIN)/rkv-local

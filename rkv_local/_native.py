@@ -104,7 +104,9 @@ class RkvError(RuntimeError):
 
 @dataclass(frozen=True)
 class CompressionConfig:
-    """Settings of the KV compression (see DESIGN.md §2 for their meaning)."""
+    """The engine's settings, field by field the C struct ``rkv_params`` (users set them through
+    ``KVSettings``, which says what each means; ``kernel``, ``threshold``, ``sink`` and ``kernels`` are
+    the engine's own)."""
 
     budget: int
     buffer: int = 128

@@ -27,7 +27,7 @@ from llama_cpp import _internals as internals
 from llama_cpp import llama_chat_format
 
 from . import _native
-from .llama import CACHE_PAD, KVStats, Llama, check_kv_arguments, padded_cells, window_figures
+from .llama import CACHE_PAD, KVStats, Llama, kv_settings_from, padded_cells
 from .sampling import check_grammar, check_logit_bias
 from .scheduler import DecodeScheduler, RequestCancelled, StepStats
 
@@ -62,9 +62,7 @@ class _SequenceContext:
         return getattr(self._shared, name)
 
     def kv_cache_seq_rm(self, seq_id: int, p0: int, p1: int) -> bool:
-        with self._scheduler.ctx_lock:
-            if self._scheduler.closed:
-                raise RuntimeError("this BatchedLlama is closed")
+        with self._scheduler.between_decodes():
             return bool(llama_cpp.llama_memory_seq_rm(llama_cpp.llama_get_memory(self._shared.ctx), self._seq_id,
                                                       p0, p1))
 
@@ -86,9 +84,7 @@ class _SequenceContext:
 
     def engine_call(self, fn: Any, *args: Any) -> Any:
         """``fn(ctx, seq_id, *args)`` of ``rkv_local._native`` on the view's sequence, between decodes."""
-        with self._scheduler.ctx_lock:
-            if self._scheduler.closed:
-                raise RuntimeError("this BatchedLlama is closed")
+        with self._scheduler.between_decodes():
             return fn(self._shared.ctx, self._seq_id, *args)
 
 
@@ -115,6 +111,7 @@ class _SequenceView(Llama):
         if self.n_tokens + len(tokens) > self._n_ctx:
             raise ValueError(f"evaluating {len(tokens)} tokens after {self.n_tokens} would exceed the context "
                              f"(n_ctx = {self._n_ctx})")
+        self._count_prompt(tokens)
         n_vocab = self._owner._n_vocab
         for token in tokens:
             # checked here: the scheduler decodes this request's tokens in one call with others'
@@ -170,19 +167,17 @@ class _SequenceView(Llama):
             raise
 
     def kv_stats(self) -> KVStats:
-        return self._owner.kv_stats(self._seq_id, n_tokens=self.n_tokens)
+        return self._owner.kv_stats(self._seq_id, n_tokens=self.n_tokens, counters=self.token_counters())
 
     def compress_now(self) -> bool:
         if self._kv_config is None:
             raise RuntimeError("this BatchedLlama has no kv_budget")
-        with self._owner._scheduler.ctx_lock:
-            return _native.compress(self._ctx.ctx, self._seq_id)
+        return self._engine_call(_native.compress)
 
     def kept_positions(self, layer: int, head: int) -> np.ndarray:
         if self._kv_config is None:
             return np.arange(self.n_tokens, dtype=np.int32)
-        with self._owner._scheduler.ctx_lock:
-            return _native.kept_positions(self._ctx.ctx, layer, head, self._seq_id)
+        return self._engine_call(lambda ctx, seq_id: _native.kept_positions(ctx, layer, head, seq_id))
 
     def save_state(self) -> llama_cpp.LlamaState:
         raise RuntimeError(_NO_REQUEST_STATE)
@@ -226,22 +221,14 @@ class BatchedLlama:
         model_path: Union[str, "os.PathLike[str]"],
         *,
         n_seq_max: int = 4,
-        kv_budget: Optional[int] = None,
-        kv_buffer: int = 128,
-        kv_method: str = "rkv",
-        kv_window: int = 8,
-        kv_lambda: float = 0.1,
-        kv_keep_prompt: int = 0,
-        kv_compress: str = "all",
-        kv_think_end: Optional[str] = None,
-        kv_calibration: Optional[Union[str, "os.PathLike[str]"]] = None,
         n_ctx: int = 0,
         n_batch: int = 512,
         n_ubatch: Optional[int] = None,
         verbose: bool = False,
         **kwargs: Any,
     ) -> None:
-        check_kv_arguments(kwargs)
+        """``kwargs``: ``Llama``'s, the ``kv_*`` settings of ``KVSettings`` included."""
+        settings = kv_settings_from(kwargs)
         max_seq = int(llama_cpp.llama_max_parallel_sequences())
         if not 1 <= n_seq_max <= max_seq:
             raise ValueError(f"n_seq_max must be between 1 and {max_seq} (llama.cpp's limit), got {n_seq_max}")
@@ -263,13 +250,10 @@ class BatchedLlama:
                           "on the other sequences in its decode calls", RuntimeWarning, stacklevel=2)
         self._closed = True   # until the scheduler runs
         self.n_seq_max = n_seq_max
-        budget = dict(kv_budget=kv_budget, kv_buffer=kv_buffer, kv_method=kv_method, kv_window=kv_window,
-                      kv_lambda=kv_lambda, kv_keep_prompt=kv_keep_prompt, kv_compress=kv_compress,
-                      kv_think_end=kv_think_end, kv_calibration=kv_calibration) if kv_budget is not None else {}
         # The prototype holds the model and everything per-request views share; its own small
         # context is replaced by the batched one below.
-        proto_ctx = dict(n_ctx=n_ctx) if kv_budget is not None else dict(n_ctx=CACHE_PAD, n_batch=CACHE_PAD)
-        self._proto = Llama(os.fspath(model_path), verbose=verbose, **proto_ctx, **budget, **kwargs)
+        proto_ctx = dict(n_ctx=n_ctx) if settings.compressed else dict(n_ctx=CACHE_PAD, n_batch=CACHE_PAD)
+        self._proto = Llama(os.fspath(model_path), verbose=verbose, **proto_ctx, **settings.to_kwargs(), **kwargs)
         try:
             self._setup(n_ctx, n_batch, n_ubatch, verbose)
         except BaseException:
@@ -497,33 +481,21 @@ class BatchedLlama:
     # figures and lifetime
     # ------------------------------------------------------------------
 
-    def kv_stats(self, seq_id: Optional[int] = None, *, n_tokens: Optional[int] = None) -> KVStats:
+    def kv_stats(self, seq_id: Optional[int] = None, *, n_tokens: Optional[int] = None,
+                 counters: Optional[Dict[str, int]] = None) -> KVStats:
         """One sequence's figures, or (``seq_id`` None) the sums over all sequences, with
-        ``cells_max`` the cells of the whole context."""
+        ``cells_max`` the cells of the whole context. ``n_tokens`` and ``counters``: what a request's
+        view knows of its sequence (its tokens without a budget, its ``*tokens*`` counters)."""
         self._check_open()
         if seq_id is None:
-            parts = [self.kv_stats(s) for s in range(self.n_seq_max)]
-            total = lambda name: sum(getattr(p, name) for p in parts)  # noqa: E731
-            first = parts[0]
-            return KVStats(first.method, first.budget, first.buffer, total("compressions"), total("evicted_tokens"),
-                           total("cells_used"), total("cells_peak"), total("kv_bytes_used"), total("kv_bytes_full"),
-                           total("n_tokens"), total("compress_seconds"), n_ctx=self.n_ctx_seq,
-                           cells_max=self.cells_per_seq * self.n_seq_max, kv_bytes_window=total("kv_bytes_window"),
-                           kv_bytes_window_allocated=total("kv_bytes_window_allocated"))
-        cfg = self.kv_config
+            return KVStats.total([self.kv_stats(s) for s in range(self.n_seq_max)], n_ctx=self.n_ctx_seq,
+                                 cells_max=self.cells_per_seq * self.n_seq_max)
         with self._scheduler.ctx_lock:
-            window = window_figures(self._ctx.ctx, seq_id)
-            if cfg is not None:
-                s = _native.seq_stats(self._ctx.ctx, seq_id)
-                return KVStats(cfg.method, cfg.budget, cfg.buffer, s.n_compressions, s.n_evicted, s.cells_used,
-                               s.cells_peak, s.kv_bytes_used, s.kv_bytes_full, s.n_tokens, s.compress_seconds,
-                               pos_compacted=s.pos_compacted, n_ctx=self.n_ctx_seq,
-                               cells_max=cfg.budget + cfg.buffer, **window)
-            memory = llama_cpp.llama_get_memory(self._ctx.ctx)
-            n = int(llama_cpp.llama_memory_seq_pos_max(memory, seq_id)) + 1 if n_tokens is None else n_tokens
-            per_cell = _native.bytes_per_cell(self._ctx.ctx)
-        return KVStats("full", None, None, 0, 0, n, n, n * per_cell, n * per_cell, n, 0.0,
-                       n_ctx=self.n_ctx_seq, cells_max=self.cells_per_seq, **window)
+            if n_tokens is None and not self._proto.kv_settings.compressed:
+                memory = llama_cpp.llama_get_memory(self._ctx.ctx)
+                n_tokens = int(llama_cpp.llama_memory_seq_pos_max(memory, seq_id)) + 1
+            return KVStats.of_sequence(self._ctx.ctx, seq_id, self._proto.kv_settings, n_tokens=n_tokens or 0,
+                                       n_ctx=self.n_ctx_seq, cells_max=self.cells_per_seq, **(counters or {}))
 
     def step_stats(self) -> StepStats:
         """Where the scheduler's time went (see ``StepStats``)."""

@@ -17,7 +17,6 @@ from __future__ import annotations
 import argparse
 import os
 from contextlib import closing
-import re
 import shutil
 import signal
 import sys
@@ -29,7 +28,7 @@ from typing import Any, Callable, Dict, Iterable, List, Optional, Sequence, Text
 
 from .models import KNOWN_MODELS
 from .reasoning import REASONING_FORMATS
-from .reference import METHODS as KV_METHODS
+from .settings import KVSettings
 
 PROG = "rkv-local"
 # `chat` keeps this much of its prompt whole: each turn then evaluates only what the last one lacked
@@ -112,24 +111,7 @@ def _add_model_args(p: argparse.ArgumentParser) -> None:
         "with --kv-budget each layer and KV head keeps at most BUDGET tokens plus BUFFER decoded since the last "
         "compression, so the cache holds at most BUDGET+BUFFER cells however long the generation runs",
     )
-    k.add_argument("--kv-budget", type=int, default=None, metavar="B", help="tokens kept per layer and KV head (default: no budget, a full cache)")
-    k.add_argument("--kv-buffer", type=int, default=128, metavar="b", help="tokens decoded between two compressions (default 128)")
-    k.add_argument("--kv-method", choices=KV_METHODS, default="rkv", help="scoring method (default rkv)")
-    k.add_argument("--kv-window", type=int, default=8, metavar="W",
-                   help="recent tokens always kept, whose queries score the others (default 8; the budget must exceed it)")
-    k.add_argument("--kv-lambda", type=float, default=0.1, metavar="L",
-                   help="R-KV: weight of attention importance against redundancy (default 0.1)")
-    k.add_argument("--kv-keep-prompt", type=_non_negative_int, default=None, metavar="N",
-                   help="cells set aside for the prompt: its first N tokens are never evicted, and a next chat "
-                        f"turn evaluates only its new tokens (default {CHAT_KEEP_PROMPT} for chat, else 0)")
-    k.add_argument("--kv-compress", choices=("all", "think"), default="all",
-                   help="think: stop compressing where the model ends its thinking (</think>, gpt-oss's final "
-                        "channel), so the answer is not evicted (default all)")
-    k.add_argument("--kv-think-end", default=None, metavar="TEXT",
-                   help="the end-of-thinking marker for --kv-compress think (default: from the chat template)")
-    k.add_argument("--kv-calibration", default=None, metavar="FILE",
-                   help=f"triattention: the model's query statistics (`{PROG} calibrate`; default: calibrated once "
-                        "and cached beside the downloaded models)")
+    KVSettings.add_arguments(k, command_defaults={"kv_keep_prompt": f"{CHAT_KEEP_PROMPT} for chat, else 0"})
 
 
 def _add_sampling_args(p: argparse.ArgumentParser, max_tokens: int) -> None:
@@ -300,41 +282,17 @@ def build_parser() -> argparse.ArgumentParser:
 # ---------------------------------------------------------------------------------------------
 
 
-def _kv_kwargs(args: argparse.Namespace) -> Dict[str, Any]:
-    if args.kv_budget is None:
-        return {}
-    return dict(kv_budget=args.kv_budget, kv_buffer=args.kv_buffer, kv_method=args.kv_method,
-                kv_window=args.kv_window, kv_lambda=args.kv_lambda)
-
-
-def _prompt_kwargs(args: argparse.Namespace) -> Dict[str, Any]:
-    """The kept prompt and thinking-only compression (Llama's, not CompressionConfig's, settings)."""
-    if args.kv_budget is None:
-        return {}
+def _kv_settings(args: argparse.Namespace) -> KVSettings:
+    """The command line's KV settings, refused before the model loads, named as options."""
+    if args.n_ctx < 0:
+        raise CliError(f"--n-ctx must not be negative, got {args.n_ctx}")
     keep = args.kv_keep_prompt
     if keep is None:
         keep = CHAT_KEEP_PROMPT if args.command == "chat" else 0
-    calibration = dict(kv_calibration=args.kv_calibration) if args.kv_calibration is not None else {}
-    return dict(kv_keep_prompt=keep, kv_compress=args.kv_compress, kv_think_end=args.kv_think_end, **calibration)
-
-
-def _check_kv_args(args: argparse.Namespace) -> None:
-    """The settings ``Llama`` would refuse, refused before the model loads, named as options."""
-    if args.n_ctx < 0:
-        raise CliError(f"--n-ctx must not be negative, got {args.n_ctx}")
-    if args.kv_calibration is not None and (args.kv_budget is None or args.kv_method != "triattention"):
-        raise CliError("--kv-calibration is for --kv-method triattention (with a --kv-budget)")
-    if args.kv_calibration is not None and not Path(args.kv_calibration).is_file():
-        raise CliError(f"no calibration file {args.kv_calibration} (make one with `{PROG} calibrate MODEL --out FILE`)")
-    if args.kv_budget is None:
-        return
-    from ._native import CompressionConfig
-
     try:
-        CompressionConfig(**{name[len("kv_"):].replace("lambda", "lam"): value
-                             for name, value in _kv_kwargs(args).items()})
+        return KVSettings.from_args(args, kv_keep_prompt=keep)
     except ValueError as exc:
-        raise CliError(re.sub(r"\bkv_(\w+)", lambda m: "--kv-" + m.group(1).replace("_", "-"), str(exc))) from None
+        raise CliError(str(exc)) from None
 
 
 def _resolve(model: str) -> Path:
@@ -349,7 +307,7 @@ def _resolve(model: str) -> Path:
 
 
 def _load(args: argparse.Namespace):
-    _check_kv_args(args)
+    settings = _kv_settings(args)
     path = _resolve(args.model)
     from . import Llama
 
@@ -360,7 +318,7 @@ def _load(args: argparse.Namespace):
     if getattr(args, "seed", None) is not None:
         kwargs["seed"] = args.seed
     try:
-        return Llama(str(path), **kwargs, **_kv_kwargs(args), **_prompt_kwargs(args))
+        return Llama(str(path), **kwargs, **settings.to_kwargs())
     except ValueError as exc:
         raise CliError(str(exc).splitlines()[0] if str(exc) else repr(exc)) from None
 
@@ -762,7 +720,7 @@ class _NullWriter:
 
 
 def cmd_serve(args: argparse.Namespace) -> int:
-    _check_kv_args(args)
+    settings = _kv_settings(args)
     try:
         from . import server
     except ImportError as exc:
@@ -775,7 +733,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
     # flash attention stays on whatever --flash-attn says (BatchedLlama's default): without it llama.cpp
     # gives a request other logits when other requests share its decode calls
     kwargs: Dict[str, Any] = dict(n_seq_max=args.parallel, n_ctx=args.n_ctx, verbose=args.verbose,
-                                  **_device_kwargs(args), **_kv_kwargs(args), **_prompt_kwargs(args))
+                                  **_device_kwargs(args), **settings.to_kwargs())
     kwargs.update(_chat_format_kwargs(args))
     if args.n_threads is not None:
         kwargs.update(n_threads=args.n_threads, n_threads_batch=args.n_threads)

@@ -2,7 +2,6 @@
 from __future__ import annotations
 
 import ctypes
-import difflib
 import inspect
 import os
 import warnings
@@ -19,6 +18,7 @@ from ._native import CompressionConfig
 from .detokenize import Detokenizer, PieceTable
 from .reasoning import REASONING_FORMATS, ThinkingWatch, split_message, split_stream, thinking_open_in_prompt
 from .sampling import check_grammar, check_logit_bias
+from .settings import KVSettings
 
 # the physical cache is rounded to this: llama.cpp attends to n_kv = PAD(used, 256) cells anyway
 CACHE_PAD = 256
@@ -67,6 +67,41 @@ class KVStats:
     kv_bytes_window_allocated: int = 0
     cells_kept: int = 0               # cells of the kept prompt (kv_keep_prompt), never evicted
     compression_paused: bool = False  # kv_compress="think": the thinking ended, the answer is not evicted
+
+
+    # summed over sequences by KVStats.total; the others are settings, positions or a flag
+    SUMMED = ("compressions", "evicted_tokens", "cells_used", "cells_peak", "kv_bytes_used", "kv_bytes_full",
+              "n_tokens", "compress_seconds", "tokens_evaluated", "prompt_tokens", "prompt_tokens_evaluated",
+              "kv_bytes_window", "kv_bytes_window_allocated", "cells_kept")
+
+    @classmethod
+    def of_sequence(cls, ctx: int, seq_id: int, settings: KVSettings, *, n_tokens: int, n_ctx: int,
+                    cells_max: int, **counters: int) -> "KVStats":
+        """One sequence's figures: the engine's with a budget, else those of ``n_tokens`` in a full cache
+        of ``cells_max`` cells; ``counters`` are the ``*tokens*`` counters its owner keeps."""
+        if settings.compressed:
+            s = _native.seq_stats(ctx, seq_id)
+            return cls(settings.kv_method, settings.kv_budget, settings.kv_buffer, s.n_compressions, s.n_evicted,
+                       s.cells_used, s.cells_peak, s.kv_bytes_used, s.kv_bytes_full, s.n_tokens, s.compress_seconds,
+                       pos_compacted=s.pos_compacted, n_ctx=n_ctx,
+                       cells_max=settings.kv_keep_prompt + settings.kv_budget + settings.kv_buffer,
+                       cells_kept=s.cells_kept, compression_paused=bool(s.paused),
+                       **window_figures(ctx, seq_id), **counters)
+        n = n_tokens
+        try:
+            per_cell = _native.bytes_per_cell(ctx)
+        except _native.RkvError:  # no attention KV cache (recurrent, hybrid models)
+            return cls("full", None, None, 0, 0, n, n, 0, 0, n, 0.0, n_ctx=n_ctx, cells_max=cells_max, **counters)
+        return cls("full", None, None, 0, 0, n, n, n * per_cell, n * per_cell, n, 0.0, n_ctx=n_ctx,
+                   cells_max=cells_max, **window_figures(ctx, seq_id), **counters)
+
+    @classmethod
+    def total(cls, parts: Sequence["KVStats"], **fields: Any) -> "KVStats":
+        """The sums over sequences; ``fields`` sets the rest (``cells_max`` of the whole context, ...)."""
+        first = parts[0]
+        sums = {name: sum(getattr(p, name) for p in parts) for name in cls.SUMMED}
+        return cls(first.method, first.budget, first.buffer, **sums,
+                   compression_paused=any(p.compression_paused for p in parts), **fields)
 
 
 def window_figures(ctx: int, seq_id: int) -> dict[str, int]:
@@ -161,9 +196,6 @@ class _Closed:
         pass
 
 
-KV_ARGUMENTS = ("kv_budget", "kv_buffer", "kv_method", "kv_window", "kv_lambda", "kv_keep_prompt", "kv_compress",
-                "kv_think_end", "kv_calibration")
-KV_COMPRESS = ("all", "think")
 _LLAMA_CPP_PARAMETERS = frozenset(inspect.signature(llama_cpp.Llama.__init__).parameters)
 
 
@@ -176,14 +208,10 @@ def _endpoints(servers: Optional[Sequence[str] | str]) -> list[str]:
     return [s.strip() for s in servers if s.strip()]
 
 
-def check_kv_arguments(kwargs: dict) -> None:
-    """Refuse a misspelled ``kv_*`` argument: llama-cpp-python's ``Llama`` swallows unknown keyword
-    arguments, so ``kv_budgt=64`` would silently run without a budget."""
-    for name in kwargs:
-        if name.startswith("kv_") and name not in _LLAMA_CPP_PARAMETERS:   # kv_overrides is llama-cpp-python's
-            close = difflib.get_close_matches(name, KV_ARGUMENTS, n=1, cutoff=0.5)
-            hint = f"; did you mean {close[0]}?" if close else f" (the kv_* arguments: {', '.join(KV_ARGUMENTS)})"
-            raise TypeError(f"unexpected keyword argument {name!r}{hint}")
+def kv_settings_from(kwargs: dict) -> KVSettings:
+    """The ``kv_*`` arguments taken out of ``kwargs``: llama-cpp-python's ``Llama`` swallows unknown
+    keyword arguments, so a misspelled ``kv_budgt=64`` is refused here rather than run without a budget."""
+    return KVSettings.from_kwargs(kwargs, known=_LLAMA_CPP_PARAMETERS)   # kv_overrides is llama-cpp-python's
 
 
 class Llama(llama_cpp.Llama):
@@ -213,22 +241,16 @@ class Llama(llama_cpp.Llama):
         self,
         model_path: str | os.PathLike[str],
         *,
-        kv_budget: Optional[int] = None,
-        kv_buffer: int = 128,
-        kv_method: str = "rkv",
-        kv_window: int = 8,
-        kv_lambda: float = 0.1,
-        kv_keep_prompt: int = 0,
-        kv_compress: str = "all",
-        kv_think_end: Optional[str] = None,
-        kv_calibration: Optional[str | os.PathLike[str]] = None,
         rpc_servers: Optional[Sequence[str] | str] = None,
         **kwargs: Any,
     ) -> None:
-        check_kv_arguments(kwargs)
+        """``kwargs``: llama-cpp-python's ``Llama`` arguments and the ``kv_*`` settings of ``KVSettings``
+        (``kv_budget``, ``kv_buffer``, ``kv_method``, ...)."""
+        settings = kv_settings_from(kwargs)
         model_path = os.fspath(model_path)  # llama-cpp-python takes str only
         if not os.path.exists(model_path):  # llama-cpp-python's message, before the metadata is read
             raise ValueError(f"Model path does not exist: {model_path}")
+        self.kv_settings = settings
         self._kv_config: Optional[CompressionConfig] = None
         self._n_ctx_logical: Optional[int] = None
         self._tokens_evaluated = 0
@@ -236,33 +258,21 @@ class Llama(llama_cpp.Llama):
         self._prompt_tokens_evaluated = 0
         self._prompt_pending = False
         self._detokenizer: Optional[Detokenizer] = None
-        self._keep_prompt = 0
         self._thinking: Optional[ThinkingWatch] = None
         self._kv_calibration: Optional[calibration.Calibration] = None
-        self._kv_calibration_path: Optional[str] = None
         self._rpc_servers = _endpoints(rpc_servers)
         self._devices: Optional[list[int]] = None
         if self._rpc_servers:
             self._devices = rpc.devices_for(self._rpc_servers)
             kwargs.setdefault("n_gpu_layers", -1)   # what naming the servers asks for: the layers go there
         # a vocabulary-only Llama (tokenizing) has no cache: a budget in shared settings is moot
-        if kv_budget is None or kwargs.get("vocab_only"):
+        if not settings.compressed or kwargs.get("vocab_only"):
+            self.kv_settings = KVSettings()
             self._load(model_path, **kwargs)
             self._detokenizer = Detokenizer(PieceTable(self._model))
             return
 
-        config = CompressionConfig(
-            budget=int(kv_budget), buffer=int(kv_buffer), method=kv_method, window=int(kv_window), lam=float(kv_lambda)
-        )
-        if int(kv_keep_prompt) < 0:
-            raise ValueError(f"kv_keep_prompt must be 0 or more cells, got {kv_keep_prompt}")
-        if kv_compress not in KV_COMPRESS:
-            raise ValueError(f"unknown kv_compress {kv_compress!r}; choose one of {', '.join(KV_COMPRESS)}")
-        if kv_calibration is not None and config.method != "triattention":
-            raise ValueError(f"kv_calibration is triattention's; kv_method is {config.method!r}")
-        if kv_calibration is not None and not os.path.isfile(kv_calibration):
-            raise ValueError(f"no calibration file {os.fspath(kv_calibration)} (make one with "
-                             f"`rkv-local calibrate MODEL --out FILE`)")
+        config = settings.engine_config()
         if kwargs.get("logits_all"):
             raise ValueError("logits_all (and so logprobs) is not supported with a kv_budget: "
                              "a logical context of logits would not fit the budget")
@@ -297,7 +307,7 @@ class Llama(llama_cpp.Llama):
         n_batch = min(kwargs.pop("n_batch", None) or config.buffer, config.buffer)
         n_ubatch = min(kwargs.pop("n_ubatch", None) or n_batch, n_batch)
         # the kept prompt's cells come on top of the budget's
-        physical = padded_cells(int(kv_keep_prompt) + config.budget + config.buffer)
+        physical = padded_cells(settings.kv_keep_prompt + config.budget + config.buffer)
         # a sliding-window model's window cache holds its window whatever the budget (llama.cpp caps it at n_ctx)
         with _native.window_cache_for_budget():
             self._load(model_path, n_ctx=physical, n_batch=n_batch, n_ubatch=n_ubatch, **kwargs)
@@ -305,15 +315,15 @@ class Llama(llama_cpp.Llama):
             _native.enable(self._ctx.ctx, config)
             if config.method == "triattention":
                 device = {k: kwargs[k] for k in ("n_gpu_layers", "n_threads", "n_threads_batch") if k in kwargs}
-                self._kv_calibration, self._kv_calibration_path = calibration.resolve(model_path, kv_calibration, **device)
+                self._kv_calibration, path = calibration.resolve(model_path, settings.kv_calibration, **device)
+                self.kv_settings = settings = settings.with_(kv_calibration=path)   # the file it used
                 self._kv_calibration.apply(self._ctx.ctx)
         except (_native.RkvError, ValueError, FileNotFoundError) as exc:
             self.close()
             raise ValueError(f"cannot compress this model's KV cache: {exc}") from exc
         self._kv_config = config
-        self._keep_prompt = int(kv_keep_prompt)
-        if kv_compress == "think":
-            self._thinking = ThinkingWatch.for_model(self, kv_think_end)
+        if settings.kv_compress == "think":
+            self._thinking = ThinkingWatch.for_model(self, settings.kv_think_end)
         self._detokenizer = Detokenizer(PieceTable(self._model))
         self._n_ctx_logical = int(n_ctx_logical) or self._model.n_ctx_train()
         # llama-cpp-python sizes these by its n_ctx: with a budget, positions (and so input_ids) run
@@ -377,11 +387,14 @@ class Llama(llama_cpp.Llama):
     # evaluation: counters, and truncations the compressed cache refuses
     # ------------------------------------------------------------------
 
-    def eval(self, tokens: Sequence[int]) -> None:
+    def _count_prompt(self, tokens: Sequence[int]) -> None:
+        """The first evaluation of a generate() call is its prompt (what the cache did not hold)."""
         if self._prompt_pending:
-            # the first evaluation of a generate() call is its prompt (what the cache did not hold)
             self._prompt_pending = False
             self._prompt_tokens_evaluated = len(tokens)
+
+    def eval(self, tokens: Sequence[int]) -> None:
+        self._count_prompt(tokens)
         if self._kv_config is not None and len(tokens) > 0:
             if self.n_tokens + len(tokens) > self._n_ctx_logical:
                 raise ValueError(
@@ -419,7 +432,7 @@ class Llama(llama_cpp.Llama):
             return (yield from super().generate(tokens, *args, **kwargs))
         # set before llama-cpp-python truncates the cache to the part of the prompt it holds: a kept
         # prompt's cells then stay, and only the new tokens are evaluated
-        self._engine_call(_native.set_kept_prompt, min(len(tokens), self._keep_prompt))
+        self._engine_call(_native.set_kept_prompt, min(len(tokens), self.kv_settings.kv_keep_prompt))
         self._engine_call(_native.set_paused, False)   # each turn's thinking is compressed again
         inner = super().generate(tokens, *args, **kwargs)
         if self._thinking is None:
@@ -445,7 +458,7 @@ class Llama(llama_cpp.Llama):
     @property
     def kv_keep_prompt(self) -> int:
         """Cells set aside for the kept prompt (``kv_keep_prompt``); 0 without a budget."""
-        return self._keep_prompt
+        return self.kv_settings.kv_keep_prompt
 
     def reset(self) -> None:
         super().reset()
@@ -565,16 +578,8 @@ class Llama(llama_cpp.Llama):
 
     def __getstate__(self) -> dict:
         state = super().__getstate__()
-        cfg = self._kv_config
-        if cfg is not None:
-            state.update(
-                n_ctx=self._n_ctx_logical, kv_budget=cfg.budget, kv_buffer=cfg.buffer, kv_method=cfg.method,
-                kv_window=cfg.window, kv_lambda=cfg.lam, kv_keep_prompt=self._keep_prompt,
-                kv_compress="think" if self._thinking else "all",
-                kv_think_end=self._thinking.marker if self._thinking else None,
-            )
-            if self._kv_calibration_path is not None:
-                state.update(kv_calibration=self._kv_calibration_path)
+        if self.kv_settings.compressed:
+            state.update(n_ctx=self._n_ctx_logical, **self.kv_settings.to_kwargs())
         return state
 
     # ------------------------------------------------------------------
@@ -582,29 +587,13 @@ class Llama(llama_cpp.Llama):
     # ------------------------------------------------------------------
 
     def kv_stats(self) -> KVStats:
-        cfg = self._kv_config
-        counters = dict(
-            tokens_evaluated=self._tokens_evaluated,
-            prompt_tokens=self._prompt_tokens,
-            prompt_tokens_evaluated=self._prompt_tokens_evaluated,
-            n_ctx=self.n_ctx(),
-        )
-        if cfg is None:
-            n = self.n_tokens
-            try:
-                per_cell = _native.bytes_per_cell(self._ctx.ctx)
-            except _native.RkvError:  # no attention KV cache (recurrent, hybrid models)
-                return KVStats("full", None, None, 0, 0, n, n, 0, 0, n, 0.0, cells_max=self.n_ctx(), **counters)
-            return KVStats("full", None, None, 0, 0, n, n, n * per_cell, n * per_cell, n, 0.0,
-                           cells_max=self.n_ctx(), **window_figures(self._ctx.ctx, 0), **counters)
-        s = _native.seq_stats(self._ctx.ctx, 0)
-        return KVStats(
-            cfg.method, cfg.budget, cfg.buffer, s.n_compressions, s.n_evicted, s.cells_used, s.cells_peak,
-            s.kv_bytes_used, s.kv_bytes_full, s.n_tokens, s.compress_seconds,
-            pos_compacted=s.pos_compacted, cells_max=self._keep_prompt + cfg.budget + cfg.buffer,
-            cells_kept=s.cells_kept, compression_paused=bool(s.paused),
-            **window_figures(self._ctx.ctx, 0), **counters,
-        )
+        return KVStats.of_sequence(self._ctx.ctx, 0, self.kv_settings, n_tokens=self.n_tokens, n_ctx=self.n_ctx(),
+                                   cells_max=self.n_ctx(), **self.token_counters())
+
+    def token_counters(self) -> dict[str, int]:
+        """KVStats' counters this Llama keeps: tokens decoded, and of the last prompt, how many."""
+        return dict(tokens_evaluated=self._tokens_evaluated, prompt_tokens=self._prompt_tokens,
+                    prompt_tokens_evaluated=self._prompt_tokens_evaluated)
 
     def compressed_layers(self) -> list[int]:
         """The layers whose cache the budget bounds: every attention layer, or only the full-attention

@@ -1,7 +1,7 @@
 """Reasoning models: where the thinking ends, and the thinking apart from the answer.
 
 ``ThinkingWatch`` tells ``Llama`` when a generation writes its end-of-thinking marker
-(``kv_compress="think"``). ``ReasoningSplitter`` and ``split_chat_response`` give chat completions
+(``kv_compress="think"``). ``ReasoningSplitter``, ``split_message`` and ``split_stream`` give chat completions
 llama.cpp's ``--reasoning-format deepseek`` form: the text between ``<think>`` and ``</think>`` in
 ``message.reasoning_content`` (streamed as ``delta.reasoning_content``), the rest in ``content``.
 """

@@ -11,8 +11,9 @@ from __future__ import annotations
 
 import threading
 import time
+from contextlib import contextmanager
 from dataclasses import dataclass, field
-from typing import Any, Callable, Dict, List, Optional, Tuple
+from typing import Any, Callable, Dict, Iterator, List, Optional, Tuple
 
 import llama_cpp
 from llama_cpp import _internals as internals
@@ -141,6 +142,14 @@ class DecodeScheduler:
     @property
     def closed(self) -> bool:
         return self._closed
+
+    @contextmanager
+    def between_decodes(self) -> Iterator[None]:
+        """The shared context between two decodes; a RuntimeError once the BatchedLlama is closed."""
+        with self.ctx_lock:
+            if self._closed:
+                raise RuntimeError("this BatchedLlama is closed")
+            yield
 
     def close(self) -> None:
         """Stop the thread (waiting submissions fail) and free the batch; the context is the caller's."""

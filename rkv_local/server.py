@@ -34,19 +34,12 @@ import threading
 import time
 from typing import Any, AsyncIterator, Dict, Iterator, List, Literal, Optional, Set, Tuple, Union
 
+from .requirements import requirements
+
 __all__ = ["SERVER_EXTRAS", "ServerExtrasMissing", "begin_shutdown", "create_app", "drain"]
 
-# what llama-cpp-python 0.3.36 declares for its own `server` extra, and prometheus_client (GET /metrics);
-# pyproject.toml repeats it
-SERVER_EXTRAS = (
-    "uvicorn>=0.22.0",
-    "fastapi>=0.100.0",
-    "pydantic-settings>=2.0.1",
-    "sse-starlette>=1.6.1",
-    "starlette-context>=0.3.6,<0.4",
-    "PyYAML>=5.1",
-    "prometheus_client",
-)
+# pyproject.toml's `server` extra: what llama-cpp-python 0.3.36 declares for its own, and prometheus_client
+SERVER_EXTRAS = tuple(requirements("server"))
 
 
 class ServerExtrasMissing(ImportError):

@@ -11,6 +11,7 @@ from typing import Any, Optional, Sequence
 from .. import BatchedLlama, Llama
 from .._native import METHOD_IDS
 from ..models import resolve_model
+from ..settings import KVSettings
 
 COMPRESSED_METHODS = tuple(METHOD_IDS)          # rkv, snapkv, h2o, streamingllm, keydiff, triattention
 ALL_METHODS = ("full",) + COMPRESSED_METHODS
@@ -45,12 +46,14 @@ class RunConfig:
         method, _, settings = self.series.partition(",")
         return f"{method}@{self.budget}" + (f",{settings}" if settings else "")
 
-    def llama_kwargs(self) -> dict[str, Any]:
+    def kv_settings(self) -> KVSettings:
         if self.method == "full":
-            return {}
-        calibration = dict(kv_calibration=self.calibration) if self.method == "triattention" and self.calibration else {}
-        return dict(kv_budget=self.budget, kv_buffer=self.buffer, kv_method=self.method,
-                    kv_window=self.window, kv_lambda=self.lam, **calibration)
+            return KVSettings()
+        return KVSettings(self.budget, self.buffer, self.method, self.window, self.lam,
+                          kv_calibration=self.calibration if self.method == "triattention" else None)
+
+    def llama_kwargs(self) -> dict[str, Any]:
+        return self.kv_settings().to_kwargs()
 
     def to_dict(self) -> dict[str, Any]:
         d = asdict(self)
@@ -126,14 +129,8 @@ def add_kv_arguments(parser: argparse.ArgumentParser, *, methods: str, budgets: 
                         help=f"comma-separated KV methods among {', '.join(ALL_METHODS)} (default: {methods})")
     parser.add_argument("--budgets", type=parse_int_list, metavar="LIST", default=parse_int_list(budgets),
                         help=f"comma-separated KV budgets (cells per layer and head; 1k = 1024; default: {budgets})")
-    parser.add_argument("--kv-buffer", type=int, metavar="N", default=buffer,
-                        help=(buffer_help or "tokens decoded between two compressions") + " (default: %(default)s)")
-    parser.add_argument("--kv-window", type=int, metavar="N", default=8, help="observation window α (default: %(default)s)")
-    parser.add_argument("--kv-lambda", type=float, metavar="X", default=0.1,
-                        help="R-KV importance weight λ (default: %(default)s)")
-    parser.add_argument("--kv-calibration", metavar="FILE", default=None,
-                        help="triattention's query statistics (`rkv-local calibrate`; default: calibrated once and "
-                             "cached beside the downloaded models)")
+    KVSettings.add_arguments(parser, only=("kv_buffer", "kv_window", "kv_lambda", "kv_calibration"),
+                             defaults={"kv_buffer": buffer}, helps={"kv_buffer": buffer_help} if buffer_help else {})
 
 
 def configs_from_args(args: argparse.Namespace, *, include_full: bool = True) -> list[RunConfig]:
