@@ -438,20 +438,27 @@ def free_running(model_path: Path, rows: list[dict[str, Any]], configs: list[Run
     result = []
     for cfg in plan[1:]:
         mine = answers[cfg.label]
-        divergence = [next((i for i, (a, b) in enumerate(zip(x, y)) if a != b), None) for x, y in zip(mine, full)]
-        diverged = [d if d is not None else min(len(x), len(y)) for d, x, y in zip(divergence, mine, full)]
-        identical = sum(x == y for x, y in zip(mine, full))
-        lengths = np.array([len(x) for x in mine], dtype=np.float64)
-        full_lengths = np.array([len(y) for y in full], dtype=np.float64)
-        result.append({
-            **cfg.to_dict(), "problems": n, "items": items, "identical": identical,
-            "divergence": diverged, "divergence_quartiles": np.percentile(diverged, [25, 50, 75]).tolist(),
-            "lengths": lengths.astype(int).tolist(), "full_lengths": full_lengths.astype(int).tolist(),
-            "length_mean": float(lengths.mean()), "full_length_mean": float(full_lengths.mean()),
-            "length_ratio_median": float(np.median(lengths / np.maximum(full_lengths, 1))),
-            "capped": capped[cfg.label], "full_capped": capped["full"],
-        })
+        divergence = [next((i for i, (a, b) in enumerate(zip(x, y)) if a != b), min(len(x), len(y)))
+                      for x, y in zip(mine, full)]
+        result.append({**cfg.to_dict(), "items": items, "capped": capped[cfg.label], "full_capped": capped["full"],
+                       **divergence_summary(divergence, [len(x) for x in mine], [len(y) for y in full])})
     return result
+
+
+def divergence_summary(divergence: list[int], lengths: list[int], full_lengths: list[int]) -> dict[str, Any]:
+    """Per problem, the first token at which an answer differs from the full cache's (the shorter
+    length where one is the other's prefix) and both lengths; the quartiles count only the answers
+    that differ (an identical answer never diverged)."""
+    identical = [d == n == f for d, n, f in zip(divergence, lengths, full_lengths)]
+    diverged = [d for d, same in zip(divergence, identical) if not same]
+    lengths_a, full_a = np.asarray(lengths, dtype=np.float64), np.asarray(full_lengths, dtype=np.float64)
+    return {
+        "problems": len(divergence), "identical": sum(identical), "divergence": list(divergence),
+        "divergence_quartiles": np.percentile(diverged, [25, 50, 75]).tolist() if diverged else [None] * 3,
+        "lengths": list(lengths), "full_lengths": list(full_lengths),
+        "length_mean": float(lengths_a.mean()), "full_length_mean": float(full_a.mean()),
+        "length_ratio_median": float(np.median(lengths_a / np.maximum(full_a, 1))),
+    }
 
 
 # ---------------------------------------------------------------------------
@@ -542,7 +549,7 @@ def render_markdown(result: dict[str, Any]) -> str:
         fr = result["free_running"]
         parts.append(f"\n**Free running**: {fr[0]['problems']} problems answered greedily by each configuration "
                      f"(at most {s['max_answer_tokens']} tokens); tokens until the answer first differs from the full "
-                     f"cache's (quartiles over the problems) and answer lengths.\n\n")
+                     f"cache's (quartiles over the answers that differ) and answer lengths.\n\n")
         rows = [[r["label"], f"{r['identical']}/{r['problems']}", *r["divergence_quartiles"], r["length_mean"],
                  r["full_length_mean"], r["length_ratio_median"], f"{r['capped']} ({r['full_capped']})"] for r in fr]
         parts.append(markdown_table(["config", "identical", "diverges at: q1", "median", "q3", "mean length",
