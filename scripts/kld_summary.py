@@ -2,6 +2,7 @@
 rows, budgets as columns, after the first compression.
 
     python scripts/kld_summary.py results/kld-smollm2-4k [more result folders] [--figures kld_mean,kld_p99]
+    python scripts/kld_summary.py results/kld-* --advise 0.1,0.5   # smallest budgets, as `--advise` picks them
 """
 from __future__ import annotations
 
@@ -9,6 +10,7 @@ import argparse
 import json
 from pathlib import Path
 
+from rkv_local.evals import fidelity
 from rkv_local.evals.report import markdown_table
 
 TITLES = {"kld_mean": "mean KLD (± SE)", "kld_median": "median KLD", "kld_p99": "99th-percentile KLD",
@@ -50,11 +52,30 @@ def table(result: dict, figure: str) -> str:
     return markdown_table(["method", *(f"B = {b}" for b in budgets)], body)
 
 
+def advice_table(results: list[dict], targets: list[float]) -> str:
+    """Per model and method, the smallest budget whose 99th-percentile KLD meets each target."""
+    rows = []
+    for result in results:
+        for target in targets:
+            args = argparse.Namespace(max_p99_kld=target, min_same_top1=None, context=[])
+            picks = fidelity.advice(result["summary"], args, 0.0)
+            rows.append([result["settings"]["model"], target,
+                         *(a["budget"] if a["budget"] is not None else "> " + str(max(a["tried"])) for a in picks)])
+    series = [a["series"] for a in fidelity.advice(results[0]["summary"], argparse.Namespace(
+        max_p99_kld=0, min_same_top1=None, context=[]), 0.0)]
+    return markdown_table(["model", "p99 KLD ≤", *series], rows)
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("folders", nargs="+", type=Path)
     ap.add_argument("--figures", default="kld_mean,kld_p99,same_top1")
+    ap.add_argument("--advise", default=None, metavar="X,Y", help="targets of the 99th-percentile KLD")
     args = ap.parse_args()
+    if args.advise:
+        results = [json.loads((folder / "fidelity.json").read_text()) for folder in args.folders]
+        print(advice_table(results, [float(x) for x in args.advise.split(",")]))
+        return 0
     for folder in args.folders:
         result = json.loads((folder / "fidelity.json").read_text())
         s = result["settings"]
