@@ -44,6 +44,7 @@ import numpy as np
 from tqdm import tqdm
 
 from ..llama import padded_cells
+from ..settings import KVSettings
 from .datasets import data_path, read_jsonl
 from .decoding import ChatTemplate, clear_cache, eog_tokens, eval_all_logits, greedy_token
 from .kld import KLDStats, PositionFigures, compare_positions, kld_statistics, log_softmax, mean_and_error
@@ -102,7 +103,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--min-same-top1", type=float, metavar="PCT", default=None,
                         help="--advise: smallest acceptable same-top-1 rate after compression, in %% (default: no limit)")
     parser.add_argument("--context", type=parse_int_list, metavar="N", default=[32768],
-                        help="--advise: the context length the memory figures are given for (default: 32k)")
+                        help="--advise: the context lengths the memory figures are given for (default: 32k)")
     parser.add_argument("--quick", action="store_true",
                         help="a first look in a minute or two: one text of 448 tokens, budgets 32 and 64, kv_buffer 32")
     parser.add_argument("--out", type=Path, metavar="DIR", default=Path("fidelity-out"), help="output folder (default: %(default)s)")
@@ -135,8 +136,11 @@ def settle_arguments(args: argparse.Namespace) -> argparse.Namespace:
         raise SystemExit("error: --advise needs at least one text")
     if args.temperature < 0 or not 0 < args.top_p <= 1:
         raise SystemExit("error: --temperature must be ≥ 0 and --top-p in (0, 1]")
-    if args.lambdas and any(not 0.0 <= lam <= 1.0 for lam in args.lambdas):
-        raise SystemExit("error: every λ in --lambdas must lie in [0, 1]")
+    for lam in args.lambdas or []:
+        try:
+            KVSettings(kv_lambda=lam)
+        except ValueError as exc:
+            raise SystemExit(f"error: --lambdas: {exc}") from None
     return args
 
 
