@@ -3,12 +3,15 @@ rows, budgets as columns, after the first compression.
 
     python scripts/kld_summary.py results/kld-smollm2-4k [more result folders] [--figures kld_mean,kld_p99]
     python scripts/kld_summary.py results/kld-* --advise 0.1,0.5   # smallest budgets, as `--advise` picks them
+    python scripts/kld_summary.py results/kld-smollm2-4k --repeats   # mean KLD inside and outside repeated text
 """
 from __future__ import annotations
 
 import argparse
 import json
 from pathlib import Path
+
+import numpy as np
 
 from rkv_local.evals import fidelity
 from rkv_local.evals.report import markdown_table
@@ -66,12 +69,53 @@ def advice_table(results: list[dict], targets: list[float]) -> str:
     return markdown_table(["model", "p99 KLD ≤", *series], rows)
 
 
+def repeated_positions(tokens: list[int], n: int = 8, within: int = 512) -> np.ndarray:
+    """Per position p (predicting token p + 1): whether the n tokens ending at p + 1 already occurred
+    in the previous ``within`` tokens, i.e. the model is copying text it wrote (a loop)."""
+    repeated = np.zeros(len(tokens), dtype=bool)
+    last: dict[tuple, int] = {}
+    for end in range(n, len(tokens) + 1):
+        gram = tuple(tokens[end - n:end])
+        if gram in last and end - last[gram] <= within:
+            repeated[end - 2] = True
+        last[gram] = end
+    return repeated
+
+
+def repeats_table(folder: Path, result: dict) -> str:
+    """Mean KLD after compression (± SE) over positions outside and inside repeated text."""
+    tokens = json.loads((folder / "fidelity_texts.json").read_text())["texts"][0]["tokens"]
+    repeated = repeated_positions(tokens)
+    arrays = np.load(folder / "fidelity_positions.npz")
+    rows = []
+    for r in result["summary"]:
+        if r["method"] == "full":
+            continue
+        pos = arrays[f"{r['label']}/position"].astype(np.int64)
+        kld = arrays[f"{r['label']}/kld"]
+        after = pos >= r["budget"] + r["buffer"]
+        cells = []
+        for inside in (False, True):
+            k = kld[after & (repeated[pos] == inside)]
+            se = k.std() / np.sqrt(len(k) - 1) if len(k) > 10 else float("nan")
+            cells.append(f"{k.mean():.3g} ± {se:.2g} ({len(k)})" if len(k) else "–")
+        rows.append([r["label"], *cells])
+    return markdown_table(["config", "outside repeats: mean KLD (positions)", "inside repeats"], rows)
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("folders", nargs="+", type=Path)
     ap.add_argument("--figures", default="kld_mean,kld_p99,same_top1")
     ap.add_argument("--advise", default=None, metavar="X,Y", help="targets of the 99th-percentile KLD")
+    ap.add_argument("--repeats", action="store_true",
+                    help="mean KLD outside and inside repeated text (8 tokens seen in the last 512); needs the "
+                         "run's fidelity_positions.npz")
     args = ap.parse_args()
+    if args.repeats:
+        for folder in args.folders:
+            print(repeats_table(folder, json.loads((folder / "fidelity.json").read_text())))
+        return 0
     if args.advise:
         results = [json.loads((folder / "fidelity.json").read_text()) for folder in args.folders]
         print(advice_table(results, [float(x) for x in args.advise.split(",")]))
