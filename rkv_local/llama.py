@@ -68,7 +68,6 @@ class KVStats:
     cells_kept: int = 0               # cells of the kept prompt (kv_keep_prompt), never evicted
     compression_paused: bool = False  # kv_compress="think": the thinking ended, the answer is not evicted
 
-
     # summed over sequences by KVStats.total; the others are settings, positions or a flag
     SUMMED = ("compressions", "evicted_tokens", "cells_used", "cells_peak", "kv_bytes_used", "kv_bytes_full",
               "n_tokens", "compress_seconds", "tokens_evaluated", "prompt_tokens", "prompt_tokens_evaluated",
