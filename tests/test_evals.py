@@ -185,7 +185,8 @@ def test_bench(smollm2_path, tmp_path):
 def test_fidelity(smollm2_path, tmp_path):
     data = copy_items("math500.jsonl", 3, tmp_path)
     out = tmp_path / "fidelity"
-    argv = [str(smollm2_path), *COMMON, "--data", str(data), "--methods", "full,rkv", "--budgets", "32",
+    # 256: a budget the text never reaches (no position after a compression, nothing to rank)
+    argv = [str(smollm2_path), *COMMON, "--data", str(data), "--methods", "full,rkv", "--budgets", "32,256",
             "--kv-buffer", "16", "--texts", "1", "--length", "160", "--max-answer-tokens", "80", "--out", str(out)]
     assert invoke(fidelity, argv) == 0
     result = json.loads((out / "fidelity.json").read_text())
@@ -205,6 +206,9 @@ def test_fidelity(smollm2_path, tmp_path):
     assert 0 <= stats["kld_median"] <= stats["kld_p90"] <= stats["kld_p95"] <= stats["kld_p99"] <= stats["kld_max"]
     assert full["stats"]["kld_max"] == pytest.approx(0.0, abs=1e-9) and full["stats"]["dp_rms"] == pytest.approx(0.0, abs=1e-7)
     assert full["stats_compressed"] is None and full["positions_compressed"] == 0
+    unreached = rows["rkv@256"]
+    assert unreached["positions_compressed"] == 0 and unreached["stats_compressed"] is None
+    assert "kld_vs_best" not in unreached and rkv["best"] == "rkv@32" and rkv["kld_vs_best"] == 0.0
     texts = json.loads((out / "fidelity_texts.json").read_text())["texts"]
     assert len(texts[0]["tokens"]) <= 160 and any(texts[0]["generated"])
     assert "| rkv@32 |" in (out / "fidelity.md").read_text()

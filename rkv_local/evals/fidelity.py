@@ -330,8 +330,11 @@ def paired_gaps(tallies: dict[str, Tally]) -> dict[str, dict[str, float]]:
             groups.setdefault((tally.config.budget, tally.config.buffer), []).append(tally)
     gaps = {}
     for members in groups.values():
+        members = [t for t in members if t.compressed().any()]   # a budget the texts never reach: nothing to rank
+        if not members:
+            continue
         means = {t.config.label: float(np.mean(t.joined("kld")[t.compressed()])) for t in members}
-        best = next(t for t in members if means[t.config.label] == min(means.values()))
+        best = min(members, key=lambda t: means[t.config.label])
         for t in members:
             d = t.joined("kld")[t.compressed()] - best.joined("kld")[best.compressed()]
             gaps[t.config.label] = {"best": best.config.label, "kld_vs_best": float(d.mean()),
