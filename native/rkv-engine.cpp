@@ -299,9 +299,19 @@ uint32_t rkv_engine::n_protected(uint32_t strm) const {
     return n;
 }
 
-bool rkv_engine::compress(uint32_t strm, llama_context * lctx) {
+bool rkv_engine::fail(uint32_t strm, const std::string & why) {
+    LLAMA_LOG_ERROR("%s: stream %u: %s\n", __func__, strm, why.c_str());
+    streams[strm].failure = why;
+    return false;
+}
+
+rkv_engine::compress_status rkv_engine::compress(uint32_t strm, llama_context * lctx) {
     auto & st = streams[strm];
     st.pending = false;
+    if (st.broken) {
+        return RKV_COMPRESS_FAILED; // already said why; cleared, the sequence starts afresh
+    }
+    st.failure.clear();
 
     // the kept prompt leads the time order; the rest is scored as if it were the whole sequence
     const std::vector<uint32_t> all = cells_in_order(strm);
@@ -311,7 +321,7 @@ bool rkv_engine::compress(uint32_t strm, llama_context * lctx) {
     const uint32_t budget = (uint32_t) params.budget;
     const uint32_t window = (uint32_t) params.window;
     if (n <= budget) {
-        return false;
+        return RKV_COMPRESS_NOTHING_TO_DO;
     }
 
     const auto t_start = std::chrono::steady_clock::now();
@@ -328,7 +338,8 @@ bool rkv_engine::compress(uint32_t strm, llama_context * lctx) {
 
     std::vector<std::vector<int32_t>> kept;
     if (!run_scoring_graphs(strm, lctx, order, kept, st.profile)) {
-        return false;
+        st.n_failed += 1;
+        return RKV_COMPRESS_FAILED; // nothing changed yet
     }
 
     // every layer and head: the kept prompt, then its own kept tokens, then the window
@@ -348,8 +359,20 @@ bool rkv_engine::compress(uint32_t strm, llama_context * lctx) {
             }
         }
     }
-    if (!run_compaction_graphs(strm, lctx, src, n_dst, st.profile)) {
-        return false;
+    uint32_t n_moved = 0;
+    if (!run_compaction_graphs(strm, lctx, src, n_dst, st.profile, n_moved)) {
+        if (n_moved > 0) {
+            // some layers hold the new layout and the cells describe the old one: neither is the
+            // sequence any more, so it goes (from every cache of the memory) and stays refused until
+            // its owner clears it, rather than be decoded against a mix
+            const std::string why = st.failure + "; layers below " + std::to_string(kv.layers[n_moved - 1].il + 1) +
+                                    " had moved, so the sequence was cleared";
+            llama_memory_seq_rm(llama_get_memory(lctx), seq_id, -1, -1);
+            fail(strm, why);
+            st.broken = true;
+        }
+        st.n_failed += 1;
+        return RKV_COMPRESS_FAILED;
     }
 
     // kept prompt and window cells keep their true positions; compacted cells all sit just before the window
@@ -386,7 +409,7 @@ bool rkv_engine::compress(uint32_t strm, llama_context * lctx) {
         observer(observer_data, seq_id, 1);
     }
     LLAMA_LOG_DEBUG("%s: stream %u: %u + %u -> %u + %u cells, P_c = %d\n", __func__, strm, n_keep, n, n_keep, budget, pos_compact);
-    return true;
+    return RKV_COMPRESS_DONE;
 }
 
 size_t rkv_engine::cell_bytes(const llama_kv_cache & cache) {
@@ -409,6 +432,7 @@ void rkv_engine::fill_stats(llama_seq_id seq_id, rkv_seq_stats & out) const {
 
     const llama_pos pos_max = cells.seq_pos_max(seq_id);
     out.n_compressions   = st.n_compressions;
+    out.n_failed         = st.n_failed;
     out.n_evicted        = st.n_evicted;
     out.cells_used       = cells.get_used();
     out.cells_peak       = std::max<int64_t>(st.cells_peak, out.cells_used);
@@ -458,6 +482,11 @@ bool rkv_engine::batch_fits(const llama_batch_allocr & balloc) {
                             "buffer = %d fit between two compressions; split the batch\n", __func__, n_new[s], params.buffer);
             return false;
         }
+        if (streams[s].broken) {
+            LLAMA_LOG_ERROR("%s: stream %u: %s; clear the sequence and evaluate it again\n", __func__, s,
+                            streams[s].failure.c_str());
+            return false;
+        }
         const uint32_t used = kv.v_cells[s].get_used();
         if (used + n_new[s] > limit) {
             streams[s].pending = true;
@@ -482,7 +511,7 @@ bool rkv_engine_update(rkv_engine & eng, llama_context * lctx) {
     bool any = false;
     for (uint32_t s = 0; s < eng.streams.size(); ++s) {
         if (eng.streams[s].pending) {
-            any = eng.compress(s, lctx) || any;
+            any = eng.compress(s, lctx) == rkv_engine::RKV_COMPRESS_DONE || any;
         }
     }
     return any;

@@ -11,6 +11,9 @@
 #include <vector>
 
 class llama_kv_cache;
+struct rkv_scoring;      // rkv-graph.cpp
+struct rkv_group_scores;
+struct rkv_clock;
 
 // the RoPE llama.cpp applies in model layer il (rkv-triattention.cpp); false with `why` if it has none we support
 bool rkv_layer_rope(const llama_context & lctx, int32_t il, rkv_rope & out, std::vector<float> & freq_factors,
@@ -32,6 +35,12 @@ struct rkv_stream_state {
                                    // are never evicted (the prompt); the budget applies to the rest
     bool      paused   = false;    // no compression while the cache has room (thinking-only compression)
 
+    // why the last compression failed (empty: it did not)
+    std::string failure;
+    // a compaction failed after some layers had moved: the sequence was cleared and no decode is
+    // accepted until it is cleared again (rkv_get_failure says so; nothing reads a half-moved cache)
+    bool        broken = false;
+
     // an empty sequence: everything but the settings above starts afresh
     void restart() {
         rkv_stream_state fresh;
@@ -41,6 +50,7 @@ struct rkv_stream_state {
     }
 
     int64_t n_compressions   = 0;
+    int64_t n_failed         = 0; // compressions that failed
     int64_t n_evicted        = 0;
     int64_t cells_peak       = 0;
     double  compress_seconds = 0.0;
@@ -105,7 +115,12 @@ struct rkv_engine {
     // dequantized keys of the given cells: [order.size()][n_embd_k_gqa]
     void read_keys(uint32_t strm, uint32_t layer, const std::vector<uint32_t> & order, std::vector<float> & out) const;
 
-    bool compress(uint32_t strm, llama_context * lctx);
+    enum compress_status { RKV_COMPRESS_DONE, RKV_COMPRESS_NOTHING_TO_DO, RKV_COMPRESS_FAILED };
+    // a failure leaves the cells and the K/V as they were, or, when some layers had moved, the
+    // sequence cleared (and `broken`); streams[strm].failure says why
+    compress_status compress(uint32_t strm, llama_context * lctx);
+    // logs a failure of stream strm's compression and records why; false
+    bool fail(uint32_t strm, const std::string & why);
 
     // cells of a stream that no compression may evict: the kept prompt (the leading cells in time order)
     uint32_t n_protected(uint32_t strm) const;
@@ -114,9 +129,20 @@ struct rkv_engine {
     // layer and head keeps, in time order, [layer*n_head_kv + head][budget]
     bool run_scoring_graphs(uint32_t strm, llama_context * lctx, const std::vector<uint32_t> & order,
                             std::vector<std::vector<int32_t>> & kept, rkv_profile & prof);
-    // moves the cells of every layer and head, [layer][head][n_dst], to cells [0, n_dst) of the stream
+    // moves the cells of every layer and head, [layer][head][n_dst], to cells [0, n_dst) of the stream;
+    // n_moved: the layers [0, n_moved) whose K/V may have changed (all of them on success)
     bool run_compaction_graphs(uint32_t strm, llama_context * lctx, const std::vector<int32_t> & cells,
-                               int64_t n_dst, rkv_profile & prof);
+                               int64_t n_dst, rkv_profile & prof, uint32_t & n_moved);
+
+    // the phases of run_scoring_graphs: the inputs' host data; per group of layers [l0, l1) the
+    // importance graph and the similarity graph (rkv), whose results the host then finishes
+    bool scoring_begin(uint32_t strm, const std::vector<uint32_t> & order, rkv_scoring & sc, rkv_profile & prof);
+    bool score_importance(uint32_t strm, llama_context * lctx, const rkv_scoring & sc, uint32_t l0, uint32_t l1,
+                          rkv_group_scores & out, rkv_clock & clock, rkv_profile & prof);
+    bool score_redundancy(uint32_t strm, llama_context * lctx, const rkv_scoring & sc, uint32_t l0, uint32_t l1,
+                          rkv_group_scores & out, rkv_clock & clock, rkv_profile & prof);
+    // the keys of a layer in a stream: [head_dim, kv_size, n_head_kv]
+    ggml_tensor * key_view(ggml_context * ctx, uint32_t strm, uint32_t l) const;
 
     // how a layer's redundancy is computed (enum rkv_redundancy_path), from where its keys live
     int32_t redundancy_path(uint32_t layer) const;

@@ -17,8 +17,11 @@
 #include <algorithm>
 #include <chrono>
 #include <cmath>
+#include <cstdlib>
 #include <cstring>
+#include <functional>
 #include <numeric>
+#include <string>
 
 // keys shorter than this are treated as zero vectors when normalised (reference.NORM_EPS)
 static constexpr float RKV_NORM_EPS = 1e-12f;
@@ -45,7 +48,7 @@ struct rkv_score_outputs {
     ggml_tensor * last       = nullptr; // I32 [n, n_head_kv]: per key, the index of its newest near-copy
     ggml_tensor * last_sim   = nullptr; // F32 [n, n_head_kv]: the similarity to that key
     // fused CPU op
-    ggml_tensor * near       = nullptr; // F32 [n, n_head_kv, 2]: index (-1: none) and similarity
+    ggml_tensor * near       = nullptr; // F32 [n, n_head_kv, 3]: index (-1: none), similarity, similarity sum
 };
 // Attention the candidates receive: max over each query group of the scaled logits, softmax over
 // the candidates (and the group's attention-sink logit, F32 [n_head_kv], when the model has sinks),
@@ -305,10 +308,6 @@ int32_t rkv_engine::redundancy_path(uint32_t layer) const {
     return RKV_PATH_PORTABLE; // Metal, Vulkan, ...: stock ops only
 }
 
-// the normalised keys one group of layers may hand to the host at once (the CUDA path)
-static constexpr size_t RKV_GROUP_KEY_BYTES = 64u << 20;
-
-namespace {
 // wall time of the phases of a compression
 struct rkv_clock {
     std::chrono::steady_clock::time_point t = std::chrono::steady_clock::now();
@@ -319,61 +318,115 @@ struct rkv_clock {
         t = now;
     }
 };
+
+// What one compression of a stream scores, the same for every layer: sizes, the method's switches
+// and the host data of the graphs' inputs.
+struct rkv_scoring {
+    int64_t   n, n_cand, m, n_head_kv, n_q;
+    int32_t   kernel;    // pooling width of the importance (1: none)
+    bool      redundant; // rkv: importance minus redundancy
+    bool      keydiff;
+    bool      tri_att;
+    llama_pos pos_last;  // position of the newest token
+    std::vector<int32_t> paths;                 // redundancy path per layer
+    std::vector<int32_t> cells_all, cells_cand; // [n_head_kv][n], [n_head_kv][n_cand]
+    std::vector<int32_t> q_rows;                // [n_q]
+};
+
+// What the graphs of a group of layers hand to the host, per layer of the group.
+struct rkv_group_scores {
+    std::vector<std::vector<float>>   imp;      // importance (triattention: one row per query head)
+    std::vector<std::vector<float>>   sim_sum;  // [n_head_kv][n]
+    std::vector<std::vector<int32_t>> last;     // [n_head_kv][n]: newest near-copy of each key
+    std::vector<std::vector<float>>   last_sim; // [n_head_kv][n]: the similarity to it
+};
+
+namespace {
+
+// RKV_TEST_FAIL=scoring fails the first importance graph; RKV_TEST_FAIL=compaction:L gives every layer
+// its own compaction graph and fails the one of KV-cache layer L (the layers before it have moved):
+// real failure paths for the tests of what a failed compression leaves behind. layer -1: any layer.
+bool rkv_forced_failure(const char * phase, int64_t layer = -1) {
+    const char * what = getenv("RKV_TEST_FAIL");
+    const size_t len = std::strlen(phase);
+    if (!what || std::strncmp(what, phase, len) != 0 || (what[len] != '\0' && what[len] != ':')) {
+        return false;
+    }
+    return layer < 0 || what[len] == '\0' || std::strtoll(what + len + 1, nullptr, 10) == layer;
+}
 } // namespace
 
-bool rkv_engine::run_scoring_graphs(uint32_t strm, llama_context * lctx, const std::vector<uint32_t> & order,
-                                    std::vector<std::vector<int32_t>> & kept, rkv_profile & prof) {
-    rkv_clock clock;
-    const int64_t  n         = (int64_t) order.size();
-    const int64_t  budget    = params.budget;
-    const int64_t  window    = params.window;
-    const int64_t  n_cand    = n - window;
-    const int64_t  m         = budget - window;
-    const uint32_t kv_size   = kv.get_size();
-    const int64_t  n_head_kv = kv.hparams.n_head_kv(kv.layers[0].il);
-    const bool     redundant = params.method == RKV_METHOD_RKV;
-    const bool     scored    = params.method != RKV_METHOD_STREAMINGLLM;
-    const bool     keydiff   = params.method == RKV_METHOD_KEYDIFF;
-    const bool     tri_att   = params.method == RKV_METHOD_TRIATTENTION;
-    const int64_t  n_q       = params.method == RKV_METHOD_H2O ? 1 : window;
-    const int32_t  kernel    = params.method == RKV_METHOD_H2O ? 1 : params.kernel;
-
+// Allocates gf on the context's scheduler, fills its inputs, computes it and waits for it: every
+// graph of a compression makes this round trip.
+static bool rkv_compute(rkv_engine & eng, uint32_t strm, llama_context * lctx, ggml_cgraph * gf, const char * what,
+                        const std::function<void()> & set_inputs, rkv_clock & clock, rkv_profile & prof,
+                        double & compute_seconds, bool * computing = nullptr) {
     ggml_backend_sched_t sched = lctx->get_sched();
+    if (!ggml_backend_sched_alloc_graph(sched, gf)) {
+        return eng.fail(strm, std::string("failed to allocate the ") + what + " graph");
+    }
+    set_inputs();
+    clock.lap(prof.build_seconds);
+    if (computing) {
+        *computing = true; // from here a failure may leave the graph's writes half done
+    }
+    if (lctx->graph_compute(gf, false) != GGML_STATUS_SUCCESS) {
+        return eng.fail(strm, std::string("failed to compute the ") + what + " graph");
+    }
+    ggml_backend_sched_synchronize(sched);
+    clock.lap(compute_seconds);
+    eng.note_compute_buffer(sched);
+    return true;
+}
 
-    std::vector<int32_t> paths(n_layer());
-    bool portable = false;
+ggml_tensor * rkv_engine::key_view(ggml_context * ctx, uint32_t strm, uint32_t l) const {
+    const auto & layer = kv.layers[l];
+    const int64_t d = kv.hparams.n_embd_head_k(layer.il);
+    return ggml_view_3d(ctx, layer.k, d, kv.get_size(), kv.hparams.n_head_kv(layer.il), layer.k->nb[1],
+                        ggml_row_size(layer.k->type, d), strm*layer.k->nb[2]);
+}
+
+// Phase 1: the host data of the inputs.
+bool rkv_engine::scoring_begin(uint32_t strm, const std::vector<uint32_t> & order, rkv_scoring & sc, rkv_profile & prof) {
+    sc.n         = (int64_t) order.size();
+    sc.n_cand    = sc.n - params.window;
+    sc.m         = params.budget - params.window;
+    sc.n_head_kv = kv.hparams.n_head_kv(kv.layers[0].il);
+    sc.redundant = params.method == RKV_METHOD_RKV;
+    sc.keydiff   = params.method == RKV_METHOD_KEYDIFF;
+    sc.tri_att   = params.method == RKV_METHOD_TRIATTENTION;
+    sc.n_q       = params.method == RKV_METHOD_H2O ? 1 : params.window;
+    sc.kernel    = params.method == RKV_METHOD_H2O ? 1 : params.kernel;
+    sc.pos_last  = kv.v_cells[strm].pos_get(order.back());
+
+    sc.paths.resize(n_layer());
     for (uint32_t l = 0; l < n_layer(); ++l) {
-        paths[l] = redundancy_path(l);
-        portable = portable || paths[l] == RKV_PATH_PORTABLE;
+        sc.paths[l] = redundancy_path(l);
+        if (sc.tri_att && tri[l].centres.empty()) {
+            return fail(strm, "triattention: layer " + std::to_string(kv.layers[l].il) +
+                                  " has no query statistics (rkv_set_query_stats)");
+        }
     }
-    prof.redundancy_path = paths.empty() ? RKV_PATH_NONE : paths.back();
+    prof.redundancy_path = sc.paths.empty() ? RKV_PATH_NONE : sc.paths.back();
 
-    // host data of the inputs
-    std::vector<int32_t> cells_all(n*n_head_kv), cells_cand(n_cand*n_head_kv);
-    std::vector<int32_t> q_rows(n_q);
-    for (int64_t h = 0; h < n_head_kv; ++h) {
+    const int64_t n = sc.n, n_cand = sc.n_cand;
+    sc.cells_all.resize(n*sc.n_head_kv);
+    sc.cells_cand.resize(n_cand*sc.n_head_kv);
+    for (int64_t h = 0; h < sc.n_head_kv; ++h) {
         for (int64_t i = 0; i < n; ++i) {
-            cells_all[h*n + i] = (int32_t) order[i];
+            sc.cells_all[h*n + i] = (int32_t) order[i];
         }
-        std::copy(cells_all.begin() + h*n, cells_all.begin() + h*n + n_cand, cells_cand.begin() + h*n_cand);
+        std::copy(sc.cells_all.begin() + h*n, sc.cells_all.begin() + h*n + n_cand, sc.cells_cand.begin() + h*n_cand);
     }
-    const llama_pos pos_last = kv.v_cells[strm].pos_get(order.back());
-    if (tri_att) {
-        for (uint32_t l = 0; l < n_layer(); ++l) {
-            if (tri[l].centres.empty()) {
-                LLAMA_LOG_ERROR("%s: triattention: layer %d has no query statistics (rkv_set_query_stats)\n", __func__,
-                                kv.layers[l].il);
-                return false;
-            }
-        }
-    }
-    std::vector<float> q_eff, tri_w;
-    for (int64_t t = 0; t < n_q; ++t) {
-        const llama_pos p = pos_last - (llama_pos) (n_q - 1 - t);
-        q_rows[t] = (int32_t) (strm*window + ((p % (llama_pos) window) + window) % window);
+    const llama_pos window = params.window;
+    sc.q_rows.resize(sc.n_q);
+    for (int64_t t = 0; t < sc.n_q; ++t) {
+        const llama_pos p = sc.pos_last - (llama_pos) (sc.n_q - 1 - t);
+        sc.q_rows[t] = (int32_t) (strm*window + ((p % window) + window) % window);
     }
     // the portable graph's bias and ramp depend on n only: kept for the next compression
-    if (redundant && portable && (int64_t) ramp.size() != n) {
+    const bool portable = std::count(sc.paths.begin(), sc.paths.end(), RKV_PATH_PORTABLE) > 0;
+    if (sc.redundant && portable && (int64_t) ramp.size() != n) {
         sim_bias.assign(n*n, -params.threshold);
         for (int64_t i = 0; i < n; ++i) {
             sim_bias[i*n + i] = -params.threshold - 4.0f; // a key is not its own near-copy
@@ -381,224 +434,246 @@ bool rkv_engine::run_scoring_graphs(uint32_t strm, llama_context * lctx, const s
         ramp.resize(n);
         std::iota(ramp.begin(), ramp.end(), 1.0f);
     }
+    return true;
+}
 
-    // order indices kept by each layer and head
-    kept.assign(n_layer()*n_head_kv, {});
-    if (!scored) {
-        // streamingllm: the first `sink` tokens and the most recent ones
+// Phase 2: the importance of the candidates in layers [l0, l1), one graph.
+bool rkv_engine::score_importance(uint32_t strm, llama_context * lctx, const rkv_scoring & sc, uint32_t l0, uint32_t l1,
+                                  rkv_group_scores & out, rkv_clock & clock, rkv_profile & prof) {
+    ggml_context * ctx;
+    ggml_cgraph  * gf;
+    rkv_graph_begin(lctx, &ctx, &gf);
+    rkv_score_inputs in;
+    in.cells_cand = rkv_new_input(ctx, GGML_TYPE_I32, sc.n_cand, sc.n_head_kv);
+    in.q_rows     = rkv_new_input(ctx, GGML_TYPE_I32, sc.n_q);
+    in.cells_all  = sc.keydiff ? rkv_new_input(ctx, GGML_TYPE_I32, sc.n, sc.n_head_kv) : nullptr;
+    std::vector<ggml_tensor *> importance(l1 - l0), sinks_in(l1 - l0, nullptr);
+    std::vector<ggml_tensor *> q_eff_in(l1 - l0, nullptr), tri_w_in(l1 - l0, nullptr);
+    for (uint32_t l = l0; l < l1; ++l) {
+        const auto & layer = kv.layers[l];
+        ggml_tensor * keys = key_view(ctx, strm, l);
+        const int64_t d = keys->ne[0];
+        const int64_t n_head = kv.hparams.n_head(layer.il);
+        if (!sinks[l].empty()) {
+            sinks_in[l - l0] = rkv_new_input(ctx, GGML_TYPE_F32, sc.n_head_kv);
+        }
+        ggml_tensor * & imp = importance[l - l0];
+        if (sc.tri_att) {
+            q_eff_in[l - l0] = rkv_new_input(ctx, GGML_TYPE_F32, d, n_head);
+            tri_w_in[l - l0] = rkv_new_input(ctx, GGML_TYPE_F32, d/2, n_head);
+            imp = rkv_build_triattention(ctx, keys, in, q_eff_in[l - l0], tri_w_in[l - l0], tri[l].neox);
+        } else if (sc.keydiff) {
+            imp = rkv_build_keydiff(ctx, keys, in);
+        } else {
+            imp = rkv_build_importance(ctx, keys, rings[l], n_head, kq_scale[l], in, sc.kernel, sinks_in[l - l0]);
+        }
+        ggml_set_output(imp);
+        ggml_build_forward_expand(gf, imp);
+    }
+    if (rkv_forced_failure("scoring")) {
+        return fail(strm, "RKV_TEST_FAIL: the importance graph fails");
+    }
+    std::vector<float> q_eff, tri_w;
+    const auto set_inputs = [&]() {
+        rkv_set_input(in.cells_cand, sc.cells_cand.data());
+        rkv_set_input(in.q_rows, sc.q_rows.data());
+        rkv_set_input(in.cells_all, sc.cells_all.data());
+        for (uint32_t l = l0; l < l1; ++l) {
+            rkv_set_input(sinks_in[l - l0], sinks[l].data());
+            if (sc.tri_att) {
+                triattention_queries(l, sc.pos_last + 1, q_eff, tri_w);
+                rkv_set_input(q_eff_in[l - l0], q_eff.data());
+                rkv_set_input(tri_w_in[l - l0], tri_w.data());
+            }
+        }
+    };
+    if (!rkv_compute(*this, strm, lctx, gf, "importance", set_inputs, clock, prof, prof.importance_seconds)) {
+        return false;
+    }
+    out.imp.resize(l1 - l0);
+    for (uint32_t l = l0; l < l1; ++l) {
+        out.imp[l - l0].resize(ggml_nelements(importance[l - l0]));
+        ggml_backend_tensor_get(importance[l - l0], out.imp[l - l0].data(), 0, out.imp[l - l0].size()*sizeof(float));
+    }
+    clock.lap(prof.host_seconds);
+    return true;
+}
+
+// The newest near-copy of every key from the normalised keys the CUDA graph leaves: the device
+// kernel where it can run, else a scan on the host.
+static void rkv_near_copy_of_normalised(rkv_engine & eng, ggml_tensor * kn, int64_t n, int64_t n_head_kv,
+                                        int32_t * last, float * last_sim, rkv_profile & prof) {
+    const int64_t d = kn->ne[0];
+    bool done = false;
+#ifdef RKV_HAVE_CUDA
+    done = rkv_cuda_near_copy(kn->data, kn->nb[1], kn->nb[2], d, n, n_head_kv, eng.params.threshold, last, last_sim);
+#endif
+    if (done) {
+        return;
+    }
+    if (!eng.warned_host_scan) {
+        eng.warned_host_scan = true;
+        LLAMA_LOG_WARN("%s: the device kernel for the newest near-copy is not available here (see the message above, "
+                       "if any): the host scans the keys instead, on one core, after reading them back; compressions "
+                       "will be slower\n", __func__);
+    }
+    std::vector<float> kn_host(n*n_head_kv*d);
+    ggml_backend_tensor_get(kn, kn_host.data(), 0, kn_host.size()*sizeof(float));
+    rkv_near_copy_host(kn_host.data(), n, d, n_head_kv, eng.params.threshold, last, last_sim);
+    prof.redundancy_path = RKV_PATH_HOST;
+}
+
+// Phase 3 (rkv): the similarity terms of the same layers, a second graph; each layer's path
+// (fused CPU op, CUDA kernel, portable graph) leaves them in its own form.
+bool rkv_engine::score_redundancy(uint32_t strm, llama_context * lctx, const rkv_scoring & sc, uint32_t l0, uint32_t l1,
+                                  rkv_group_scores & out, rkv_clock & clock, rkv_profile & prof) {
+    const int64_t n = sc.n, nh = sc.n*sc.n_head_kv;
+    ggml_context * ctx;
+    ggml_cgraph  * gf;
+    rkv_graph_begin(lctx, &ctx, &gf);
+    rkv_score_inputs in;
+    in.cells_all = rkv_new_input(ctx, GGML_TYPE_I32, n, sc.n_head_kv);
+    if (std::count(sc.paths.begin() + l0, sc.paths.begin() + l1, RKV_PATH_PORTABLE) > 0) {
+        in.ramp     = rkv_new_input(ctx, GGML_TYPE_F32, n);
+        in.sim_bias = rkv_new_input(ctx, GGML_TYPE_F32, n, n);
+    }
+    std::vector<rkv_score_outputs> outs(l1 - l0);
+    for (uint32_t l = l0; l < l1; ++l) {
+        rkv_build_similarity(ctx, key_view(ctx, strm, l), in, sc.paths[l], &params.threshold, outs[l - l0]);
+        for (ggml_tensor * t : { outs[l - l0].sim_sum, outs[l - l0].kn, outs[l - l0].last, outs[l - l0].last_sim,
+                                 outs[l - l0].near }) {
+            if (t) {
+                ggml_set_output(t);
+                ggml_build_forward_expand(gf, t);
+            }
+        }
+    }
+    const auto set_inputs = [&]() {
+        rkv_set_input(in.cells_all, sc.cells_all.data());
+        rkv_set_input(in.ramp, ramp.data());
+        rkv_set_input(in.sim_bias, sim_bias.data());
+    };
+    // the redundancy's time: the graph, the kernel and the read-back
+    if (!rkv_compute(*this, strm, lctx, gf, "similarity", set_inputs, clock, prof, prof.redundancy_seconds)) {
+        return false;
+    }
+
+    out.sim_sum.resize(l1 - l0);
+    out.last.resize(l1 - l0);
+    out.last_sim.resize(l1 - l0);
+    std::vector<float> near;
+    for (uint32_t l = l0; l < l1; ++l) {
+        const rkv_score_outputs & o = outs[l - l0];
+        auto & last = out.last[l - l0];
+        auto & last_sim = out.last_sim[l - l0];
+        auto & sim_sum = out.sim_sum[l - l0];
+        last.resize(nh);
+        last_sim.resize(nh);
+        if (o.kn) {
+            rkv_near_copy_of_normalised(*this, o.kn, n, sc.n_head_kv, last.data(), last_sim.data(), prof);
+        } else if (o.near) {
+            near.resize(3*nh);
+            ggml_backend_tensor_get(o.near, near.data(), 0, near.size()*sizeof(float));
+            sim_sum.assign(near.begin() + 2*nh, near.end());
+            for (int64_t i = 0; i < nh; ++i) {
+                last[i]     = (int32_t) near[i];
+                last_sim[i] = near[nh + i];
+            }
+        } else {
+            ggml_backend_tensor_get(o.last, last.data(), 0, last.size()*sizeof(int32_t));
+            ggml_backend_tensor_get(o.last_sim, last_sim.data(), 0, last_sim.size()*sizeof(float));
+        }
+    }
+    clock.lap(prof.redundancy_seconds);
+    for (uint32_t l = l0; l < l1; ++l) {
+        if (outs[l - l0].sim_sum) {
+            out.sim_sum[l - l0].resize(nh);
+            ggml_backend_tensor_get(outs[l - l0].sim_sum, out.sim_sum[l - l0].data(), 0, nh*sizeof(float));
+        }
+    }
+    return true;
+}
+
+// Phase 4, on the host: finish the scores of each layer and head of the group and pick what it keeps.
+static void rkv_select_group(const rkv_engine & eng, const rkv_scoring & sc, uint32_t l0, uint32_t l1,
+                             const rkv_group_scores & g, std::vector<std::vector<int32_t>> & kept) {
+    const int64_t n = sc.n, n_cand = sc.n_cand;
+    const double lambda = eng.params.lambda;
+    std::vector<double> score(n_cand), red;
+    for (uint32_t l = l0; l < l1; ++l) {
+        const std::vector<float> & imp = g.imp[l - l0];
+        for (int64_t h = 0; h < sc.n_head_kv; ++h) {
+            std::vector<int32_t> & keep = kept[l*sc.n_head_kv + h];
+            if (sc.tri_att) {
+                const int64_t group = (int64_t) imp.size()/(n_cand*sc.n_head_kv);
+                rkv_triattention_finish(imp.data() + h*group*n_cand, group, n_cand, score);
+                rkv_select(score, sc.m, n, keep);
+                continue;
+            }
+            if (sc.redundant) {
+                rkv_redundancy(g.sim_sum[l - l0].data() + h*n, g.last[l - l0].data() + h*n,
+                               g.last_sim[l - l0].data() + h*n, n, n_cand, eng.params.threshold, red);
+            }
+            for (int64_t j = 0; j < n_cand; ++j) {
+                const double importance = imp[h*n_cand + j];
+                score[j] = sc.redundant ? lambda*importance - (1.0 - lambda)*red[j] : importance;
+            }
+            rkv_select(score, sc.m, n, keep);
+        }
+    }
+}
+
+// the normalised keys one group of layers may hand to the host at once (the CUDA path)
+static constexpr size_t RKV_GROUP_KEY_BYTES = 64u << 20;
+
+bool rkv_engine::run_scoring_graphs(uint32_t strm, llama_context * lctx, const std::vector<uint32_t> & order,
+                                    std::vector<std::vector<int32_t>> & kept, rkv_profile & prof) {
+    rkv_clock clock;
+    rkv_scoring sc;
+    if (!scoring_begin(strm, order, sc, prof)) {
+        return false;
+    }
+    kept.assign(n_layer()*sc.n_head_kv, {});
+    if (params.method == RKV_METHOD_STREAMINGLLM) {
+        // the first `sink` tokens and the most recent ones
         std::vector<int32_t> keep;
-        for (int64_t j = 0; j < budget; ++j) {
-            keep.push_back((int32_t) (j < params.sink ? j : j < m ? n_cand - (m - j) : n_cand + (j - m)));
+        for (int64_t j = 0; j < params.budget; ++j) {
+            keep.push_back((int32_t) (j < params.sink ? j : j < sc.m ? sc.n_cand - (sc.m - j) : sc.n_cand + (j - sc.m)));
         }
         std::fill(kept.begin(), kept.end(), keep);
+        clock.lap(prof.host_seconds);
+        return true;
     }
     clock.lap(prof.host_seconds);
 
     // layers per graph: stay well inside the graph's node capacity, and bound what the group's layers
     // hand to the host at once (the CUDA path keeps each layer's normalised keys, n x d x heads floats,
     // until the kernel has read them: 420 MiB for 13 layers at n = 8K, d = 128, 8 heads)
-    const size_t nodes_per_layer = 48 + 16*(size_t) n_head_kv;
-    const size_t kn_bytes_per_layer = (size_t) n*n_head_kv*kv.hparams.n_embd_head_k(kv.layers[0].il)*sizeof(float);
-    const size_t max_group_layers = std::max<size_t>(1, RKV_GROUP_KEY_BYTES/kn_bytes_per_layer);
+    const size_t nodes_per_layer = 48 + 16*(size_t) sc.n_head_kv;
+    const size_t kn_bytes_per_layer = (size_t) sc.n*sc.n_head_kv*kv.hparams.n_embd_head_k(kv.layers[0].il)*sizeof(float);
+    const size_t max_nodes = (size_t) lctx->get_gf_res_reserve()->get_max_nodes();
+    const uint32_t group = (uint32_t) std::min(std::max<size_t>(1, RKV_GROUP_KEY_BYTES/kn_bytes_per_layer),
+                                               std::max<size_t>(1, max_nodes/nodes_per_layer));
 
-    // per layer of a group: importance [n_cand*n_head_kv]; sim_sum, last, last_sim [n*n_head_kv]
-    std::vector<std::vector<float>> imp;
-    std::vector<std::vector<float>> sim_sum, last_sim;
-    std::vector<std::vector<int32_t>> last;
-    std::vector<float> near;
-    std::vector<float> kn_host;
-
-    for (uint32_t l0 = 0; l0 < n_layer() && scored; ) {
-        ggml_context * ctx;
-        ggml_cgraph  * gf;
-
-        // importance of the candidates, a group of layers per graph
-        rkv_graph_begin(lctx, &ctx, &gf);
-        const uint32_t l1 = std::min<uint32_t>(n_layer(), l0 + (uint32_t) std::min(max_group_layers,
-            std::max<size_t>(1, ggml_graph_size(gf)/nodes_per_layer)));
-        rkv_score_inputs in;
-        in.cells_cand = rkv_new_input(ctx, GGML_TYPE_I32, n_cand, n_head_kv);
-        in.q_rows     = rkv_new_input(ctx, GGML_TYPE_I32, n_q);
-        in.cells_all  = keydiff ? rkv_new_input(ctx, GGML_TYPE_I32, n, n_head_kv) : nullptr;
-        std::vector<rkv_score_outputs> outs(l1 - l0);
-        std::vector<ggml_tensor *> keys(l1 - l0), sinks_in(l1 - l0, nullptr);
-        std::vector<ggml_tensor *> q_eff_in(l1 - l0, nullptr), tri_w_in(l1 - l0, nullptr);
-        for (uint32_t l = l0; l < l1; ++l) {
-            const auto & layer = kv.layers[l];
-            const int64_t d = kv.hparams.n_embd_head_k(layer.il);
-            keys[l - l0] = ggml_view_3d(ctx, layer.k, d, kv_size, n_head_kv, layer.k->nb[1],
-                                        ggml_row_size(layer.k->type, d), strm*layer.k->nb[2]);
-            if (!sinks[l].empty()) {
-                sinks_in[l - l0] = rkv_new_input(ctx, GGML_TYPE_F32, n_head_kv);
-            }
-            if (tri_att) {
-                q_eff_in[l - l0] = rkv_new_input(ctx, GGML_TYPE_F32, d, kv.hparams.n_head(layer.il));
-                tri_w_in[l - l0] = rkv_new_input(ctx, GGML_TYPE_F32, d/2, kv.hparams.n_head(layer.il));
-                outs[l - l0].importance = rkv_build_triattention(ctx, keys[l - l0], in, q_eff_in[l - l0], tri_w_in[l - l0],
-                                                                 tri[l].neox);
-            } else if (keydiff) {
-                outs[l - l0].importance = rkv_build_keydiff(ctx, keys[l - l0], in);
-            } else {
-                outs[l - l0].importance = rkv_build_importance(ctx, keys[l - l0], rings[l], kv.hparams.n_head(layer.il),
-                                                               kq_scale[l], in, kernel, sinks_in[l - l0]);
-            }
-            ggml_set_output(outs[l - l0].importance);
-            ggml_build_forward_expand(gf, outs[l - l0].importance);
-        }
-        if (!ggml_backend_sched_alloc_graph(sched, gf)) {
-            LLAMA_LOG_ERROR("%s: failed to allocate the importance graph\n", __func__);
+    rkv_group_scores scores;
+    for (uint32_t l0 = 0; l0 < n_layer(); l0 += group) {
+        const uint32_t l1 = std::min(n_layer(), l0 + group);
+        if (!score_importance(strm, lctx, sc, l0, l1, scores, clock, prof) ||
+            (sc.redundant && !score_redundancy(strm, lctx, sc, l0, l1, scores, clock, prof))) {
             return false;
         }
-        rkv_set_input(in.cells_cand, cells_cand.data());
-        rkv_set_input(in.q_rows, q_rows.data());
-        rkv_set_input(in.cells_all, cells_all.data());
-        for (uint32_t l = l0; l < l1; ++l) {
-            rkv_set_input(sinks_in[l - l0], sinks[l].data());
-            if (tri_att) {
-                triattention_queries(l, pos_last + 1, q_eff, tri_w);
-                rkv_set_input(q_eff_in[l - l0], q_eff.data());
-                rkv_set_input(tri_w_in[l - l0], tri_w.data());
-            }
-        }
-        clock.lap(prof.build_seconds);
-        if (lctx->graph_compute(gf, false) != GGML_STATUS_SUCCESS) {
-            LLAMA_LOG_ERROR("%s: failed to compute the importance graph\n", __func__);
-            return false;
-        }
-        ggml_backend_sched_synchronize(sched);
-        clock.lap(prof.importance_seconds);
-        note_compute_buffer(sched);
-        imp.resize(l1 - l0);
-        for (uint32_t l = l0; l < l1; ++l) {
-            imp[l - l0].resize(ggml_nelements(outs[l - l0].importance)); // triattention: one row per query head
-            ggml_backend_tensor_get(outs[l - l0].importance, imp[l - l0].data(), 0, imp[l - l0].size()*sizeof(float));
-        }
+        rkv_select_group(*this, sc, l0, l1, scores, kept);
         clock.lap(prof.host_seconds);
-
-        // redundancy: the same layers, a second graph
-        if (redundant) {
-            rkv_graph_begin(lctx, &ctx, &gf);
-            in = rkv_score_inputs();
-            in.cells_all = rkv_new_input(ctx, GGML_TYPE_I32, n, n_head_kv);
-            if (portable) {
-                in.ramp     = rkv_new_input(ctx, GGML_TYPE_F32, n);
-                in.sim_bias = rkv_new_input(ctx, GGML_TYPE_F32, n, n);
-            }
-            for (uint32_t l = l0; l < l1; ++l) {
-                const auto & layer = kv.layers[l];
-                const int64_t d = kv.hparams.n_embd_head_k(layer.il);
-                ggml_tensor * k = ggml_view_3d(ctx, layer.k, d, kv_size, n_head_kv, layer.k->nb[1],
-                                               ggml_row_size(layer.k->type, d), strm*layer.k->nb[2]);
-                rkv_score_outputs & out = outs[l - l0];
-                rkv_build_similarity(ctx, k, in, paths[l], &params.threshold, out);
-                for (ggml_tensor * t : { out.sim_sum, out.kn, out.last, out.last_sim, out.near }) {
-                    if (t) {
-                        ggml_set_output(t);
-                        ggml_build_forward_expand(gf, t);
-                    }
-                }
-            }
-            if (!ggml_backend_sched_alloc_graph(sched, gf)) {
-                LLAMA_LOG_ERROR("%s: failed to allocate the similarity graph\n", __func__);
-                return false;
-            }
-            rkv_set_input(in.cells_all, cells_all.data());
-            rkv_set_input(in.ramp, ramp.data());
-            rkv_set_input(in.sim_bias, sim_bias.data());
-            clock.lap(prof.build_seconds);
-            if (lctx->graph_compute(gf, false) != GGML_STATUS_SUCCESS) {
-                LLAMA_LOG_ERROR("%s: failed to compute the similarity graph\n", __func__);
-                return false;
-            }
-            ggml_backend_sched_synchronize(sched);
-            note_compute_buffer(sched);
-
-            sim_sum.resize(l1 - l0);
-            last.resize(l1 - l0);
-            last_sim.resize(l1 - l0);
-            for (uint32_t l = l0; l < l1; ++l) {
-                const rkv_score_outputs & out = outs[l - l0];
-                auto & lst = last[l - l0];
-                auto & ls  = last_sim[l - l0];
-                lst.resize(n*n_head_kv);
-                ls.resize(n*n_head_kv);
-                if (out.kn) {
-                    // CUDA: the kernel reads the normalised keys where the graph left them
-                    const int64_t d = out.kn->ne[0];
-                    bool done = false;
-#ifdef RKV_HAVE_CUDA
-                    done = rkv_cuda_near_copy(out.kn->data, out.kn->nb[1], out.kn->nb[2], d, n, n_head_kv,
-                                              params.threshold, lst.data(), ls.data());
-#endif
-                    if (!done) {
-                        if (!warned_host_scan) {
-                            warned_host_scan = true;
-                            LLAMA_LOG_WARN("%s: the device kernel for the newest near-copy is not available here (see the "
-                                           "message above, if any): the host scans the keys instead, on one core, "
-                                           "after reading them back; compressions will be slower\n", __func__);
-                        }
-                        kn_host.resize(n*n_head_kv*d);
-                        ggml_backend_tensor_get(out.kn, kn_host.data(), 0, kn_host.size()*sizeof(float));
-                        rkv_near_copy_host(kn_host.data(), n, d, n_head_kv, params.threshold, lst.data(), ls.data());
-                        prof.redundancy_path = RKV_PATH_HOST;
-                    }
-                } else if (out.near) {
-                    near.resize(3*n*n_head_kv);
-                    ggml_backend_tensor_get(out.near, near.data(), 0, near.size()*sizeof(float));
-                    sim_sum[l - l0].assign(near.begin() + 2*n*n_head_kv, near.end());
-                    for (int64_t i = 0; i < n*n_head_kv; ++i) {
-                        lst[i] = (int32_t) near[i];
-                        ls[i]  = near[n*n_head_kv + i];
-                    }
-                } else {
-                    ggml_backend_tensor_get(out.last, lst.data(), 0, lst.size()*sizeof(int32_t));
-                    ggml_backend_tensor_get(out.last_sim, ls.data(), 0, ls.size()*sizeof(float));
-                }
-            }
-            clock.lap(prof.redundancy_seconds);
-            for (uint32_t l = l0; l < l1; ++l) {
-                if (outs[l - l0].sim_sum) {
-                    sim_sum[l - l0].resize(n*n_head_kv);
-                    ggml_backend_tensor_get(outs[l - l0].sim_sum, sim_sum[l - l0].data(), 0, sim_sum[l - l0].size()*sizeof(float));
-                }
-            }
-        }
-
-        // host: finish the scores, pick the kept tokens
-        std::vector<double> score(n_cand), red;
-        for (uint32_t l = l0; l < l1; ++l) {
-            for (int64_t h = 0; h < n_head_kv; ++h) {
-                if (redundant) {
-                    rkv_redundancy(sim_sum[l - l0].data() + h*n, last[l - l0].data() + h*n, last_sim[l - l0].data() + h*n,
-                                   n, n_cand, params.threshold, red);
-                }
-                if (tri_att) {
-                    const int64_t group = (int64_t) imp[l - l0].size()/(n_cand*n_head_kv);
-                    rkv_triattention_finish(imp[l - l0].data() + h*group*n_cand, group, n_cand, score);
-                    rkv_select(score, m, n, kept[l*n_head_kv + h]);
-                    continue;
-                }
-                const float * im = imp[l - l0].data() + h*n_cand;
-                for (int64_t j = 0; j < n_cand; ++j) {
-                    const double importance = im[j];
-                    score[j] = redundant ? params.lambda*importance - (1.0 - params.lambda)*red[j] : importance;
-                }
-                rkv_select(score, m, n, kept[l*n_head_kv + h]);
-            }
-        }
-        clock.lap(prof.host_seconds);
-        l0 = l1;
     }
-
     return true;
 }
 
 bool rkv_engine::run_compaction_graphs(uint32_t strm, llama_context * lctx, const std::vector<int32_t> & cells,
-                                       int64_t n_dst, rkv_profile & prof) {
+                                       int64_t n_dst, rkv_profile & prof, uint32_t & n_moved) {
     rkv_clock clock;
     const uint32_t kv_size   = kv.get_size();
     const int64_t  n_head_kv = kv.hparams.n_head_kv(kv.layers[0].il);
-    ggml_backend_sched_t sched = lctx->get_sched();
+    n_moved = 0;
 
     std::vector<int32_t> slots(n_dst*n_head_kv);
     for (int64_t h = 0; h < n_head_kv; ++h) {
@@ -627,11 +702,13 @@ bool rkv_engine::run_compaction_graphs(uint32_t strm, llama_context * lctx, cons
         }
     }
     const size_t moves_per_layer = 16;
-    for (uint32_t l0 = 0; l0 < n_layer(); ) {
+    const bool forced = rkv_forced_failure("compaction"); // the hook is set: a graph per layer
+    const uint32_t group = forced ? 1 : (uint32_t) std::max<size_t>(1, lctx->get_gf_res_reserve()->get_max_nodes()/moves_per_layer);
+    for (uint32_t l0 = 0; l0 < n_layer(); l0 += group) {
+        const uint32_t l1 = std::min(n_layer(), l0 + group);
         ggml_context * ctx;
         ggml_cgraph  * gf;
         rkv_graph_begin(lctx, &ctx, &gf);
-        const uint32_t l1 = std::min<uint32_t>(n_layer(), l0 + (uint32_t) std::max<size_t>(1, ggml_graph_size(gf)/moves_per_layer));
 
         ggml_tensor * slots_in = rkv_new_input(ctx, GGML_TYPE_I32, n_dst, n_head_kv);
         ggml_tensor * cells_in = rkv_new_input(ctx, GGML_TYPE_I32, n_dst, n_head_kv, l1 - l0);
@@ -657,21 +734,20 @@ bool rkv_engine::run_compaction_graphs(uint32_t strm, llama_context * lctx, cons
                                      kv_size, layer_cells, slots_in);
             }
         }
-        if (!ggml_backend_sched_alloc_graph(sched, gf)) {
-            LLAMA_LOG_ERROR("%s: failed to allocate the compaction graph\n", __func__);
+        if (rkv_forced_failure("compaction", l0)) {
+            return fail(strm, "RKV_TEST_FAIL: the compaction graph of layer " + std::to_string(kv.layers[l0].il) + " fails");
+        }
+        const auto set_inputs = [&]() {
+            rkv_set_input(slots_in, slots.data());
+            rkv_set_input(cells_in, cells.data() + (size_t) l0*n_head_kv*n_dst);
+        };
+        bool computing = false;
+        const bool ok = rkv_compute(*this, strm, lctx, gf, "compaction", set_inputs, clock, prof, prof.compaction_seconds,
+                                    &computing);
+        n_moved = computing ? l1 : l0;
+        if (!ok) {
             return false;
         }
-        rkv_set_input(slots_in, slots.data());
-        rkv_set_input(cells_in, cells.data() + (size_t) l0*n_head_kv*n_dst);
-        clock.lap(prof.build_seconds);
-        if (lctx->graph_compute(gf, false) != GGML_STATUS_SUCCESS) {
-            LLAMA_LOG_ERROR("%s: failed to compute the compaction graph\n", __func__);
-            return false;
-        }
-        ggml_backend_sched_synchronize(sched);
-        clock.lap(prof.compaction_seconds);
-        note_compute_buffer(sched);
-        l0 = l1;
     }
     return true;
 }

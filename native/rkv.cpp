@@ -159,10 +159,19 @@ int32_t rkv_compress(llama_context * ctx, llama_seq_id seq_id) {
     if (!eng) {
         return -1;
     }
-    const int64_t before = eng->streams[eng->stream_of(seq_id)].n_compressions;
-    eng->streams[eng->stream_of(seq_id)].pending = true;
+    auto & st = eng->streams[eng->stream_of(seq_id)];
+    const int64_t before = st.n_compressions;
+    st.pending = true;
     ctx->memory_update(false);
-    return eng->streams[eng->stream_of(seq_id)].n_compressions > before ? 1 : 0;
+    if (!st.failure.empty()) {
+        return rkv_fail(st.failure);
+    }
+    return st.n_compressions > before ? 1 : 0;
+}
+
+const char * rkv_get_failure(const llama_context * ctx, llama_seq_id seq_id) {
+    const rkv_engine * eng = rkv_checked(ctx, seq_id);
+    return eng ? eng->streams[eng->stream_of(seq_id)].failure.c_str() : nullptr;
 }
 
 int32_t rkv_set_kept_prompt(llama_context * ctx, llama_seq_id seq_id, llama_pos n_tokens) {

@@ -57,6 +57,7 @@ struct rkv_seq_stats {
     int64_t cells_window;     // sliding-window models: cells the window cache holds now; 0 otherwise
     int64_t cells_kept;       // cells of the kept prompt (rkv_set_kept_prompt), never evicted
     int32_t paused;           // 1 while compression is paused (rkv_set_paused)
+    int64_t n_failed;         // compressions that failed (rkv_get_failure says why the last one did)
 };
 
 // Where the time of a sequence's compressions went, summed over them (seconds).
@@ -94,8 +95,15 @@ LLAMA_API bool    rkv_is_enabled(const struct llama_context * ctx);
 LLAMA_API const char * rkv_last_error(void);
 
 // Compress a sequence now, whatever its size. Returns 1 if it was compressed, 0 if it holds
-// no more than `budget` cells, -1 on error.
+// no more than `budget` cells, -1 on error (a compression that failed: rkv_last_error() says why).
 LLAMA_API int32_t rkv_compress(struct llama_context * ctx, llama_seq_id seq_id);
+
+// Why the last compression of a sequence failed, automatic (a llama_decode that then returns 1) or
+// forced; "" when it did not (or none ran); null on error. A failure leaves the sequence's cache as it
+// was, or, when it failed while moving K/V (some layers moved, others not), clears the sequence and
+// refuses its decodes until it is cleared again (llama_memory_seq_rm from position 0): its owner must
+// evaluate it again. Valid until the next call on the context.
+LLAMA_API const char * rkv_get_failure(const struct llama_context * ctx, llama_seq_id seq_id);
 
 // Keep a sequence's first n_tokens positions whole (its prompt): they are never evicted, and the budget
 // and buffer apply to the tokens after them (the sequence holds at most kept + budget + buffer cells).

@@ -53,6 +53,7 @@ class RkvSeqStats(ctypes.Structure):
         ("cells_window", ctypes.c_int64),
         ("cells_kept", ctypes.c_int64),
         ("paused", ctypes.c_int32),
+        ("n_failed", ctypes.c_int64),
     ]
 
 
@@ -147,6 +148,7 @@ def _bind():
         "rkv_is_enabled": ([ctx_p], ctypes.c_bool),
         "rkv_last_error": ([], ctypes.c_char_p),
         "rkv_compress": ([ctx_p, ctypes.c_int32], ctypes.c_int32),
+        "rkv_get_failure": ([ctx_p, ctypes.c_int32], ctypes.c_char_p),
         "rkv_set_kept_prompt": ([ctx_p, ctypes.c_int32, ctypes.c_int32], ctypes.c_int32),
         "rkv_set_paused": ([ctx_p, ctypes.c_int32, ctypes.c_bool], ctypes.c_int32),
         "rkv_set_compression_observer": ([ctx_p, CompressionObserver, ctypes.c_void_p], ctypes.c_int32),
@@ -214,6 +216,14 @@ def is_enabled(ctx: int) -> bool:
 def compress(ctx: int, seq_id: int = 0) -> bool:
     """Compress a sequence now; False when it holds no more than the budget."""
     return _check(lib().rkv_compress(ctx, seq_id)) == 1
+
+
+def compression_failure(ctx: int, seq_id: int = 0) -> str:
+    """Why the sequence's last compression failed; "" when it did not."""
+    why = lib().rkv_get_failure(ctx, seq_id)
+    if why is None:
+        _check(-1)
+    return why.decode()
 
 
 def set_kept_prompt(ctx: int, seq_id: int, n_tokens: int) -> None:

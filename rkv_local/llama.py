@@ -67,11 +67,12 @@ class KVStats:
     kv_bytes_window_allocated: int = 0
     cells_kept: int = 0               # cells of the kept prompt (kv_keep_prompt), never evicted
     compression_paused: bool = False  # kv_compress="think": the thinking ended, the answer is not evicted
+    compressions_failed: int = 0      # compressions that failed (each one an error of the call that ran it)
 
     # summed over sequences by KVStats.total; the others are settings, positions or a flag
     SUMMED = ("compressions", "evicted_tokens", "cells_used", "cells_peak", "kv_bytes_used", "kv_bytes_full",
               "n_tokens", "compress_seconds", "tokens_evaluated", "prompt_tokens", "prompt_tokens_evaluated",
-              "kv_bytes_window", "kv_bytes_window_allocated", "cells_kept")
+              "kv_bytes_window", "kv_bytes_window_allocated", "cells_kept", "compressions_failed")
 
     @classmethod
     def of_sequence(cls, ctx: int, seq_id: int, settings: KVSettings, *, n_tokens: int, n_ctx: int,
@@ -84,7 +85,7 @@ class KVStats:
                        s.cells_used, s.cells_peak, s.kv_bytes_used, s.kv_bytes_full, s.n_tokens, s.compress_seconds,
                        pos_compacted=s.pos_compacted, n_ctx=n_ctx,
                        cells_max=settings.kv_keep_prompt + settings.kv_budget + settings.kv_buffer,
-                       cells_kept=s.cells_kept, compression_paused=bool(s.paused),
+                       cells_kept=s.cells_kept, compression_paused=bool(s.paused), compressions_failed=s.n_failed,
                        **window_figures(ctx, seq_id), **counters)
         n = n_tokens
         try:
@@ -414,8 +415,26 @@ class Llama(llama_cpp.Llama):
             super().eval(tokens)
             if self._rpc_servers:   # a server that went away answered zeros: these logits are not the model's
                 self._check_rpc_servers()
+        except RuntimeError as exc:
+            self._check_compression(exc)
+            raise
         finally:
             self._tokens_evaluated += max(self.n_tokens - before, 0)
+
+    def _check_compression(self, exc: BaseException) -> None:
+        """A decode that failed because the sequence's compression did says why; when the failure cleared
+        the sequence, this Llama forgets its tokens too, and the next call evaluates its prompt again."""
+        if not self.kv_settings.compressed:
+            return
+        why = _native.compression_failure(self._ctx.ctx, 0)
+        if not why:
+            return
+        self._forget_cleared_tokens()
+        raise RuntimeError(f"KV compression failed: {why}") from exc
+
+    def _forget_cleared_tokens(self) -> None:
+        """After a compression that failed while moving K/V the engine cleared the sequence: so does this Llama."""
+        self.n_tokens = min(self.n_tokens, _native.seq_stats(self._ctx.ctx, 0).n_tokens)
 
     def generate(
         self, tokens: Sequence[int], *args: Any, **kwargs: Any
@@ -618,4 +637,8 @@ class Llama(llama_cpp.Llama):
         (llama.cpp's state keeps no logits, so llama-cpp-python re-evaluates the last token)."""
         if self._kv_config is None:
             raise RuntimeError("this Llama has no kv_budget")
-        return _native.compress(self._ctx.ctx, 0)
+        try:
+            return _native.compress(self._ctx.ctx, 0)
+        except _native.RkvError:
+            self._forget_cleared_tokens()
+            raise
