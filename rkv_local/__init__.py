@@ -10,8 +10,9 @@ from ._library import load_bindings
 llama_cpp = load_bindings()
 
 from ._native import CompressionConfig, RkvError  # noqa: E402
-from .llama import KVStats, Llama  # noqa: E402
+from .llama import Llama  # noqa: E402
+from .sequence import KVSequence, KVStats  # noqa: E402
 from .batched import BatchedLlama  # noqa: E402
 
-__all__ = ["BatchedLlama", "CompressionConfig", "KVStats", "Llama", "RkvError", "llama_cpp"]
+__all__ = ["BatchedLlama", "CompressionConfig", "KVSequence", "KVStats", "Llama", "RkvError", "llama_cpp"]
 __version__ = "0.1.0"

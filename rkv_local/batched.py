@@ -27,7 +27,8 @@ from llama_cpp import _internals as internals
 from llama_cpp import llama_chat_format
 
 from . import _native
-from .llama import CACHE_PAD, KVStats, Llama, kv_settings_from, padded_cells
+from .llama import CACHE_PAD, Llama, kv_settings_from, padded_cells
+from .sequence import KVSequence, KVStats
 from .sampling import check_grammar, check_logit_bias
 from .scheduler import DecodeScheduler, RequestCancelled, StepStats
 
@@ -53,21 +54,19 @@ _NO_REQUEST_STATE = ("the state of one BatchedLlama request cannot be saved or l
 
 class _SequenceContext:
     """A view's context: the shared one, except that llama-cpp-python's cache calls act on the view's
-    own sequence, under the lock of the decodes (llama-cpp-python names sequence 0, or -1 for it)."""
+    own sequence (llama-cpp-python names sequence 0, or -1 for it)."""
 
-    def __init__(self, ctx: internals.LlamaContext, seq_id: int, scheduler: DecodeScheduler) -> None:
-        self._shared, self._seq_id, self._scheduler = ctx, seq_id, scheduler
+    def __init__(self, ctx: internals.LlamaContext, sequence: KVSequence, scheduler: DecodeScheduler) -> None:
+        self._shared, self._sequence, self._scheduler = ctx, sequence, scheduler
 
     def __getattr__(self, name: str) -> Any:
         return getattr(self._shared, name)
 
     def kv_cache_seq_rm(self, seq_id: int, p0: int, p1: int) -> bool:
-        with self._scheduler.between_decodes():
-            return bool(llama_cpp.llama_memory_seq_rm(llama_cpp.llama_get_memory(self._shared.ctx), self._seq_id,
-                                                      p0, p1))
+        return self._sequence.truncate(p0, p1)
 
     def kv_cache_clear(self) -> None:
-        self.kv_cache_seq_rm(self._seq_id, -1, -1)
+        self._sequence.clear()
 
     def print_timings(self) -> None:   # Llama(verbose=True) after each completion
         with self._scheduler.ctx_lock:
@@ -82,24 +81,25 @@ class _SequenceContext:
 
     kv_cache_seq_cp = kv_cache_seq_keep = kv_cache_seq_shift = _refused
 
-    def engine_call(self, fn: Any, *args: Any) -> Any:
-        """``fn(ctx, seq_id, *args)`` of ``rkv_local._native`` on the view's sequence, between decodes."""
-        with self._scheduler.between_decodes():
-            return fn(self._shared.ctx, self._seq_id, *args)
-
 
 class _SequenceView(Llama):
-    """One request's view of the model: ``Llama``'s completion code on sequence ``seq_id``.
+    """One request's view of the model: ``Llama``'s completion code on its own sequence.
 
     A shallow copy of the prototype ``Llama`` (same model, tokenizer, chat handler, settings) with
-    its own token history; ``eval`` goes through the scheduler, and ``sample`` returns the token
-    the scheduler drew with this view's sampler right after the decode.
+    its own token history and ``KVSequence`` (everything ``Llama`` does to its cache, on this
+    sequence, between the scheduler's decodes); what differs: ``eval`` hands the tokens to the
+    scheduler, and ``sample`` returns the token the scheduler drew with this view's sampler right
+    after the decode (the view is the scheduler's ``Decoding``).
     """
 
+    _owner_name = "BatchedLlama"
     _owner: "BatchedLlama"
-    _seq_id: int
     _next_token: Optional[int]
     cancelled: bool
+
+    @property
+    def seq_id(self) -> int:
+        return self._sequence.seq_id
 
     def eval(self, tokens: Sequence[int]) -> None:
         tokens = list(tokens)
@@ -121,8 +121,22 @@ class _SequenceView(Llama):
         for start in range(0, len(tokens), chunk):
             part = tokens[start:start + chunk]
             # only the last chunk's logits are sampled, as Llama.generate samples after eval
-            # the scheduler records the part in input_ids and n_tokens (before it samples)
             self._next_token = self._owner._scheduler.submit(self, part, sample=start + chunk >= len(tokens))
+
+    # the scheduler's side (scheduler.Decoding)
+
+    def decoded(self, tokens: Sequence[int]) -> None:
+        # what Llama.eval records, recorded before sampling: logits processors (min_tokens, ...) read
+        # input_ids up to the tokens just decoded, as with Llama
+        self.input_ids[self.n_tokens:self.n_tokens + len(tokens)] = tokens
+        self.n_tokens += len(tokens)
+        self._tokens_evaluated += len(tokens)
+
+    def sample_decoded(self, ctx: internals.LlamaContext, idx: int) -> int:
+        return self._sampler.sample(ctx, idx)   # the sampler llama-cpp-python's generate made for this request
+
+    def decode_failed(self, error: BaseException) -> BaseException:
+        return self._compression_error(error) or error
 
     def sample(self, *args: Any, **kwargs: Any) -> int:
         if self._next_token is None:
@@ -130,9 +144,6 @@ class _SequenceView(Llama):
         token, self._next_token = self._next_token, None
         self._sampled.append(token)
         return token
-
-    def _engine_call(self, fn: Any, *args: Any) -> Any:
-        return self._ctx.engine_call(fn, *args)
 
     def generate(self, tokens: Sequence[int], *args: Any, **kwargs: Any) -> Any:
         self._sampled = []
@@ -147,12 +158,6 @@ class _SequenceView(Llama):
         return dict(prompt_tokens=self._prompt_tokens, completion_tokens=written,
                     total_tokens=self._prompt_tokens + written)
 
-    def reset(self) -> None:
-        # llama-cpp-python resets before evaluating a prompt it cannot continue: a second completion in
-        # one sequence() block, or one whose prefix the compressed cache refused to truncate to
-        self.n_tokens = 0
-        self._ctx.kv_cache_clear()
-
     def n_ctx(self) -> int:
         return self._n_ctx
 
@@ -165,19 +170,6 @@ class _SequenceView(Llama):
                 raise ValueError(f"Requested tokens ({n}) exceed the context window of {self._n_ctx} tokens "
                                  f"of one sequence") from None
             raise
-
-    def kv_stats(self) -> KVStats:
-        return self._owner.kv_stats(self._seq_id, n_tokens=self.n_tokens, counters=self.token_counters())
-
-    def compress_now(self) -> bool:
-        if self._kv_config is None:
-            raise RuntimeError("this BatchedLlama has no kv_budget")
-        return self._engine_call(_native.compress)
-
-    def kept_positions(self, layer: int, head: int) -> np.ndarray:
-        if self._kv_config is None:
-            return np.arange(self.n_tokens, dtype=np.int32)
-        return self._engine_call(lambda ctx, seq_id: _native.kept_positions(ctx, layer, head, seq_id))
 
     def save_state(self) -> llama_cpp.LlamaState:
         raise RuntimeError(_NO_REQUEST_STATE)
@@ -267,6 +259,8 @@ class BatchedLlama:
         self._model_freed = False
         check = self._proto._check_rpc_servers if self._proto._rpc_servers else None
         self._scheduler = DecodeScheduler(self._ctx, self.n_batch, verbose, check_devices=check)
+        self._sequences = [KVSequence(self._ctx.ctx, s, self._proto.kv_settings, cells=self.cells_per_seq,
+                                      lock=self._scheduler.between_decodes) for s in range(n_seq_max)]
         self._closed = False
 
     def _setup(self, n_ctx: int, n_batch: int, n_ubatch: Optional[int], verbose: bool) -> None:
@@ -309,6 +303,7 @@ class BatchedLlama:
                 f"({self.n_seq_max * cells} cells): not enough memory? Lower n_seq_max, kv_budget or n_ctx"
             ) from exc
         proto._ctx = self._ctx
+        proto._sequence = None   # the prototype decodes nothing: each request has a sequence of its own
         proto.context_params = params
         if proto._lora_adapter is not None:
             # what llama-cpp-python did to the prototype's own context (freed above) with lora_path
@@ -356,14 +351,15 @@ class BatchedLlama:
             # a shallow copy (copy.copy would go through Llama's pickling, which reloads the model)
             view = _SequenceView.__new__(_SequenceView)
             view.__dict__.update(self._proto.__dict__)
-            view._owner, view._seq_id, view._next_token, view.cancelled = self, seq_id, None, False
+            view._owner, view._next_token, view.cancelled = self, None, False
+            view._sequence = self._sequences[seq_id]
             view._sampler, view.n_tokens, view._tokens_evaluated, view._seed = None, 0, 0, seed
             view._sampled = []
             view._detokenizer = self._proto._detokenizer.fork()   # what it remembers is this request's
-            view._ctx = _SequenceContext(self._ctx, seq_id, self._scheduler)
+            view._ctx = _SequenceContext(self._ctx, view._sequence, self._scheduler)
             view._n_ctx = self.n_ctx_seq
             view.input_ids = np.zeros((self.n_ctx_seq,), dtype=np.intc)
-            self._scheduler.add(seq_id, view)
+            self._scheduler.add(view)
             yield view
         finally:
             self._release(seq_id)
@@ -372,9 +368,11 @@ class BatchedLlama:
         """Empty a finished request's stream (a compressed one starts afresh) and give it back; the
         last request to leave a closed BatchedLlama frees the model."""
         self._scheduler.remove(seq_id)
-        with self._scheduler.ctx_lock:   # not during a decode
-            if not self._scheduler.closed:
-                llama_cpp.llama_memory_seq_rm(llama_cpp.llama_get_memory(self._ctx.ctx), seq_id, -1, -1)
+        if not self._scheduler.closed:
+            try:
+                self._sequences[seq_id].clear()
+            except RuntimeError:
+                pass   # closed meanwhile: the context goes with the model
         with self._sequence_freed:
             self._free.append(seq_id)
             self._sequence_freed.notify()
@@ -481,21 +479,15 @@ class BatchedLlama:
     # figures and lifetime
     # ------------------------------------------------------------------
 
-    def kv_stats(self, seq_id: Optional[int] = None, *, n_tokens: Optional[int] = None,
-                 counters: Optional[Dict[str, int]] = None) -> KVStats:
-        """One sequence's figures, or (``seq_id`` None) the sums over all sequences, with
-        ``cells_max`` the cells of the whole context. ``n_tokens`` and ``counters``: what a request's
-        view knows of its sequence (its tokens without a budget, its ``*tokens*`` counters)."""
+    def kv_stats(self, seq_id: Optional[int] = None) -> KVStats:
+        """One sequence's figures as its cache holds them (a request's ``kv_stats()`` adds the token
+        counters its view keeps), or (``seq_id`` None) the sums over all sequences, with ``cells_max``
+        the cells of the whole context."""
         self._check_open()
         if seq_id is None:
             return KVStats.total([self.kv_stats(s) for s in range(self.n_seq_max)], n_ctx=self.n_ctx_seq,
                                  cells_max=self.cells_per_seq * self.n_seq_max)
-        with self._scheduler.ctx_lock:
-            if n_tokens is None and not self._proto.kv_settings.compressed:
-                memory = llama_cpp.llama_get_memory(self._ctx.ctx)
-                n_tokens = int(llama_cpp.llama_memory_seq_pos_max(memory, seq_id)) + 1
-            return KVStats.of_sequence(self._ctx.ctx, seq_id, self._proto.kv_settings, n_tokens=n_tokens or 0,
-                                       n_ctx=self.n_ctx_seq, cells_max=self.cells_per_seq, **(counters or {}))
+        return self._sequences[seq_id].stats(n_ctx=self.n_ctx_seq)
 
     def step_stats(self) -> StepStats:
         """Where the scheduler's time went (see ``StepStats``)."""

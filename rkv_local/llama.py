@@ -5,7 +5,7 @@ import ctypes
 import inspect
 import os
 import warnings
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any, Generator, Optional, Sequence
 
 import llama_cpp
@@ -18,6 +18,7 @@ from ._native import CompressionConfig
 from .detokenize import Detokenizer, PieceTable
 from .reasoning import REASONING_FORMATS, ThinkingWatch, split_message, split_stream, thinking_open_in_prompt
 from .sampling import check_grammar, check_logit_bias
+from .sequence import KVSequence, KVStats
 from .settings import KVSettings
 
 # the physical cache is rounded to this: llama.cpp attends to n_kv = PAD(used, 256) cells anyway
@@ -30,87 +31,6 @@ def padded_cells(cells: int) -> int:
 
 _CREATE_COMPLETION = inspect.signature(llama_cpp.Llama.create_completion)
 _GENERATE = inspect.signature(llama_cpp.Llama.generate)
-
-
-@dataclass(frozen=True)
-class KVStats:
-    """KV-cache figures of the (single) sequence of a ``Llama``.
-
-    The engine's figures (``compressions`` to ``compress_seconds``, ``pos_compacted``) describe the
-    sequence since it last started from an empty cache (construction, ``reset()``, or a prompt that
-    had to be evaluated from scratch); ``load_state`` restores them. The ``*tokens_evaluated``
-    counters are kept by ``Llama`` itself: they show how much of a prompt came from the cache.
-    """
-
-    method: str            # "full" without a budget
-    budget: Optional[int]
-    buffer: Optional[int]
-    compressions: int
-    evicted_tokens: int    # per layer and KV head, summed over compressions
-    cells_used: int
-    cells_peak: int
-    kv_bytes_used: int
-    kv_bytes_full: int     # what a full cache would hold for the same tokens
-    n_tokens: int          # logical length of the sequence
-    compress_seconds: float
-    pos_compacted: int = -1           # position the compacted cells carry (-1: never compressed)
-    tokens_evaluated: int = 0         # tokens decoded since this Llama was created
-    prompt_tokens: int = 0            # length of the last prompt given to generate() (completions and chat too)
-    prompt_tokens_evaluated: int = 0  # how many of them were decoded: the others were reused from the cache
-    n_ctx: int = 0                    # the logical context (positions, max_tokens)
-    cells_max: int = 0                # most cells the sequence may hold: kept prompt + budget + buffer (n_ctx
-                                      # without a budget); more while kv_compress="think" pauses, as room allows
-    # sliding-window models (gpt-oss, Gemma 3): the figures above are the full-attention layers' (the cache
-    # that grows and is compressed); these are the window layers' cache, bounded by the window with or
-    # without a budget: the bytes it holds now and the bytes allocated for the sequence (0 for other models)
-    kv_bytes_window: int = 0
-    kv_bytes_window_allocated: int = 0
-    cells_kept: int = 0               # cells of the kept prompt (kv_keep_prompt), never evicted
-    compression_paused: bool = False  # kv_compress="think": the thinking ended, the answer is not evicted
-    compressions_failed: int = 0      # compressions that failed (each one an error of the call that ran it)
-
-    # summed over sequences by KVStats.total; the others are settings, positions or a flag
-    SUMMED = ("compressions", "evicted_tokens", "cells_used", "cells_peak", "kv_bytes_used", "kv_bytes_full",
-              "n_tokens", "compress_seconds", "tokens_evaluated", "prompt_tokens", "prompt_tokens_evaluated",
-              "kv_bytes_window", "kv_bytes_window_allocated", "cells_kept", "compressions_failed")
-
-    @classmethod
-    def of_sequence(cls, ctx: int, seq_id: int, settings: KVSettings, *, n_tokens: int, n_ctx: int,
-                    cells_max: int, **counters: int) -> "KVStats":
-        """One sequence's figures: the engine's with a budget, else those of ``n_tokens`` in a full cache
-        of ``cells_max`` cells; ``counters`` are the ``*tokens*`` counters its owner keeps."""
-        if settings.compressed:
-            s = _native.seq_stats(ctx, seq_id)
-            return cls(settings.kv_method, settings.kv_budget, settings.kv_buffer, s.n_compressions, s.n_evicted,
-                       s.cells_used, s.cells_peak, s.kv_bytes_used, s.kv_bytes_full, s.n_tokens, s.compress_seconds,
-                       pos_compacted=s.pos_compacted, n_ctx=n_ctx,
-                       cells_max=settings.kv_keep_prompt + settings.kv_budget + settings.kv_buffer,
-                       cells_kept=s.cells_kept, compression_paused=bool(s.paused), compressions_failed=s.n_failed,
-                       **window_figures(ctx, seq_id), **counters)
-        n = n_tokens
-        try:
-            per_cell = _native.bytes_per_cell(ctx)
-        except _native.RkvError:  # no attention KV cache (recurrent, hybrid models)
-            return cls("full", None, None, 0, 0, n, n, 0, 0, n, 0.0, n_ctx=n_ctx, cells_max=cells_max, **counters)
-        return cls("full", None, None, 0, 0, n, n, n * per_cell, n * per_cell, n, 0.0, n_ctx=n_ctx,
-                   cells_max=cells_max, **window_figures(ctx, seq_id), **counters)
-
-    @classmethod
-    def total(cls, parts: Sequence["KVStats"], **fields: Any) -> "KVStats":
-        """The sums over sequences; ``fields`` sets the rest (``cells_max`` of the whole context, ...)."""
-        first = parts[0]
-        sums = {name: sum(getattr(p, name) for p in parts) for name in cls.SUMMED}
-        return cls(first.method, first.budget, first.buffer, **sums,
-                   compression_paused=any(p.compression_paused for p in parts), **fields)
-
-
-def window_figures(ctx: int, seq_id: int) -> dict[str, int]:
-    """KVStats' window-cache fields for one sequence (zeros for a model without sliding-window layers)."""
-    window = _native.window_cache(ctx, seq_id)
-    if window is None:
-        return {}
-    return dict(kv_bytes_window=window.cells_used * window.bytes_per_cell,
-                kv_bytes_window_allocated=window.cells * window.bytes_per_cell)
 
 
 def n_ctx_train(model_path: str | os.PathLike[str], verbose: bool = True) -> int:
@@ -237,6 +157,8 @@ class Llama(llama_cpp.Llama):
     construction; one that goes away is one at the next decode, and at every use after it.
     """
 
+    _owner_name = "Llama"   # in messages
+
     def __init__(
         self,
         model_path: str | os.PathLike[str],
@@ -317,6 +239,7 @@ class Llama(llama_cpp.Llama):
                 device = {k: kwargs[k] for k in ("n_gpu_layers", "n_threads", "n_threads_batch") if k in kwargs}
                 self._kv_calibration, path = calibration.resolve(model_path, settings.kv_calibration, **device)
                 self.kv_settings = settings = settings.with_(kv_calibration=path)   # the file it used
+                self._sequence = replace(self._sequence, settings=settings)
                 self._kv_calibration.apply(self._ctx.ctx)
         except (_native.RkvError, ValueError, FileNotFoundError) as exc:
             self.close()
@@ -339,6 +262,7 @@ class Llama(llama_cpp.Llama):
         else:
             with rpc.using_devices(self._devices):
                 super().__init__(model_path, **kwargs)
+        self._sequence = KVSequence(self._ctx.ctx, 0, self.kv_settings, cells=super().n_ctx())
         self._chat_fallback = ChatFormatFallback.of(self, model_path, kwargs.get("chat_format"))
 
     def warn_chat_format_fallback(self, stacklevel: int = 1) -> None:
@@ -361,7 +285,7 @@ class Llama(llama_cpp.Llama):
             super().close()
             # llama-cpp-python keeps pointers to the freed model and context: a later call would
             # crash in llama.cpp, so every use now raises instead
-            self._model = self._ctx = self._batch = self.tokenizer_ = _Closed()
+            self._model = self._ctx = self._batch = self.tokenizer_ = self._sequence = _Closed()
 
     @property
     def kv_config(self) -> Optional[CompressionConfig]:
@@ -403,7 +327,7 @@ class Llama(llama_cpp.Llama):
                 )
             # llama-cpp-python truncates the cache to n_tokens first and ignores the answer: a compressed
             # cache refuses a truncation at or below the positions its last compression scored.
-            if not self._ctx.kv_cache_seq_rm(-1, self.n_tokens, -1):
+            if not self._sequence.truncate(self.n_tokens):
                 raise RuntimeError(
                     f"cannot evaluate from position {self.n_tokens}: the KV cache was compressed past it and "
                     f"cannot be truncated there; call reset() and evaluate the whole prompt"
@@ -416,25 +340,28 @@ class Llama(llama_cpp.Llama):
             if self._rpc_servers:   # a server that went away answered zeros: these logits are not the model's
                 self._check_rpc_servers()
         except RuntimeError as exc:
-            self._check_compression(exc)
+            error = self._compression_error(exc)
+            if error is not None:
+                raise error from exc
             raise
         finally:
             self._tokens_evaluated += max(self.n_tokens - before, 0)
 
-    def _check_compression(self, exc: BaseException) -> None:
-        """A decode that failed because the sequence's compression did says why; when the failure cleared
-        the sequence, this Llama forgets its tokens too, and the next call evaluates its prompt again."""
-        if not self.kv_settings.compressed:
-            return
-        why = _native.compression_failure(self._ctx.ctx, 0)
+    def _compression_error(self, exc: BaseException) -> Optional[RuntimeError]:
+        """The error of a decode that failed because the sequence's compression did, saying why (None
+        when it did not); when the failure cleared the sequence, this Llama forgets its tokens too, and
+        the next call evaluates its prompt again."""
+        why = self._sequence.failure()
         if not why:
-            return
+            return None
         self._forget_cleared_tokens()
-        raise RuntimeError(f"KV compression failed: {why}") from exc
+        error = RuntimeError(f"KV compression failed: {why}")
+        error.__cause__ = exc
+        return error
 
     def _forget_cleared_tokens(self) -> None:
         """After a compression that failed while moving K/V the engine cleared the sequence: so does this Llama."""
-        self.n_tokens = min(self.n_tokens, _native.seq_stats(self._ctx.ctx, 0).n_tokens)
+        self.n_tokens = min(self.n_tokens, self._sequence.tokens_held())
 
     def generate(
         self, tokens: Sequence[int], *args: Any, **kwargs: Any
@@ -450,8 +377,8 @@ class Llama(llama_cpp.Llama):
             return (yield from super().generate(tokens, *args, **kwargs))
         # set before llama-cpp-python truncates the cache to the part of the prompt it holds: a kept
         # prompt's cells then stay, and only the new tokens are evaluated
-        self._engine_call(_native.set_kept_prompt, min(len(tokens), self.kv_settings.kv_keep_prompt))
-        self._engine_call(_native.set_paused, False)   # each turn's thinking is compressed again
+        self._sequence.set_kept_prompt(min(len(tokens), self.kv_settings.kv_keep_prompt))
+        self._sequence.set_paused(False)   # each turn's thinking is compressed again
         inner = super().generate(tokens, *args, **kwargs)
         if self._thinking is None:
             return (yield from inner)
@@ -465,13 +392,9 @@ class Llama(llama_cpp.Llama):
             if watch(token):
                 # the thinking ended: bring it to the budget now, so the answer has the cells
                 # beyond it, and evict nothing more while they last
-                self._engine_call(_native.compress)
-                self._engine_call(_native.set_paused, True)
+                self._sequence.compress()
+                self._sequence.set_paused(True)
             sent = yield token
-
-    def _engine_call(self, fn: Any, *args: Any) -> Any:
-        """``fn(ctx, seq_id, *args)`` of ``rkv_local._native`` on this Llama's sequence."""
-        return fn(self._ctx.ctx, 0, *args)
 
     @property
     def kv_keep_prompt(self) -> int:
@@ -479,14 +402,16 @@ class Llama(llama_cpp.Llama):
         return self.kv_settings.kv_keep_prompt
 
     def reset(self) -> None:
-        super().reset()
-        if self._kv_config is not None:
-            # empty the sequence now (llama-cpp-python waits for the next eval): statistics and the
-            # engine's state start afresh, as in a new instance
-            llama_cpp.llama_memory_clear(llama_cpp.llama_get_memory(self._ctx.ctx), True)
-            if not self._prompt_pending:   # not generate()'s own reset, before its prompt: nothing kept
-                self._engine_call(_native.set_kept_prompt, 0)
-                self._engine_call(_native.set_paused, False)
+        # llama-cpp-python's reset for this sequence only (its own clears the whole memory of a recurrent
+        # model, every request's in a BatchedLlama), and now (it leaves a KV cache to the next eval):
+        # statistics and the engine's state start afresh, as in a new instance
+        self.n_tokens = 0
+        self._requires_eval = True
+        self._sequence.clear()
+        if self._kv_config is not None and not self._prompt_pending:
+            # not generate()'s own reset, before its prompt: nothing kept
+            self._sequence.set_kept_prompt(0)
+            self._sequence.set_paused(False)
 
     # ------------------------------------------------------------------
     # completions: refusals with a budget, sampling settings llama.cpp would crash or ignore on
@@ -578,7 +503,7 @@ class Llama(llama_cpp.Llama):
                 raise ValueError(f"the state holds {len(state.llama_state)} bytes of llama.cpp state for "
                                  f"{state.llama_state_size} announced")
             super().load_state(state)
-            held = _native.seq_stats(self._ctx.ctx, 0).n_tokens
+            held = self._sequence.tokens_held()
             if held != self.n_tokens:
                 raise ValueError(f"the restored cache holds {held} tokens, the state's token list {self.n_tokens}")
         except (RuntimeError, ValueError) as exc:
@@ -605,8 +530,7 @@ class Llama(llama_cpp.Llama):
     # ------------------------------------------------------------------
 
     def kv_stats(self) -> KVStats:
-        return KVStats.of_sequence(self._ctx.ctx, 0, self.kv_settings, n_tokens=self.n_tokens, n_ctx=self.n_ctx(),
-                                   cells_max=self.n_ctx(), **self.token_counters())
+        return self._sequence.stats(n_tokens=self.n_tokens, n_ctx=self.n_ctx(), **self.token_counters())
 
     def token_counters(self) -> dict[str, int]:
         """KVStats' counters this Llama keeps: tokens decoded, and of the last prompt, how many."""
@@ -624,9 +548,7 @@ class Llama(llama_cpp.Llama):
     def kept_positions(self, layer: int, head: int) -> np.ndarray:
         """Positions of the tokens that ``layer``'s KV ``head`` holds, oldest first (a compressed layer:
         see ``compressed_layers``)."""
-        if self._kv_config is None:
-            return np.arange(self.n_tokens, dtype=np.int32)
-        return _native.kept_positions(self._ctx.ctx, layer, head)
+        return self._sequence.kept_positions(layer, head, self.n_tokens)
 
     def compress_now(self) -> bool:
         """Compress the cache to the budget now; False if it holds no more than the budget.
@@ -636,9 +558,9 @@ class Llama(llama_cpp.Llama):
         token is evaluated, is evaluated from scratch when ``generate`` continues it after a restore
         (llama.cpp's state keeps no logits, so llama-cpp-python re-evaluates the last token)."""
         if self._kv_config is None:
-            raise RuntimeError("this Llama has no kv_budget")
+            raise RuntimeError(f"this {self._owner_name} has no kv_budget")
         try:
-            return _native.compress(self._ctx.ctx, 0)
+            return self._sequence.compress()
         except _native.RkvError:
             self._forget_cleared_tokens()
             raise

@@ -2,8 +2,7 @@
 into the next ``llama_decode`` (continuous batching) and samples each sequence's next token with
 that sequence's own sampler right after it.
 
-It knows nothing of requests, prompts or texts: a sequence is anything with a ``_seq_id``, its
-``n_tokens``/``input_ids`` history, a ``_sampler`` and a ``cancelled`` flag (``BatchedLlama``'s
+It knows nothing of requests, prompts or texts: a sequence is a ``Decoding`` (``BatchedLlama``'s
 per-request views). The thread holds the scheduler, never the ``BatchedLlama``, so an unreferenced
 ``BatchedLlama`` is freed (and stops its scheduler) like any object.
 """
@@ -13,7 +12,7 @@ import threading
 import time
 from contextlib import contextmanager
 from dataclasses import dataclass, field
-from typing import Any, Callable, Dict, Iterator, List, Optional, Tuple
+from typing import Callable, Dict, Iterator, List, Optional, Protocol, Sequence, Tuple
 
 import llama_cpp
 from llama_cpp import _internals as internals
@@ -23,6 +22,24 @@ from llama_cpp import _internals as internals
 GATHER_TIMEOUT_S = 0.05
 # how often a waiting sequence checks that the scheduler thread still runs
 ALIVE_CHECK_S = 1.0
+
+
+class Decoding(Protocol):
+    """What the scheduler needs of a sequence that hands it tokens."""
+
+    seq_id: int      # its sequence in the context
+    n_tokens: int    # the tokens it holds: the position of the next one
+    cancelled: bool  # its request went away: its tokens are refused
+
+    def decoded(self, tokens: Sequence[int]) -> None:
+        """Record tokens just decoded (before any sampling)."""
+
+    def sample_decoded(self, ctx: internals.LlamaContext, idx: int) -> int:
+        """Its next token, from the logits of row ``idx`` of the decode."""
+
+    def decode_failed(self, error: BaseException) -> BaseException:
+        """The error its request gets for a decode that failed with ``error``: its own (its sequence's
+        compression failed), or ``error`` itself."""
 
 
 class RequestCancelled(Exception):
@@ -64,7 +81,7 @@ class StepStats:
 class _Submission:
     """Tokens one sequence hands to the scheduler; answered with its next token."""
 
-    view: Any
+    view: Decoding
     tokens: List[int]
     sample: bool
     done: threading.Event = field(default_factory=threading.Event)
@@ -85,7 +102,7 @@ class DecodeScheduler:
         self._batch = internals.LlamaBatch(n_tokens=n_batch, embd=0, n_seq_max=1, verbose=verbose)
         self._lock = threading.Condition()
         self._pending: List[_Submission] = []
-        self._active: Dict[int, Any] = {}
+        self._active: Dict[int, Decoding] = {}
         self._last_batch: set = set()
         self._stats = StepStats()
         self._closed = False
@@ -96,17 +113,17 @@ class DecodeScheduler:
     # what the request side calls
     # ------------------------------------------------------------------
 
-    def add(self, seq_id: int, view: Any) -> None:
+    def add(self, view: Decoding) -> None:
         """A sequence that will hand in tokens (the scheduler waits for it between decodes)."""
         with self._lock:
-            self._active[seq_id] = view
+            self._active[view.seq_id] = view
 
     def remove(self, seq_id: int) -> None:
         with self._lock:
             self._active.pop(seq_id, None)
             self._lock.notify_all()   # the scheduler no longer waits for it
 
-    def submit(self, view: Any, tokens: List[int], sample: bool) -> Optional[int]:
+    def submit(self, view: Decoding, tokens: List[int], sample: bool) -> Optional[int]:
         """Decode ``tokens`` of ``view``'s sequence in the next call; the token sampled after them."""
         if view.cancelled:
             raise RequestCancelled("the request was cancelled")
@@ -218,7 +235,7 @@ class DecodeScheduler:
         # give the sequences of the last decode a moment to hand in their next tokens
         deadline = time.monotonic() + GATHER_TIMEOUT_S
         while self._pending and not self._closed:
-            waiting = {sub.view._seq_id for sub in self._pending}
+            waiting = {sub.view.seq_id for sub in self._pending}
             expected = {s for s in self._last_batch if s in self._active}
             left = deadline - time.monotonic()
             if expected <= waiting or left <= 0:
@@ -230,7 +247,7 @@ class DecodeScheduler:
                 batch.append(sub)
                 room -= len(sub.tokens)
                 self._pending.remove(sub)
-        self._last_batch = {sub.view._seq_id for sub in batch}
+        self._last_batch = {sub.view.seq_id for sub in batch}
         return batch
 
     def _decode(self, batch: List[_Submission]) -> Tuple[float, float]:
@@ -244,7 +261,7 @@ class DecodeScheduler:
                 b.token[n] = token
                 b.pos[n] = view.n_tokens + k
                 b.n_seq_id[n] = 1
-                b.seq_id[n][0] = view._seq_id
+                b.seq_id[n][0] = view.seq_id
                 b.logits[n] = sub.sample and k == len(sub.tokens) - 1
                 n += 1
             last[id(sub)] = n - 1
@@ -262,23 +279,31 @@ class DecodeScheduler:
                     self._check_devices()
                 except Exception as exc:  # noqa: BLE001 - handed to every request of the batch
                     error = exc
-            if error is not None:
+            if error is None:
                 for sub in batch:
-                    sub.error = error
-            else:
-                # what Llama.eval records, recorded before sampling: logits processors (min_tokens,
-                # ...) read the view's input_ids up to the tokens just decoded, as with Llama
-                for sub in batch:
-                    view = sub.view
-                    view.input_ids[view.n_tokens:view.n_tokens + len(sub.tokens)] = sub.tokens
-                    view.n_tokens += len(sub.tokens)
-                    view._tokens_evaluated += len(sub.tokens)
+                    sub.view.decoded(sub.tokens)
                 for sub in filter(lambda sub: sub.sample, batch):
                     try:
-                        sub.token = sub.view._sampler.sample(self.ctx, last[id(sub)])
+                        sub.token = sub.view.sample_decoded(self.ctx, last[id(sub)])
                     except Exception as exc:  # noqa: BLE001 - handed to the request
                         sub.error = exc
             sampled = time.perf_counter()
+        if error is not None:
+            batch = self._fail(batch, error)
         for sub in batch:
             sub.done.set()
         return decoded - start, sampled - decoded
+
+    def _fail(self, batch: List[_Submission], error: BaseException) -> List[_Submission]:
+        """Hands each submission of a failed decode its error, and returns those answered: when some
+        sequences' own compression failed, only theirs; the others go with the next decode (llama.cpp
+        refuses a call before it computes any of it, so their caches are as they were)."""
+        errors = {id(sub): sub.view.decode_failed(error) for sub in batch}
+        own = [sub for sub in batch if errors[id(sub)] is not error]
+        if own and len(own) < len(batch):
+            with self._lock:
+                self._pending[:0] = [sub for sub in batch if errors[id(sub)] is error]
+            batch = own
+        for sub in batch:
+            sub.error = errors[id(sub)]
+        return batch

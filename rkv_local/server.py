@@ -158,7 +158,7 @@ class _Job:
             with self._served.llm.sequence() as view:
                 started = time.monotonic()
                 with self._lock:
-                    self._view, self.seq_id = view, view._seq_id
+                    self._view, self.seq_id = view, view.seq_id
                     view.cancelled = self._cancelled.is_set()
                 if view.cancelled:
                     return
@@ -275,7 +275,7 @@ class _Served:
     def finished(self, view: Any, seconds: float) -> None:
         # figures only: the request itself is done, whatever fails here
         try:
-            stats = dict(seq_id=view._seq_id, **dataclasses.asdict(view.kv_stats()))
+            stats = dict(seq_id=view.seq_id, **dataclasses.asdict(view.kv_stats()))
         except Exception:  # noqa: BLE001
             stats = None
         try:

@@ -713,7 +713,7 @@ def test_max_queue_refuses_with_503_and_metrics_show_queue_cells_and_tokens(smol
 class _FailingView:
     """A sequence view whose completion streams two pieces and then breaks (or just stops)."""
 
-    _seq_id = 0
+    seq_id = 0
     cancelled = False
 
     def __init__(self, ending: str) -> None:

@@ -89,7 +89,7 @@ def test_batched_sequence_stats_count_the_kept_prompt_and_the_requests_tokens(ti
         with batch.sequence() as view:
             view.create_completion(prompt, max_tokens=60, temperature=0.0)
             mine = view.kv_stats()
-            seq = batch.kv_stats(view._seq_id)
+            seq = batch.kv_stats(view.seq_id)
             total = batch.kv_stats()
         assert mine.prompt_tokens == len(prompt) and mine.prompt_tokens_evaluated == len(prompt)
         assert mine.tokens_evaluated >= len(prompt) + 59
